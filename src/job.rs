@@ -1,0 +1,185 @@
+//! What travels between the event loop and the GPU thread: jobs one way, events back.
+//!
+//! Everything here is owned data: the GPU thread never sees an nginx request, pool,
+//! buffer or log.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::ops::{Op, Output};
+
+/// What to do when the worker has no usable GPU (`gpu_fallback`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    Cpu,
+    Off,
+}
+
+/// A piece of a request body: bytes copied from nginx's memory buffers, or a range of
+/// the temp file nginx spilled the body to (read by the GPU thread, not the event loop).
+#[derive(Debug)]
+pub enum Segment {
+    Memory(Vec<u8>),
+    File { file: Arc<File>, offset: u64, len: u64 },
+}
+
+/// A request body as an ordered list of segments.
+#[derive(Debug, Default)]
+pub struct Body {
+    segments: Vec<Segment>,
+    len: u64,
+}
+
+impl Body {
+    pub fn push(&mut self, segment: Segment) {
+        self.len += match &segment {
+            Segment::Memory(v) => v.len() as u64,
+            Segment::File { len, .. } => *len,
+        };
+        self.segments.push(segment);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the whole body into `dst`, which must be exactly `len()` bytes.
+    pub fn read_into(&self, dst: &mut [u8]) -> io::Result<()> {
+        assert_eq!(dst.len() as u64, self.len);
+        let mut at = 0usize;
+        for s in &self.segments {
+            match s {
+                Segment::Memory(v) => {
+                    dst[at..at + v.len()].copy_from_slice(v);
+                    at += v.len();
+                }
+                Segment::File { file, offset, len } => {
+                    let len = *len as usize;
+                    file.read_exact_at(&mut dst[at..at + len], *offset)?;
+                    at += len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        if let [Segment::Memory(v)] = self.segments.as_slice() {
+            return Ok(v.clone());
+        }
+        let mut v = vec![0u8; self.len as usize];
+        self.read_into(&mut v)?;
+        Ok(v)
+    }
+}
+
+/// One request's work.
+#[derive(Debug)]
+pub struct Job {
+    pub id: u64,
+    pub op: Op,
+    pub fallback: Fallback,
+    pub body: Body,
+    /// Set by the event loop when the request goes away (client gone, timed out).
+    pub cancelled: Arc<AtomicBool>,
+    pub queued_at: Instant,
+}
+
+impl Job {
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+/// Why a job produced no output; each maps to one HTTP status at the nginx edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// 400: the body is not valid input for the op.
+    BadInput(String),
+    /// 503: no GPU and `gpu_fallback off`.
+    Unavailable(String),
+    /// 500: anything else (a failed temp-file read, a GPU failure without fallback).
+    Internal(String),
+}
+
+/// Where a job ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Gpu(usize),
+    Cpu,
+    None,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub id: u64,
+    pub result: Result<Output, JobError>,
+    pub device: Device,
+    pub batch_size: usize,
+    pub queue_time: Duration,
+    pub exec_time: Duration,
+}
+
+/// Log severity for messages the GPU thread asks the event loop to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Alert,
+    Error,
+    Warn,
+    Notice,
+    Info,
+}
+
+/// What the GPU thread sends back to the event loop.
+#[derive(Debug)]
+pub enum Event {
+    Done(Completion),
+    Log(Level, String),
+    /// The GPU failed at run time; the worker should be replaced.
+    GpuLost,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn body_joins_memory_and_file_segments_in_order() {
+        let mut tmp = tempfile();
+        tmp.write_all(b"0123456789").unwrap();
+        let file = Arc::new(tmp);
+        let mut body = Body::default();
+        body.push(Segment::Memory(b"ab".to_vec()));
+        body.push(Segment::File { file: file.clone(), offset: 3, len: 4 });
+        body.push(Segment::Memory(b"z".to_vec()));
+        body.push(Segment::File { file, offset: 0, len: 1 });
+        assert_eq!(body.len(), 8);
+        assert_eq!(body.to_vec().unwrap(), b"ab3456z0");
+    }
+
+    #[test]
+    fn short_temp_file_is_an_error() {
+        let mut tmp = tempfile();
+        tmp.write_all(b"abc").unwrap();
+        let mut body = Body::default();
+        body.push(Segment::File { file: Arc::new(tmp), offset: 1, len: 5 });
+        assert!(body.to_vec().is_err());
+    }
+
+    fn tempfile() -> File {
+        let path = std::env::temp_dir()
+            .join(format!("ngx-gpu-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}
