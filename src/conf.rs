@@ -1,0 +1,224 @@
+//! Configuration: the directive table, the main and location configuration, and the
+//! directive handlers.
+
+use core::ffi::{c_char, c_void};
+use core::mem::offset_of;
+use core::ptr;
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::*;
+use ngx::{ngx_conf_log_error, ngx_string};
+
+use crate::handler::gpu_content_handler;
+use crate::job::Fallback;
+use crate::ngx_http_gpu_module;
+use crate::ops::Op;
+
+pub const DEFAULT_QUEUE_SIZE: ngx_int_t = 1024;
+/// NGX_CONF_UNSET_MSEC, which bindgen does not export.
+const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+pub const DEFAULT_TIMEOUT_MS: ngx_msec_t = 60_000;
+
+/// http-level settings; one per configuration, shared by every worker.
+#[repr(C)]
+pub struct MainConf {
+    /// `gpu_queue_size`: requests waiting for one worker's GPU thread.
+    pub queue_size: ngx_int_t,
+    /// Whether any location uses `gpu_process` (else no GPU thread is started).
+    pub used: bool,
+}
+
+#[repr(C)]
+pub struct LocConf {
+    pub op: Option<Op>,
+    pub fallback: Option<Fallback>,
+    /// `gpu_timeout`, in ms.
+    pub timeout: ngx_msec_t,
+}
+
+/* directive table */
+
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 5] = [
+    ngx_command_t {
+        name: ngx_string!("gpu_process"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(cmd_gpu_process),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_fallback"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(cmd_gpu_fallback),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_timeout"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: offset_of!(LocConf, timeout),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_queue_size"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_gpu_queue_size),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+/* configuration constructors */
+
+/// Allocates `value` in the configuration pool.
+unsafe fn alloc_conf<T>(cf: *mut ngx_conf_t, value: T) -> *mut c_void {
+    let p = ngx_pcalloc((*cf).pool, size_of::<T>()) as *mut T;
+    if !p.is_null() {
+        // SAFETY: p is fresh, aligned (pool allocations are NGX_ALIGNMENT-aligned) and
+        // large enough. The types stored here need no drop.
+        ptr::write(p, value);
+    }
+    p.cast()
+}
+
+pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    alloc_conf(cf, MainConf { queue_size: NGX_CONF_UNSET as ngx_int_t, used: false })
+}
+
+pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.queue_size == NGX_CONF_UNSET as ngx_int_t {
+        mcf.queue_size = DEFAULT_QUEUE_SIZE;
+    }
+    NGX_CONF_OK
+}
+
+pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    alloc_conf(cf, LocConf { op: None, fallback: None, timeout: UNSET_MSEC })
+}
+
+pub unsafe extern "C" fn merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let prev = &*(prev as *const LocConf);
+    let conf = &mut *(conf as *mut LocConf);
+    if conf.fallback.is_none() {
+        conf.fallback = Some(prev.fallback.unwrap_or(Fallback::Cpu));
+    }
+    if conf.timeout == UNSET_MSEC {
+        conf.timeout = if prev.timeout == UNSET_MSEC {
+            DEFAULT_TIMEOUT_MS
+        } else {
+            prev.timeout
+        };
+    }
+    NGX_CONF_OK
+}
+
+/* helpers */
+
+/// The directive's arguments after its name, as UTF-8 (nginx passes bytes).
+unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a str> {
+    // SAFETY: cf->args is an array of ngx_str_t that lives for the whole directive.
+    let all = (*(*cf).args).as_slice::<ngx_str_t>();
+    all[1..].iter().map(|s| core::str::from_utf8(s.as_bytes()).unwrap_or("\u{fffd}")).collect()
+}
+
+pub unsafe fn main_conf_of(cf: *mut ngx_conf_t) -> &'static mut MainConf {
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    &mut *(*(*ctx).main_conf.add(ngx_http_gpu_module.ctx_index) as *mut MainConf)
+}
+
+/// The module's main configuration in a running cycle, if it has an http block.
+pub unsafe fn main_conf_of_cycle(cycle: *mut ngx_cycle_t) -> Option<&'static MainConf> {
+    let ctx = *(*cycle).conf_ctx.add(ngx_http_module.index) as *mut ngx_http_conf_ctx_t;
+    if ctx.is_null() {
+        return None;
+    }
+    (*(*ctx).main_conf.add(ngx_http_gpu_module.ctx_index) as *const MainConf).as_ref()
+}
+
+/* directive handlers */
+
+unsafe extern "C" fn cmd_gpu_process(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lcf = &mut *(conf as *mut LocConf);
+    if lcf.op.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    match Op::parse(&args(cf)) {
+        Ok(op) => lcf.op = Some(op),
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpu_process\" directive: {e}");
+            return NGX_CONF_ERROR;
+        }
+    }
+    main_conf_of(cf).used = true;
+
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+    (*clcf).handler = Some(gpu_content_handler);
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_fallback(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lcf = &mut *(conf as *mut LocConf);
+    if lcf.fallback.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // NGX_CONF_TAKE1 ensures that there is exactly one argument.
+    lcf.fallback = match args(cf)[0] {
+        "cpu" => Some(Fallback::Cpu),
+        "off" => Some(Fallback::Off),
+        other => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{other}\" in \"gpu_fallback\" directive, it must be \"cpu\" or \"off\""
+            );
+            return NGX_CONF_ERROR;
+        }
+    };
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_queue_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.queue_size != NGX_CONF_UNSET as ngx_int_t {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let v = args(cf)[0];
+    match v.parse::<ngx_int_t>() {
+        Ok(n) if (1..=1 << 24).contains(&n) => mcf.queue_size = n,
+        _ => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{v}\" in \"gpu_queue_size\" directive, it must be a number from 1 to 16777216"
+            );
+            return NGX_CONF_ERROR;
+        }
+    }
+    NGX_CONF_OK
+}

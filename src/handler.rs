@@ -1,0 +1,246 @@
+//! The `gpu_process` content handler and a request's life around its job: read the
+//! body, queue the job, then answer from the completion or on timeout.
+
+use core::ffi::c_void;
+use core::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ngx::ffi::*;
+use ngx::ngx_log_error;
+
+use crate::conf::LocConf;
+use crate::job::{Completion, Device, Job, JobError};
+use crate::response::{send, send_error};
+use crate::{body, ngx_http_gpu_module, worker};
+
+/// Per-request state, in the request pool; dropped by its pool cleanup.
+pub struct RequestCtx {
+    request: *mut ngx_http_request_t,
+    id: u64,
+    /// Shared with the job: set when the request goes away before its result.
+    cancelled: Arc<AtomicBool>,
+    /// Waiting for a completion (registered with the worker, timer armed).
+    queued: bool,
+    timer: ngx_event_t,
+    /// Filled from the completion, for the $gpu_* variables.
+    pub device: Device,
+    pub batch_size: usize,
+    pub queue_time: Duration,
+    pub exec_time: Duration,
+}
+
+/// Runs `f`, answering `fallback` instead of letting a panic reach nginx.
+fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+unsafe fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
+    &*(*(*r).loc_conf.add(ngx_http_gpu_module.ctx_index) as *const LocConf)
+}
+
+pub unsafe fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {
+    (*(*r).ctx.add(ngx_http_gpu_module.ctx_index) as *mut RequestCtx).as_mut()
+}
+
+pub unsafe extern "C" fn gpu_content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || content_handler(r))
+}
+
+unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if (*r).method & (NGX_HTTP_POST | NGX_HTTP_PUT) as ngx_uint_t == 0 {
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        return send_error(
+            r,
+            NGX_HTTP_NOT_ALLOWED as ngx_uint_t,
+            "method not allowed: use POST or PUT",
+            &[("Allow", "POST, PUT")],
+        );
+    }
+    if !worker::running() {
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        return send_error(r, 503, "the GPU thread is not running in this process", &[("Retry-After", "1")]);
+    }
+    if create_ctx(r).is_none() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    let rc = ngx_http_read_client_request_body(r, Some(body_read));
+    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        return rc;
+    }
+    NGX_DONE as ngx_int_t
+}
+
+unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
+    let pool = (*r).pool;
+    let ctx = ngx_pcalloc(pool, size_of::<RequestCtx>()) as *mut RequestCtx;
+    let cln = ngx_pool_cleanup_add(pool, 0);
+    if ctx.is_null() || cln.is_null() {
+        return None;
+    }
+    // SAFETY: ctx is fresh pool memory of the right size; the zeroed timer is a valid
+    // idle ngx_event_t.
+    ptr::write(
+        ctx,
+        RequestCtx {
+            request: r,
+            id: 0,
+            cancelled: Arc::default(),
+            queued: false,
+            timer: core::mem::zeroed(),
+            device: Device::None,
+            batch_size: 0,
+            queue_time: Duration::ZERO,
+            exec_time: Duration::ZERO,
+        },
+    );
+    (*cln).handler = Some(ctx_cleanup);
+    (*cln).data = ctx.cast();
+    *(*r).ctx.add(ngx_http_gpu_module.ctx_index) = ctx.cast();
+    Some(ctx)
+}
+
+/// The request pool is going away: forget the job, disarm the timer, drop the ctx.
+unsafe extern "C" fn ctx_cleanup(data: *mut c_void) {
+    let ctx = data as *mut RequestCtx;
+    guard((), || {
+        let c = &mut *ctx;
+        c.cancelled.store(true, Ordering::Release);
+        if c.queued {
+            worker::forget(c.id);
+            c.queued = false;
+        }
+        if c.timer.timer_set() != 0 {
+            ngx_del_timer(&mut c.timer);
+        }
+    });
+    // SAFETY: written by create_ctx; the pool frees the memory itself.
+    ptr::drop_in_place(ctx);
+}
+
+/// Body post-handler: the whole body is in r->request_body; hand it to the GPU thread.
+unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
+    guard((), || {
+        let rc = queue_job(r);
+        if rc != NGX_DONE as ngx_int_t {
+            ngx_http_finalize_request(r, rc);
+        }
+    });
+}
+
+unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
+    let Some(ctx) = ctx_of(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let lcf = loc_conf(r);
+    let log = (*(*r).connection).log;
+    let body = match body::take((*r).request_body) {
+        Ok(b) => b,
+        Err(e) => {
+            ngx_log_error!(NGX_LOG_ERR, log, "gpu: cannot hand the request body over: {e}");
+            return send_error(r, 500, "internal error", &[]);
+        }
+    };
+    let op = lcf.op.expect("gpu_process sets the op with the handler");
+    let job = Job {
+        id: worker::next_id(),
+        op,
+        fallback: lcf.fallback.unwrap_or(crate::job::Fallback::Cpu),
+        body,
+        cancelled: ctx.cancelled.clone(),
+        queued_at: Instant::now(),
+    };
+    let id = job.id;
+    if let Err(e) = worker::submit(job) {
+        ngx_log_error!(NGX_LOG_WARN, log, "gpu: {e}, answering 503");
+        return send_error(r, 503, &e, &[("Retry-After", "1")]);
+    }
+    ctx.id = id;
+    ctx.queued = true;
+    worker::remember(id, ctx);
+    ctx.timer.handler = Some(timeout_handler);
+    ctx.timer.data = (ctx as *mut RequestCtx).cast();
+    ctx.timer.log = log;
+    ngx_add_timer(&mut ctx.timer, lcf.timeout);
+    watch_client(r);
+    NGX_DONE as ngx_int_t
+}
+
+/// Notices a client that goes away while its job waits (HTTP/1 over edge-triggered
+/// events, as nginx's upstream module does), so its job is skipped.
+unsafe fn watch_client(r: *mut ngx_http_request_t) {
+    if (*r).http_version < NGX_HTTP_VERSION_20 as ngx_uint_t
+        && ngx_event_flags & NGX_USE_CLEAR_EVENT as ngx_uint_t != 0
+    {
+        (*r).read_event_handler = Some(check_client);
+    }
+}
+
+unsafe extern "C" fn check_client(r: *mut ngx_http_request_t) {
+    guard((), || {
+        let c = (*r).connection;
+        let mut byte = 0u8;
+        let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
+        let err = std::io::Error::last_os_error().raw_os_error();
+        if n > 0 || (n < 0 && err == Some(libc::EAGAIN)) {
+            return;
+        }
+        (*(*c).read).set_eof(1);
+        (*c).set_error(1);
+        ngx_log_error!(NGX_LOG_INFO, (*c).log, "gpu: client closed the connection while waiting for the result");
+        ngx_http_finalize_request(r, NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t);
+    });
+}
+
+unsafe extern "C" fn timeout_handler(ev: *mut ngx_event_t) {
+    guard((), || {
+        let ctx = &mut *((*ev).data as *mut RequestCtx);
+        let r = ctx.request;
+        let c = (*r).connection;
+        ctx.cancelled.store(true, Ordering::Release);
+        if ctx.queued {
+            worker::forget(ctx.id);
+            ctx.queued = false;
+        }
+        ngx_log_error!(NGX_LOG_ERR, (*c).log, "gpu: timed out waiting for the GPU thread");
+        let rc = send_error(r, NGX_HTTP_GATEWAY_TIME_OUT as ngx_uint_t, "timed out waiting for the GPU", &[]);
+        ngx_http_finalize_request(r, rc);
+        ngx_http_run_posted_requests(c);
+    });
+}
+
+/// Answers the request of a completed job (already removed from the worker's map).
+pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
+    guard((), || {
+        let ctx = &mut *ctx;
+        let r = ctx.request;
+        let c = (*r).connection;
+        ctx.queued = false;
+        if ctx.timer.timer_set() != 0 {
+            ngx_del_timer(&mut ctx.timer);
+        }
+        ctx.device = done.device;
+        ctx.batch_size = done.batch_size;
+        ctx.queue_time = done.queue_time;
+        ctx.exec_time = done.exec_time;
+        (*r).read_event_handler = Some(ngx_http_block_reading);
+        let rc = match done.result {
+            Ok(out) => send(r, NGX_HTTP_OK as ngx_uint_t, out.content_type, out.body, &[]),
+            Err(JobError::BadInput(m)) => send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[]),
+            Err(JobError::Unavailable(m)) => send_error(r, 503, &m, &[("Retry-After", "1")]),
+            Err(JobError::Internal(m)) => {
+                ngx_log_error!(NGX_LOG_ERR, (*c).log, "gpu: {m}");
+                send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_uint_t, "internal error", &[])
+            }
+        };
+        ngx_http_finalize_request(r, rc);
+        ngx_http_run_posted_requests(c);
+    });
+}

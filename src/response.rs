@@ -1,0 +1,111 @@
+//! Building responses: an op's output, or a JSON error, handed to nginx's filters.
+
+use core::ptr;
+
+use ngx::ffi::*;
+
+/// Sends `body` with `status` and `content_type`. The body's memory is handed to the
+/// request pool (freed by a pool cleanup), so large outputs are not copied again.
+/// Returns what the output filter returned, for ngx_http_finalize_request.
+pub unsafe fn send(
+    r: *mut ngx_http_request_t,
+    status: ngx_uint_t,
+    content_type: &'static str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> ngx_int_t {
+    let pool = (*r).pool;
+    let out = &mut (*r).headers_out;
+    out.status = status;
+    out.content_length_n = body.len() as off_t;
+    out.content_type = ngx_str_t { len: content_type.len(), data: content_type.as_ptr().cast_mut() };
+    out.content_type_len = content_type.len();
+    out.content_type_lowcase = ptr::null_mut();
+    for (k, v) in headers {
+        let h = ngx_list_push(&mut out.headers) as *mut ngx_table_elt_t;
+        if h.is_null() || add_to_ngx_table(h, pool, k, v).is_none() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*h).hash = 1;
+        (*h).next = ptr::null_mut();
+    }
+
+    let rc = ngx_http_send_header(r);
+    if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
+        return rc;
+    }
+
+    let b = ngx_pcalloc(pool, size_of::<ngx_buf_t>()) as *mut ngx_buf_t;
+    let cl = ngx_alloc_chain_link(pool);
+    if b.is_null() || cl.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    if !body.is_empty() {
+        let Some(data) = hand_to_pool(pool, body) else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        (*b).start = data.as_mut_ptr();
+        (*b).pos = (*b).start;
+        (*b).last = (*b).start.add(data.len());
+        (*b).end = (*b).last;
+        (*b).set_memory(1);
+    }
+    (*b).set_last_buf(u32::from(r == (*r).main));
+    (*b).set_last_in_chain(1);
+    (*cl).buf = b;
+    (*cl).next = ptr::null_mut();
+    ngx_http_output_filter(r, cl)
+}
+
+/// Sends `{"error": message}` as application/json.
+pub unsafe fn send_error(
+    r: *mut ngx_http_request_t,
+    status: ngx_uint_t,
+    message: &str,
+    headers: &[(&str, &str)],
+) -> ngx_int_t {
+    send(r, status, "application/json", json_error(message).into_bytes(), headers)
+}
+
+pub fn json_error(message: &str) -> String {
+    let mut s = String::with_capacity(message.len() + 16);
+    s.push_str("{\"error\": \"");
+    for c in message.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            c if (c as u32) < 0x20 => s.push_str(&format!("\\u{:04x}", c as u32)),
+            c => s.push(c),
+        }
+    }
+    s.push_str("\"}\n");
+    s
+}
+
+/// Moves `body` under the pool's ownership; it is freed when the request is.
+unsafe fn hand_to_pool(pool: *mut ngx_pool_t, body: Vec<u8>) -> Option<&'static mut [u8]> {
+    let cln = ngx_pool_cleanup_add(pool, size_of::<*mut [u8]>());
+    if cln.is_null() {
+        return None;
+    }
+    let raw: *mut [u8] = Box::into_raw(body.into_boxed_slice());
+    ptr::write((*cln).data as *mut *mut [u8], raw);
+    (*cln).handler = Some(free_body);
+    Some(&mut *raw)
+}
+
+unsafe extern "C" fn free_body(data: *mut core::ffi::c_void) {
+    // SAFETY: data holds the pointer written by hand_to_pool, freed exactly once here.
+    drop(Box::from_raw(*(data as *mut *mut [u8])));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_error;
+
+    #[test]
+    fn json_error_escapes() {
+        assert_eq!(json_error("a \"b\"\\\n\u{1}"), "{\"error\": \"a \\\"b\\\"\\\\\\n\\u0001\"}\n");
+    }
+}
