@@ -35,7 +35,7 @@ static NGX_HTTP_GPU_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     merge_loc_conf: Some(conf::merge_loc_conf),
 };
 
-#[used]
+#[cfg_attr(all(feature = "export-modules", not(test)), used)]
 #[allow(non_upper_case_globals)]
 #[no_mangle]
 pub static mut ngx_http_gpu_module: ngx_module_t = ngx_module_t {
@@ -48,7 +48,7 @@ pub static mut ngx_http_gpu_module: ngx_module_t = ngx_module_t {
 };
 
 // What `load_module` looks for in a dynamic module.
-#[cfg(feature = "export-modules")]
+#[cfg(all(feature = "export-modules", not(test)))]
 ngx::ngx_modules!(ngx_http_gpu_module);
 
 /// PTX compiled by the last configuration load, or why there is none. Set in the

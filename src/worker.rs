@@ -126,7 +126,7 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
                 Event::GpuLost => {
                     if ngx_process == NGX_PROCESS_WORKER as ngx_uint_t {
                         ngx_log_error!(NGX_LOG_ALERT, log, "gpu: the GPU failed; this worker exits gracefully and the master starts a fresh one");
-                        ngx_quit = 1;
+                        request_quit();
                     }
                 }
             }
@@ -135,6 +135,16 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
             ngx_log_error!(NGX_LOG_ALERT, log, "gpu: cannot re-arm the GPU thread's eventfd");
         }
     });
+}
+
+/// Sets nginx's `ngx_quit` so this worker shuts down gracefully (the master respawns it).
+/// Looked up at run time: a direct reference would keep the unit tests from linking.
+unsafe fn request_quit() {
+    let sym = libc::dlsym(libc::RTLD_DEFAULT, c"ngx_quit".as_ptr());
+    if !sym.is_null() {
+        // SAFETY: ngx_quit is nginx's `sig_atomic_t` (a C int) quit flag.
+        core::ptr::write_volatile(sym as *mut libc::c_int, 1);
+    }
 }
 
 unsafe fn log_line(log: *mut ngx_log_t, level: Level, msg: &str) {

@@ -118,7 +118,7 @@ impl Gpu {
     }
 
     /// Copies the first `len` staged bytes to the device input buffer.
-    fn upload(&mut self, len: usize) -> Result<(), GpuError> {
+    pub fn upload(&mut self, len: usize) -> Result<(), GpuError> {
         let dev = device(&self.stream, &mut self.dev_in, len.max(16))?;
         if len > 0 {
             let src = &self.staging_in.as_ref().expect("input staged").as_slice()?[..len];
@@ -148,6 +148,12 @@ impl Gpu {
 
     pub fn blake3(&mut self, len: usize) -> Result<[u8; 32], GpuError> {
         self.upload(len)?;
+        self.blake3_resident(len)
+    }
+
+    /// BLAKE3 of the first `len` bytes already in the device input buffer (the kernels
+    /// alone, for benchmarks).
+    pub fn blake3_resident(&mut self, len: usize) -> Result<[u8; 32], GpuError> {
         let n_chunks = (len as u64).div_ceil(1024).max(1);
         let cv_len = (n_chunks as usize) * 8;
         device(&self.stream, &mut self.cv_a, cv_len)?;

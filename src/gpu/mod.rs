@@ -3,6 +3,8 @@
 
 mod compile;
 mod device;
+#[cfg(test)]
+mod tests;
 
 pub use compile::{compile_kernels, nvrtc_present, KERNEL_SOURCE};
 pub use device::{DeviceInfo, Gpu};

@@ -1,0 +1,85 @@
+//! Configuration errors: nginx refuses to start with a clear `[emerg]`.
+
+mod harness;
+
+use harness::*;
+
+fn emerg(http: &str) -> String {
+    let out = nginx_t(&config(http));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nginx -t accepted: {http}\n{stderr}");
+    stderr
+}
+
+fn server(loc: &str) -> String {
+    format!("server {{ listen 127.0.0.1:{{PORT}}; location /x {{ {loc} }} }}")
+}
+
+#[test]
+fn the_example_config_tests_clean() {
+    let text = std::fs::read_to_string(conf_dir().join("nginx.conf")).unwrap();
+    let out = nginx_t(&text.replace("127.0.0.1:8080", "127.0.0.1:{PORT}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("test is successful"), "{stderr}");
+}
+
+#[test]
+fn unknown_op() {
+    let e = emerg(&server("gpu_process sha1;"));
+    assert!(e.contains("[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3)"), "{e}");
+}
+
+#[test]
+fn op_with_arguments_it_does_not_take() {
+    let e = emerg(&server("gpu_process echo extra;"));
+    assert!(e.contains("[emerg] \"gpu_process\" directive: op \"echo\" takes no arguments, got \"extra\""), "{e}");
+}
+
+#[test]
+fn gpu_process_without_an_op() {
+    let e = emerg(&server("gpu_process;"));
+    assert!(e.contains("[emerg] invalid number of arguments in \"gpu_process\" directive"), "{e}");
+}
+
+#[test]
+fn duplicate_gpu_process() {
+    let e = emerg(&server("gpu_process echo; gpu_process blake3;"));
+    assert!(e.contains("[emerg] \"gpu_process\" directive is duplicate"), "{e}");
+}
+
+#[test]
+fn gpu_process_outside_a_location() {
+    let e = emerg("gpu_process echo; server { listen 127.0.0.1:{PORT}; }");
+    assert!(e.contains("[emerg] \"gpu_process\" directive is not allowed here"), "{e}");
+}
+
+#[test]
+fn bad_fallback_value() {
+    let e = emerg(&server("gpu_process echo; gpu_fallback gpu;"));
+    assert!(
+        e.contains("[emerg] invalid value \"gpu\" in \"gpu_fallback\" directive, it must be \"cpu\" or \"off\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_timeout_and_queue_size() {
+    let e = emerg(&server("gpu_process echo; gpu_timeout soon;"));
+    assert!(e.contains("[emerg] \"gpu_timeout\" directive invalid value"), "{e}");
+    let e = emerg(&format!("gpu_queue_size 0; {}", server("gpu_process echo;")));
+    assert!(e.contains("[emerg] invalid value \"0\" in \"gpu_queue_size\" directive"), "{e}");
+    let e = emerg(&server("gpu_process echo; gpu_queue_size 5;"));
+    assert!(e.contains("[emerg] \"gpu_queue_size\" directive is not allowed here"), "{e}");
+}
+
+#[test]
+fn valid_settings_at_every_level_test_clean() {
+    let out = nginx_t(&config(
+        "gpu_fallback off; gpu_timeout 5s; gpu_queue_size 64;\n\
+         server { listen 127.0.0.1:{PORT}; gpu_fallback cpu;\n\
+           location /a { gpu_process echo; gpu_timeout 100ms; }\n\
+           location /b { gpu_process blake3; gpu_fallback off; } }",
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,334 @@
+//! Test harness: starts a real nginx (the one nginx-sys built) with the freshly built
+//! module and a configuration written per test, and talks HTTP/1.1 to it.
+//!
+//! Paths can be overridden for runs away from the build tree (the GPU machine):
+//! NGX_GPU_NGINX (nginx binary), NGX_GPU_MODULE (the module .so), NGX_GPU_CONF_DIR
+//! (the example configs).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const MIB: usize = 1 << 20;
+
+/// Whether this run must have a GPU (set on the GPU machine): tests then check that
+/// answers came from the GPU path, not the CPU fallback.
+pub fn gpu_required() -> bool {
+    std::env::var("NGX_GPU_REQUIRE").as_deref() == Ok("1")
+}
+
+/// The device the module is expected to report for work that ran on the GPU path.
+pub fn expected_device() -> &'static str {
+    if gpu_required() {
+        "gpu0"
+    } else {
+        "cpu"
+    }
+}
+
+fn nginx_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NGX_GPU_NGINX") {
+        return p.into();
+    }
+    let dir = option_env!("NGX_GPU_NGINX_BUILD_DIR").expect("built with nginx-sys's vendored nginx");
+    Path::new(dir).join("nginx")
+}
+
+fn module_path() -> PathBuf {
+    if let Ok(p) = std::env::var("NGX_GPU_MODULE") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>/libngx_http_gpu_module.so
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("libngx_http_gpu_module.so")
+}
+
+pub fn conf_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("NGX_GPU_CONF_DIR") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx-conf")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+fn fresh_prefix() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ngx-gpu-t-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["conf", "logs", "modules"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::os::unix::fs::symlink(module_path(), dir.join("modules/ngx_http_gpu_module.so")).unwrap();
+    dir
+}
+
+pub struct Nginx {
+    pub prefix: PathBuf,
+    pub port: u16,
+    child: std::process::Child,
+}
+
+/// A configuration with the module loaded, `http` holding the given server-level text.
+pub fn config(http: &str) -> String {
+    format!(
+        "load_module modules/ngx_http_gpu_module.so;\n\
+         worker_processes 2;\n\
+         error_log logs/error.log info;\n\
+         env CUDA_VISIBLE_DEVICES;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+             access_log off;\n\
+             client_body_temp_path body_temp;\n\
+             {http}\n\
+         }}\n"
+    )
+}
+
+impl Nginx {
+    /// Starts nginx in the foreground with `conf`, where `{PORT}` stands for a free port.
+    pub fn start(conf: &str) -> Nginx {
+        Self::start_with_env(conf, &[])
+    }
+
+    pub fn start_with_env(conf: &str, env: &[(&str, &str)]) -> Nginx {
+        let prefix = fresh_prefix();
+        let port = free_port();
+        let conf = conf.replace("{PORT}", &port.to_string());
+        std::fs::write(prefix.join("conf/nginx.conf"), &conf).unwrap();
+        let mut cmd = Command::new(nginx_bin());
+        cmd.arg("-p").arg(&prefix).args(["-c", "conf/nginx.conf", "-e", "logs/error.log"]);
+        cmd.args(["-g", "daemon off; pid logs/nginx.pid;"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start nginx");
+        let n = Nginx { prefix, port, child };
+        n.wait_ready();
+        n
+    }
+
+    /// Starts nginx with the example configuration from nginx-conf/, on a free port.
+    pub fn example(name: &str) -> Nginx {
+        let text = std::fs::read_to_string(conf_dir().join(name)).unwrap();
+        assert!(text.contains("listen 127.0.0.1:8080;"), "example config listens on 8080");
+        let text = text.replace("listen 127.0.0.1:8080;", "listen 127.0.0.1:{PORT};");
+        let text = text.replace("pid logs/nginx.pid;", "");
+        Self::start(&text)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                // Each worker logs its device line once its GPU thread is up.
+                let log = self.error_log();
+                if log.contains("gpu: using") || log.contains("gpu: no usable GPU") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nginx did not come up; error log:\n{}", self.error_log());
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap_or_default()
+    }
+
+    /// Waits until the error log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.error_log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// No worker crashed and nothing was logged at alert level or above.
+    pub fn assert_healthy(&self) {
+        let log = self.error_log();
+        for bad in ["[alert]", "[emerg]", "[crit]", "exited on signal", "panicked"] {
+            assert!(!log.contains(bad), "error log has {bad}:\n{log}");
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.prefix);
+        }
+    }
+}
+
+/// Runs `nginx -t` on `conf` and returns its output.
+pub fn nginx_t(conf: &str) -> Output {
+    let prefix = fresh_prefix();
+    std::fs::write(prefix.join("conf/nginx.conf"), conf.replace("{PORT}", &free_port().to_string())).unwrap();
+    let out = Command::new(nginx_bin())
+        .arg("-p")
+        .arg(&prefix)
+        .args(["-c", "conf/nginx.conf", "-e", "logs/error.log", "-t"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&prefix);
+    out
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// How to send a request body.
+pub enum Send<'a> {
+    None,
+    Length(&'a [u8]),
+    /// Transfer-Encoding: chunked, in pieces of these sizes (cycled).
+    Chunked(&'a [u8], &'a [usize]),
+}
+
+pub fn request(addr: &str, method: &str, path: &str, body: Send) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    match &body {
+        Send::None => {}
+        Send::Length(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
+        Send::Chunked(..) => head.push_str("Transfer-Encoding: chunked\r\n"),
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    match body {
+        Send::None => {}
+        Send::Length(b) => {
+            // The server may answer early (413) and close: a failed write is fine then.
+            let _ = s.write_all(b);
+        }
+        Send::Chunked(b, sizes) => {
+            let mut at = 0;
+            let mut i = 0;
+            while at < b.len() {
+                let n = sizes[i % sizes.len()].max(1).min(b.len() - at);
+                let _ = s.write_all(format!("{n:x}\r\n").as_bytes());
+                let _ = s.write_all(&b[at..at + n]);
+                let _ = s.write_all(b"\r\n");
+                at += n;
+                i += 1;
+            }
+            let _ = s.write_all(b"0\r\n\r\n");
+        }
+    }
+    read_response(&mut s, method == "HEAD")
+}
+
+pub fn post(addr: &str, path: &str, body: &[u8]) -> Response {
+    request(addr, "POST", path, Send::Length(body))
+}
+
+fn read_response(s: &mut TcpStream, head_only: bool) -> Response {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!("no complete response head in {:?}", String::from_utf8_lossy(&raw[..raw.len().min(200)]))
+    });
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    } else if head_only {
+        assert!(body.is_empty(), "a HEAD response has no body");
+    } else if let Some((_, v)) = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+        let n: usize = v.parse().unwrap();
+        assert_eq!(body.len(), n, "body length matches Content-Length");
+    }
+    Response { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+/// splitmix64 seeded from the clock: fresh data every run; the seed is printed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn fresh() -> Rng {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        eprintln!("random seed: {seed:#x}");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// What b3sum prints for `data` (without the file name): the reference, from the
+/// `blake3` crate, independent of the module.
+pub fn b3(data: &[u8]) -> String {
+    format!("{}\n", blake3::hash(data).to_hex())
+}
