@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ngx_http_gpu_module::gpu::{compile_kernels, nvrtc_present, Gpu, KERNEL_SOURCE};
+use ngx_http_gpu_module::gpu::{compile_kernels, host_copy, nvrtc_present, Gpu, KERNEL_SOURCE};
 
 const MIB: usize = 1 << 20;
 
@@ -66,6 +66,7 @@ fn main() {
     assert_eq!(e2e_hash, cpu_hash, "GPU digest differs from the blake3 crate");
 
     let (echo_t, echo_out) = time(10, || gpu.echo(len).unwrap());
+    let (copy_t, _) = time(10, || host_copy(&input).len());
     assert!(echo_out == input, "echo changed the data");
 
     println!();
@@ -83,4 +84,5 @@ fn main() {
     row("blake3 GPU kernels (data on device)", kern_t);
     row("blake3 GPU incl. pinned H2D", e2e_t);
     row("echo GPU round trip (H2D, copy, D2H, to Vec)", echo_t);
+    row("host only: copy into a fresh Vec (part of echo)", copy_t);
 }

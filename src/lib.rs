@@ -59,23 +59,23 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     variables::add(cf)
 }
 
-/// Compiles the kernels once per configuration load, before any worker starts: a
-/// kernel that does not compile stops nginx here, with NVRTC's log.
+/// Compiles the kernels once per configuration load, before any worker starts (in a
+/// child process: see gpu::compile_isolated): a kernel that does not compile stops
+/// nginx here, with NVRTC's log.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     if !conf::main_conf_of(cf).used {
         return NGX_OK as ngx_int_t;
     }
-    let kernels = if !gpu::nvrtc_present() {
-        let why = "libnvrtc not found, the GPU path is off (gpu_fallback applies)".to_string();
-        ngx_conf_log_error!(NGX_LOG_WARN, cf, "gpu: {why}");
-        Err(why)
-    } else {
-        match gpu::compile_kernels(gpu::KERNEL_SOURCE) {
-            Ok(ptx) => Ok(Arc::from(ptx)),
-            Err(log) => {
-                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "gpu: {log}");
-                return NGX_ERROR as ngx_int_t;
-            }
+    let kernels = match gpu::compile_isolated(gpu::KERNEL_SOURCE) {
+        gpu::Compiled::Ptx(ptx) => Ok(Arc::from(ptx)),
+        gpu::Compiled::NoNvrtc(why) => {
+            let why = format!("{why}, the GPU path is off (gpu_fallback applies)");
+            ngx_conf_log_error!(NGX_LOG_WARN, cf, "gpu: {why}");
+            Err(why)
+        }
+        gpu::Compiled::Failed(log) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "gpu: {log}");
+            return NGX_ERROR as ngx_int_t;
         }
     };
     if let Ok(mut k) = KERNELS.lock() {

@@ -180,6 +180,9 @@ fn the_gpu_path_serves_when_a_gpu_is_present() {
     );
     let ngx = Nginx::start(&conf);
     let log = ngx.error_log();
+    // CUDA stays out of the master: it forks the workers.
+    let maps = ngx.master_maps();
+    assert!(!maps.contains("libcuda") && !maps.contains("libnvrtc"), "CUDA library in the master:\n{maps}");
     let data = Rng::fresh().bytes(3 * MIB + 17);
     let b = post(&ngx.addr(), "/b", &data);
     let e = post(&ngx.addr(), "/e", &data);

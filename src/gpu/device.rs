@@ -143,7 +143,7 @@ impl Gpu {
         let host = pinned(&ctx, &mut self.staging_out, len, true)?;
         self.stream.memcpy_dtoh(&out.slice(0..len), &mut host.as_mut_slice()?[..len])?;
         self.stream.synchronize()?;
-        Ok(host.as_slice()?[..len].to_vec())
+        Ok(host_copy(&host.as_slice()?[..len]))
     }
 
     pub fn blake3(&mut self, len: usize) -> Result<[u8; 32], GpuError> {
@@ -227,4 +227,22 @@ fn pinned<'a>(
         *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<u8>(grow(len), flags) }?);
     }
     Ok(slot.as_mut().expect("just allocated"))
+}
+
+/// An owned copy of `src` (an op's output, handed to nginx). Large outputs ask for
+/// transparent huge pages before the copy touches them: faulting in fresh 4 KiB pages
+/// can cost more than the copy itself.
+pub fn host_copy(src: &[u8]) -> Vec<u8> {
+    const HUGE: usize = 2 << 20;
+    let mut v = Vec::<u8>::with_capacity(src.len());
+    if src.len() >= 2 * HUGE {
+        let p = v.as_mut_ptr() as usize;
+        let (start, end) = ((p + HUGE - 1) & !(HUGE - 1), (p + src.len()) & !(HUGE - 1));
+        if end > start {
+            // SAFETY: advice on memory this Vec owns; failure only loses the hint.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v.extend_from_slice(src);
+    v
 }

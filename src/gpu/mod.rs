@@ -6,8 +6,8 @@ mod device;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{compile_kernels, nvrtc_present, KERNEL_SOURCE};
-pub use device::{DeviceInfo, Gpu};
+pub use compile::{compile_isolated, compile_kernels, nvrtc_present, Compiled, KERNEL_SOURCE};
+pub use device::{host_copy, DeviceInfo, Gpu};
 
 use std::fmt;
 

@@ -160,6 +160,11 @@ impl Nginx {
         }
     }
 
+    /// The shared objects mapped into the master process.
+    pub fn master_maps(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap()
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

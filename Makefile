@@ -1,0 +1,62 @@
+# ngx_http_gpu_module: build, run and test. See README.md.
+#
+#   make run        build nginx + the module and start the example config on 127.0.0.1:8080
+#   make test       every test (unit + integration against a real nginx)
+#   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
+
+SHELL := /bin/bash
+PREFIX ?= $(CURDIR)/build
+CARGO ?= cargo
+
+.PHONY: deps build run stop test gpu-bundle clean
+
+# Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
+deps:
+	@need=""; for p in build-essential libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config curl; do \
+	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup.rs)"; exit 1; }
+
+build: deps
+	$(CARGO) build --release
+	mkdir -p $(PREFIX)/sbin $(PREFIX)/modules $(PREFIX)/conf $(PREFIX)/logs
+	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" $(PREFIX)/sbin/nginx
+	cp target/release/libngx_http_gpu_module.so $(PREFIX)/modules/ngx_http_gpu_module.so
+	cp nginx-conf/*.conf $(PREFIX)/conf/
+
+run: build
+	-@[ -f $(PREFIX)/logs/nginx.pid ] && $(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit 2>/dev/null; sleep 1
+	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -e logs/error.log
+	@sleep 1; grep -h "gpu: " $(PREFIX)/logs/error.log | tail -n 4
+	@echo "nginx is serving on http://127.0.0.1:8080 (try: curl --data-binary @FILE http://127.0.0.1:8080/blake3)"
+	@echo "stop it with: make stop"
+
+stop:
+	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit
+
+test: deps
+	$(CARGO) test --release
+
+# Everything the GPU machine needs, built here: test binaries, nginx, the module, the
+# benchmark, and the libraries nginx links that the GPU machine may lack.
+gpu-bundle: deps
+	rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
+	$(CARGO) test --release --no-run --message-format=json 2>/dev/null \
+	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]]' \
+	  | while read -r exe; do cp "$$exe" .gpu/bin/test-$$(basename "$$exe" | sed 's/-[0-9a-f]*$$//'); done
+	$(CARGO) build --release --benches --no-default-features --features vendored --message-format=json 2>/dev/null \
+	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]]' \
+	  | while read -r exe; do cp "$$exe" .gpu/bin/bench-$$(basename "$$exe" | sed 's/-[0-9a-f]*$$//'); done
+	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" .gpu/bin/nginx
+	cp target/release/libngx_http_gpu_module.so .gpu/ngx_http_gpu_module.so
+	for l in libpcre2-8.so.0 libcrypt.so.1; do cp -L /lib/x86_64-linux-gnu/$$l .gpu/lib/; done
+	cp t/gpu/run.sh .gpu/run.sh
+	strip .gpu/bin/* .gpu/ngx_http_gpu_module.so 2>/dev/null || true
+	du -sh .gpu
+
+clean:
+	$(CARGO) clean
+	rm -rf $(PREFIX) .gpu
