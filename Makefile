@@ -37,7 +37,9 @@ run: build
 stop:
 	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit
 
+# cargo test does not refresh the module .so the integration tests load: build it first.
 test: deps
+	$(CARGO) build --release
 	$(CARGO) test --release
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module, the
@@ -50,6 +52,7 @@ gpu-bundle: deps
 	$(CARGO) build --release --benches --no-default-features --features vendored --message-format=json 2>/dev/null \
 	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]]' \
 	  | while read -r exe; do cp "$$exe" .gpu/bin/bench-$$(basename "$$exe" | sed 's/-[0-9a-f]*$$//'); done
+	$(CARGO) build --release
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" .gpu/bin/nginx
 	cp target/release/libngx_http_gpu_module.so .gpu/ngx_http_gpu_module.so
 	for l in libpcre2-8.so.0 libcrypt.so.1; do cp -L /lib/x86_64-linux-gnu/$$l .gpu/lib/; done

@@ -54,7 +54,8 @@ pub enum Compiled {
 /// Measured on the GPU machine: with libnvrtc loaded into the nginx master, workers it
 /// forked failed cuInit ("initialization error") or crashed. A child keeps every CUDA
 /// library out of the master; nginx is single-threaded while it reads its
-/// configuration, so forking here is safe.
+/// configuration, so forking here is safe. Not for multi-threaded callers: the child
+/// could inherit a lock another thread held. The integration tests cover it.
 pub fn compile_isolated(source: &str) -> Compiled {
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;

@@ -114,20 +114,3 @@ fn broken_kernel_source_fails_with_the_nvrtc_log() {
     assert!(err.contains("undeclared_thing"), "the NVRTC log names the error: {err}");
 }
 
-#[test]
-fn compiling_in_a_child_process_gives_the_same_answers() {
-    match compile_isolated(KERNEL_SOURCE) {
-        Compiled::Ptx(ptx) => assert!(ptx.contains(".entry blake3_chunks"), "PTX has the kernels"),
-        Compiled::NoNvrtc(why) => {
-            assert!(!require_gpu(), "NGX_GPU_REQUIRE=1 but {why}");
-            assert!(!nvrtc_present());
-        }
-        Compiled::Failed(e) => panic!("the embedded kernels must compile: {e}"),
-    }
-    if nvrtc_present() {
-        match compile_isolated("extern \"C\" __global__ void k() { undeclared_thing(); }") {
-            Compiled::Failed(log) => assert!(log.contains("undeclared_thing"), "{log}"),
-            other => panic!("a broken kernel compiled: {other:?}"),
-        }
-    }
-}
