@@ -127,12 +127,11 @@ unsafe extern "C" fn ctx_cleanup(data: *mut c_void) {
 
 /// Body post-handler: the whole body is in r->request_body; hand it to the GPU thread.
 unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
-    guard((), || {
-        let rc = queue_job(r);
-        if rc != NGX_DONE as ngx_int_t {
-            ngx_http_finalize_request(r, rc);
-        }
-    });
+    // A panic while queueing still finalizes the request (500) instead of leaving it hanging.
+    let rc = guard(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || queue_job(r));
+    if rc != NGX_DONE as ngx_int_t {
+        ngx_http_finalize_request(r, rc);
+    }
 }
 
 unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
