@@ -31,7 +31,9 @@ pub unsafe fn take(rb: *mut ngx_http_request_body_t) -> io::Result<Body> {
         if in_memory {
             let len = b.last.offset_from(b.pos) as usize;
             if len > 0 {
-                body.push(Segment::Memory(std::slice::from_raw_parts(b.pos, len).to_vec()));
+                body.push(Segment::Memory(
+                    std::slice::from_raw_parts(b.pos, len).to_vec(),
+                ));
             }
         } else if b.in_file() != 0 && !b.file.is_null() {
             let len = (b.file_last - b.file_pos) as u64;
@@ -52,7 +54,11 @@ pub unsafe fn take(rb: *mut ngx_http_request_body_t) -> io::Result<Body> {
                     file
                 }
             };
-            body.push(Segment::File { file, offset: b.file_pos as u64, len });
+            body.push(Segment::File {
+                file,
+                offset: b.file_pos as u64,
+                len,
+            });
         }
     }
     Ok(body)

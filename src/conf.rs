@@ -18,12 +18,19 @@ pub const DEFAULT_QUEUE_SIZE: ngx_int_t = 1024;
 /// NGX_CONF_UNSET_MSEC, which bindgen does not export.
 const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 pub const DEFAULT_TIMEOUT_MS: ngx_msec_t = 60_000;
+pub const DEFAULT_BATCH_SIZE: usize = 128;
+pub const MAX_BATCH_SIZE: usize = 65536;
+pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
+pub const MAX_BATCH_BYTES: usize = 1 << 30;
+const UNSET_SIZE: usize = usize::MAX;
 
 /// http-level settings; one per configuration, shared by every worker.
 #[repr(C)]
 pub struct MainConf {
     /// `gpu_queue_size`: requests waiting for one worker's GPU thread.
     pub queue_size: ngx_int_t,
+    /// `gpu_batch_bytes`: the most body bytes in one batch (and a piece's size).
+    pub batch_bytes: usize,
     /// Whether any location uses `gpu_process` (else no GPU thread is started).
     pub used: bool,
 }
@@ -34,11 +41,15 @@ pub struct LocConf {
     pub fallback: Option<Fallback>,
     /// `gpu_timeout`, in ms.
     pub timeout: ngx_msec_t,
+    /// `gpu_batch_size`: most requests in one launch.
+    pub batch_size: usize,
+    /// `gpu_batch_delay`, in ms: how long the oldest request may wait for a fuller batch.
+    pub batch_delay: ngx_msec_t,
 }
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 5] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 8] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -73,6 +84,32 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 5] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("gpu_batch_size"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(cmd_gpu_batch_size),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_batch_delay"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: offset_of!(LocConf, batch_delay),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_batch_bytes"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_gpu_batch_bytes),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
@@ -90,7 +127,14 @@ unsafe fn alloc_conf<T>(cf: *mut ngx_conf_t, value: T) -> *mut c_void {
 }
 
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    alloc_conf(cf, MainConf { queue_size: NGX_CONF_UNSET as ngx_int_t, used: false })
+    alloc_conf(
+        cf,
+        MainConf {
+            queue_size: NGX_CONF_UNSET as ngx_int_t,
+            batch_bytes: UNSET_SIZE,
+            used: false,
+        },
+    )
 }
 
 pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
@@ -98,11 +142,23 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
     if mcf.queue_size == NGX_CONF_UNSET as ngx_int_t {
         mcf.queue_size = DEFAULT_QUEUE_SIZE;
     }
+    if mcf.batch_bytes == UNSET_SIZE {
+        mcf.batch_bytes = DEFAULT_BATCH_BYTES;
+    }
     NGX_CONF_OK
 }
 
 pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    alloc_conf(cf, LocConf { op: None, fallback: None, timeout: UNSET_MSEC })
+    alloc_conf(
+        cf,
+        LocConf {
+            op: None,
+            fallback: None,
+            timeout: UNSET_MSEC,
+            batch_size: UNSET_SIZE,
+            batch_delay: UNSET_MSEC,
+        },
+    )
 }
 
 pub unsafe extern "C" fn merge_loc_conf(
@@ -115,11 +171,18 @@ pub unsafe extern "C" fn merge_loc_conf(
     if conf.fallback.is_none() {
         conf.fallback = Some(prev.fallback.unwrap_or(Fallback::Cpu));
     }
-    if conf.timeout == UNSET_MSEC {
-        conf.timeout = if prev.timeout == UNSET_MSEC {
-            DEFAULT_TIMEOUT_MS
+    let merge_msec = |v: &mut ngx_msec_t, prev: ngx_msec_t, default: ngx_msec_t| {
+        if *v == UNSET_MSEC {
+            *v = if prev == UNSET_MSEC { default } else { prev };
+        }
+    };
+    merge_msec(&mut conf.timeout, prev.timeout, DEFAULT_TIMEOUT_MS);
+    merge_msec(&mut conf.batch_delay, prev.batch_delay, 0);
+    if conf.batch_size == UNSET_SIZE {
+        conf.batch_size = if prev.batch_size == UNSET_SIZE {
+            DEFAULT_BATCH_SIZE
         } else {
-            prev.timeout
+            prev.batch_size
         };
     }
     NGX_CONF_OK
@@ -131,7 +194,10 @@ pub unsafe extern "C" fn merge_loc_conf(
 unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a str> {
     // SAFETY: cf->args is an array of ngx_str_t that lives for the whole directive.
     let all = (*(*cf).args).as_slice::<ngx_str_t>();
-    all[1..].iter().map(|s| core::str::from_utf8(s.as_bytes()).unwrap_or("\u{fffd}")).collect()
+    all[1..]
+        .iter()
+        .map(|s| core::str::from_utf8(s.as_bytes()).unwrap_or("\u{fffd}"))
+        .collect()
 }
 
 pub unsafe fn main_conf_of(cf: *mut ngx_conf_t) -> &'static mut MainConf {
@@ -169,7 +235,8 @@ unsafe extern "C" fn cmd_gpu_process(
     main_conf_of(cf).used = true;
 
     let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-    let clcf = *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+    let clcf =
+        *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
     (*clcf).handler = Some(gpu_content_handler);
     NGX_CONF_OK
 }
@@ -196,6 +263,56 @@ unsafe extern "C" fn cmd_gpu_fallback(
             return NGX_CONF_ERROR;
         }
     };
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_batch_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lcf = &mut *(conf as *mut LocConf);
+    if lcf.batch_size != UNSET_SIZE {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let v = args(cf)[0];
+    match v.parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_SIZE).contains(&n) => lcf.batch_size = n,
+        _ => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{v}\" in \"gpu_batch_size\" directive, it must be a number from 1 to {MAX_BATCH_SIZE}"
+            );
+            return NGX_CONF_ERROR;
+        }
+    }
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_batch_bytes(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.batch_bytes != UNSET_SIZE {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: cf->args holds the directive's name and its one argument.
+    let value = &mut (*(*cf).args).as_slice_mut::<ngx_str_t>()[1];
+    let n = ngx_parse_size(value);
+    let min = crate::batch::MIN_BATCH_BYTES as usize;
+    if n < 0 || (n as usize) < min || n as usize > MAX_BATCH_BYTES {
+        let v = core::str::from_utf8(value.as_bytes()).unwrap_or("\u{fffd}");
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid value \"{v}\" in \"gpu_batch_bytes\" directive, it must be a size from 64k to 1g"
+        );
+        return NGX_CONF_ERROR;
+    }
+    mcf.batch_bytes = n as usize;
     NGX_CONF_OK
 }
 

@@ -1,19 +1,27 @@
-//! The worker's GPU thread: takes jobs from a bounded channel, runs each op on the GPU
-//! (or on the CPU when there is no usable GPU and `gpu_fallback cpu`), and sends the
-//! results back over a channel, waking the event loop through the eventfd.
+//! The worker's GPU thread: takes jobs from a bounded channel, forms batches (`batch.rs`),
+//! runs them on the GPU with several batches in flight (or on the CPU when there is no
+//! usable GPU and `gpu_fallback cpu`), and sends each request's result back over a
+//! channel, waking the event loop through the eventfd.
+//!
+//! The thread waits on one `select`: new jobs, GPU slots reported done by the driver, and
+//! the moment a held-back batch falls due (`gpu_batch_delay`). Whenever a slot is free and
+//! a batch is due, it packs the batch into the slot's pinned buffer and launches it without
+//! waiting, so it packs the next batch while the GPU runs the last one.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, never, select, unbounded, Receiver, Sender, TrySendError};
 
+use crate::batch::{align, pieces_of, Batch, Piece, Queue};
 use crate::gpu::{no_panic, Gpu, GpuError};
 use crate::job::{Completion, Device, Event, Fallback, Job, JobError, Level};
 use crate::notify::Notifier;
-use crate::ops::Output;
+use crate::ops::{Assembly, Output, Staged};
 
 /// Where the thread gets its kernels from: PTX compiled at configuration time, or the
 /// reason there is none (then the thread never touches CUDA).
@@ -21,6 +29,19 @@ pub enum Kernels {
     Ptx(Arc<str>),
     Unavailable(String),
 }
+
+/// Per-worker settings of the thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// `gpu_queue_size`: the channel's capacity.
+    pub queue_size: usize,
+    /// `gpu_batch_bytes`: the most body bytes in one batch.
+    pub batch_bytes: u64,
+}
+
+/// How often the thread looks at in-flight batches when the driver has not reported them
+/// done: a failed device may never call back.
+const STALL_CHECK: Duration = Duration::from_secs(1);
 
 pub struct GpuThread {
     jobs: Option<Sender<Job>>,
@@ -31,17 +52,26 @@ pub struct GpuThread {
 }
 
 impl GpuThread {
-    pub fn spawn(queue_size: usize, kernels: Kernels) -> io::Result<GpuThread> {
-        let (job_tx, job_rx) = bounded::<Job>(queue_size.max(1));
+    pub fn spawn(config: Config, kernels: Kernels) -> io::Result<GpuThread> {
+        let (job_tx, job_rx) = bounded::<Job>(config.queue_size.max(1));
         let (ev_tx, ev_rx) = unbounded::<Event>();
         let notifier = Arc::new(Notifier::new()?);
         let stop = Arc::new(AtomicBool::new(false));
-        let out = Outbox { tx: ev_tx, notifier: notifier.clone() };
+        let out = Outbox {
+            tx: ev_tx,
+            notifier: notifier.clone(),
+        };
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
             .name("nginx-gpu".into())
-            .spawn(move || run(job_rx, out, stop2, kernels))?;
-        Ok(GpuThread { jobs: Some(job_tx), events: ev_rx, notifier, stop, handle: Some(handle) })
+            .spawn(move || run(job_rx, out, stop2, kernels, config))?;
+        Ok(GpuThread {
+            jobs: Some(job_tx),
+            events: ev_rx,
+            notifier,
+            stop,
+            handle: Some(handle),
+        })
     }
 
     /// Queues a job without blocking; a full queue hands the job back.
@@ -100,45 +130,100 @@ impl Outbox {
     }
 }
 
-fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels) {
-    let mut gpu = match kernels {
+/// A job the thread holds, from its arrival until its answer.
+struct Active {
+    job: Job,
+    /// When its first piece went into a batch.
+    started: Option<Instant>,
+    /// The pieces' results so far, for a body cut into pieces.
+    assembly: Option<Assembly>,
+}
+
+/// A batch on a GPU slot.
+struct InFlight {
+    batch: Batch,
+    staged: Vec<Staged>,
+}
+
+struct State {
+    queue: Queue,
+    active: HashMap<u64, Active>,
+    gpu: Option<Gpu>,
+    done: Receiver<usize>,
+    in_flight: Vec<Option<InFlight>>,
+    out: Outbox,
+    /// Reused buffers of the CPU path.
+    scratch_in: Vec<u8>,
+    scratch_out: Vec<u8>,
+}
+
+fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels, config: Config) {
+    let gpu = match kernels {
         Kernels::Ptx(ptx) => match Gpu::open(&ptx) {
             Ok(g) => {
                 out.log(Level::Notice, format!("gpu: using {}", g.info));
                 Some(g)
             }
             Err(e) => {
-                out.log(Level::Warn, format!("gpu: no usable GPU in this worker: {e}"));
+                out.log(
+                    Level::Warn,
+                    format!("gpu: no usable GPU in this worker: {e}"),
+                );
                 None
             }
         },
         Kernels::Unavailable(why) => {
-            out.log(Level::Warn, format!("gpu: no usable GPU in this worker: {why}"));
+            out.log(
+                Level::Warn,
+                format!("gpu: no usable GPU in this worker: {why}"),
+            );
             None
         }
     };
+    let mut st = State::new(gpu, out, config);
 
-    while let Ok(job) = jobs.recv() {
+    loop {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        if job.is_cancelled() {
-            // The request is gone: nobody is waiting for a result.
-            continue;
+        st.dispatch();
+        let busy = st.in_flight.iter().any(Option::is_some);
+        let free = st.in_flight.iter().any(Option::is_none);
+        let now = Instant::now();
+        let mut wait = if busy { Some(STALL_CHECK) } else { None };
+        if free {
+            if let Some(due) = st.queue.next_due() {
+                let d = due.saturating_duration_since(now);
+                wait = Some(wait.map_or(d, |w: Duration| w.min(d)));
+            }
         }
-        let started = Instant::now();
-        let (result, device) = execute(&mut gpu, &job, &out);
-        out.send(Event::Done(Completion {
-            id: job.id,
-            result,
-            device,
-            batch_size: 1,
-            queue_time: started - job.queued_at,
-            exec_time: started.elapsed(),
-        }));
+        let timeout = match wait {
+            Some(d) => crossbeam_channel::after(d),
+            None => never(),
+        };
+        let done = st.done.clone();
+        select! {
+            recv(jobs) -> msg => match msg {
+                Ok(job) => st.arrive(job),
+                Err(_) => break,
+            },
+            recv(done) -> msg => {
+                if let Ok(slot) = msg {
+                    st.retire(slot);
+                }
+            },
+            recv(timeout) -> _ => st.check_stalled(),
+        }
+        // Take everything else that is ready now, so that it joins the next batch.
+        while let Ok(job) = jobs.try_recv() {
+            st.arrive(job);
+        }
+        while let Ok(slot) = st.done.try_recv() {
+            st.retire(slot);
+        }
     }
 
-    if let Some(g) = gpu.take() {
+    if let Some(g) = st.gpu.take() {
         let _ = no_panic("releasing the GPU", || {
             drop(g);
             Ok(())
@@ -146,149 +231,357 @@ fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels
     }
 }
 
-enum Failure {
-    Read(io::Error),
-    Gpu(GpuError),
-}
+impl State {
+    fn new(gpu: Option<Gpu>, out: Outbox, config: Config) -> State {
+        State {
+            queue: Queue::new(config.batch_bytes),
+            active: HashMap::new(),
+            done: gpu.as_ref().map_or_else(never, |g| g.done().clone()),
+            in_flight: (0..gpu.as_ref().map_or(1, Gpu::slots))
+                .map(|_| None)
+                .collect(),
+            gpu,
+            out,
+            scratch_in: Vec::new(),
+            scratch_out: Vec::new(),
+        }
+    }
 
-fn execute(gpu: &mut Option<Gpu>, job: &Job, out: &Outbox) -> (Result<Output, JobError>, Device) {
-    if let Some(g) = gpu.as_mut() {
-        let ordinal = g.info.ordinal;
-        let res = no_panic("GPU op", || Ok(run_on_gpu(g, job)))
-            .unwrap_or_else(|e| Err(Failure::Gpu(GpuError(e))));
-        match res {
-            Ok(output) => return (Ok(output), Device::Gpu(ordinal)),
-            Err(Failure::Read(e)) => {
-                return (Err(JobError::Internal(format!("reading the request body: {e}"))), Device::None)
+    fn arrive(&mut self, job: Job) {
+        if job.is_cancelled() {
+            // The request is gone: nobody is waiting for a result.
+            return;
+        }
+        if self.gpu.is_none() && job.fallback == Fallback::Off {
+            let now = Instant::now();
+            self.answer(
+                job,
+                now,
+                now,
+                1,
+                Device::None,
+                Err(JobError::Unavailable("no GPU available".into())),
+            );
+            return;
+        }
+        self.queue
+            .push(job.id, job.op, job.body.len(), job.batching, job.queued_at);
+        self.active.insert(
+            job.id,
+            Active {
+                job,
+                started: None,
+                assembly: None,
+            },
+        );
+    }
+
+    /// Launches due batches while a slot is free; without a GPU, runs them right away.
+    fn dispatch(&mut self) {
+        loop {
+            let Some(op) = self.queue.due(Instant::now()) else {
+                return;
+            };
+            let Some(slot) = self.in_flight.iter().position(Option::is_none) else {
+                return;
+            };
+            let active = &self.active;
+            let (batch, dropped) = self.queue.take(op, |id| {
+                active.get(&id).is_none_or(|a| a.job.is_cancelled())
+            });
+            for id in dropped {
+                self.active.remove(&id);
             }
-            Err(Failure::Gpu(e)) => {
-                out.log(
-                    Level::Alert,
-                    format!("gpu: {} failed on gpu{ordinal}, GPU disabled in this worker: {e}", job.op.name()),
-                );
-                out.send(Event::GpuLost);
-                let lost = gpu.take();
-                let _ = no_panic("releasing the GPU", || {
-                    drop(lost);
-                    Ok(())
-                });
+            if batch.pieces.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            for p in &batch.pieces {
+                if let Some(a) = self.active.get_mut(&p.id) {
+                    a.started.get_or_insert(started);
+                }
+            }
+            if self.gpu.is_some() {
+                self.launch(slot, batch);
+            } else {
+                self.run_on_cpu(batch);
             }
         }
     }
-    match job.fallback {
-        Fallback::Off => (Err(JobError::Unavailable("no GPU available".into())), Device::None),
-        Fallback::Cpu => match job.body.to_vec() {
-            Ok(input) => {
-                let op = job.op;
-                match no_panic("CPU op", || Ok(op.run_cpu(&input))) {
-                    Ok(output) => (Ok(output), Device::Cpu),
-                    Err(e) => (Err(JobError::Internal(e)), Device::None),
+
+    /// Packs `batch` into `slot`'s pinned buffer and launches it, without waiting.
+    fn launch(&mut self, slot: usize, batch: Batch) {
+        let op = batch.op;
+        let gpu = self.gpu.as_mut().expect("launch needs a GPU");
+        let data_len = batch.staged_len();
+        let mut staged = Vec::with_capacity(batch.pieces.len());
+        let mut unreadable = Vec::new();
+        let res = no_panic("GPU launch", || {
+            let (desc, data) = gpu
+                .stage(slot, op.desc_len(batch.pieces.len()), data_len as usize)
+                .map_err(|e| e.0)?;
+            let mut at = 0u64;
+            for p in &batch.pieces {
+                let dst = &mut data[at as usize..(at + p.len) as usize];
+                if let Some(a) = self.active.get(&p.id) {
+                    if let Err(e) = a.job.body.read_range_into(p.offset, dst) {
+                        unreadable.push((p.id, e));
+                    }
+                }
+                staged.push(Staged {
+                    data_off: at,
+                    len: p.len,
+                    offset: p.offset,
+                    whole: p.whole,
+                });
+                at += align(p.len);
+            }
+            op.describe(&staged, desc);
+            let out_len = op.out_len(staged.len(), data_len);
+            gpu.launch(
+                slot,
+                data_len as usize,
+                out_len,
+                op.cv_words(&staged),
+                |k, l| op.gpu_launch(k, l, &staged, data_len, &[]),
+            )
+            .map_err(|e| e.0)
+        });
+        for (id, e) in unreadable {
+            self.fail(
+                id,
+                JobError::Internal(format!("reading the request body: {e}")),
+            );
+        }
+        match res {
+            Ok(()) => self.in_flight[slot] = Some(InFlight { batch, staged }),
+            Err(e) => {
+                self.in_flight[slot] = Some(InFlight { batch, staged });
+                self.gpu_lost(&GpuError(e));
+            }
+        }
+    }
+
+    /// A slot's batch is done: hand each piece's result to its request.
+    fn retire(&mut self, slot: usize) {
+        let Some(fl) = self.in_flight[slot].take() else {
+            return;
+        };
+        let Some(gpu) = self.gpu.as_ref() else { return };
+        let ordinal = gpu.info.ordinal;
+        // The callback also runs after a failure: the event says which it was.
+        if let Err(e) = gpu.finished(slot) {
+            self.in_flight[slot] = Some(fl);
+            self.gpu_lost(&e);
+            return;
+        }
+        let op = fl.batch.op;
+        let n = fl.batch.pieces.len();
+        let gpu = self.gpu.take().expect("checked above");
+        let res = gpu.output(slot).map(|out| {
+            for (i, (p, s)) in fl.batch.pieces.iter().zip(&fl.staged).enumerate() {
+                self.deliver(p, op.result(out, i, s), n, Device::Gpu(ordinal));
+            }
+        });
+        self.gpu = Some(gpu);
+        if let Err(e) = res {
+            self.gpu_lost(&e);
+        }
+    }
+
+    /// No done signal for a while: a failed device may never call back.
+    fn check_stalled(&mut self) {
+        let Some(gpu) = self.gpu.as_ref() else { return };
+        for slot in 0..self.in_flight.len() {
+            if self.in_flight[slot].is_some() {
+                if let Err(e) = gpu.finished(slot) {
+                    self.gpu_lost(&e);
+                    return;
                 }
             }
-            Err(e) => (Err(JobError::Internal(format!("reading the request body: {e}"))), Device::None),
-        },
+        }
     }
-}
 
-fn run_on_gpu(gpu: &mut Gpu, job: &Job) -> Result<Output, Failure> {
-    let len = job.body.len() as usize;
-    let staged = gpu.input(len).map_err(Failure::Gpu)?;
-    job.body.read_into(staged).map_err(Failure::Read)?;
-    job.op.run_gpu(gpu, len).map_err(Failure::Gpu)
+    fn run_on_cpu(&mut self, batch: Batch) {
+        let n = batch.pieces.len();
+        for p in &batch.pieces {
+            let Some(a) = self.active.get(&p.id) else {
+                continue;
+            };
+            let op = a.job.op;
+            if p.whole {
+                let res = a
+                    .job
+                    .body
+                    .to_vec()
+                    .map_err(|e| JobError::Internal(format!("reading the request body: {e}")));
+                let res = res.and_then(|input| {
+                    no_panic("CPU op", || Ok(op.run_cpu_owned(input))).map_err(JobError::Internal)
+                });
+                let a = self.active.remove(&p.id).expect("present");
+                let started = a.started.unwrap_or_else(Instant::now);
+                self.answer(a.job, started, Instant::now(), n, Device::Cpu, res);
+                continue;
+            }
+            self.scratch_in.resize(p.len as usize, 0);
+            if let Err(e) = a.job.body.read_range_into(p.offset, &mut self.scratch_in) {
+                self.fail(
+                    p.id,
+                    JobError::Internal(format!("reading the request body: {e}")),
+                );
+                continue;
+            }
+            let (input, mut output) = (
+                std::mem::take(&mut self.scratch_in),
+                std::mem::take(&mut self.scratch_out),
+            );
+            let res = no_panic("CPU op", || {
+                op.cpu_piece(&input, p, &mut output);
+                Ok(())
+            });
+            match res {
+                Ok(()) => self.deliver(p, &output, n, Device::Cpu),
+                Err(e) => self.fail(p.id, JobError::Internal(e)),
+            }
+            (self.scratch_in, self.scratch_out) = (input, output);
+        }
+    }
+
+    /// One piece's result: answers a whole body at once, else adds it to the assembly.
+    fn deliver(&mut self, p: &Piece, result: &[u8], batch_size: usize, device: Device) {
+        let Some(a) = self.active.get_mut(&p.id) else {
+            return;
+        };
+        if a.job.is_cancelled() {
+            self.active.remove(&p.id);
+            return;
+        }
+        let op = a.job.op;
+        let output = if p.whole {
+            op.finish_whole(result)
+        } else {
+            let piece_len = self.queue.piece_len();
+            let asm = a.assembly.get_or_insert_with(|| {
+                Assembly::new(
+                    op,
+                    a.job.body.len(),
+                    pieces_of(a.job.body.len(), piece_len),
+                    piece_len,
+                )
+            });
+            if !asm.add(p.index, result) {
+                return;
+            }
+            a.assembly.take().expect("just used").finish()
+        };
+        let a = self.active.remove(&p.id).expect("present");
+        let started = a.started.unwrap_or_else(Instant::now);
+        self.answer(
+            a.job,
+            started,
+            Instant::now(),
+            batch_size,
+            device,
+            Ok(output),
+        );
+    }
+
+    fn fail(&mut self, id: u64, err: JobError) {
+        if let Some(a) = self.active.remove(&id) {
+            let now = Instant::now();
+            self.answer(
+                a.job,
+                a.started.unwrap_or(now),
+                now,
+                1,
+                Device::None,
+                Err(err),
+            );
+        }
+    }
+
+    fn answer(
+        &self,
+        job: Job,
+        started: Instant,
+        end: Instant,
+        batch_size: usize,
+        device: Device,
+        result: Result<Output, JobError>,
+    ) {
+        if job.is_cancelled() {
+            return;
+        }
+        self.out.send(Event::Done(Completion {
+            id: job.id,
+            result,
+            device,
+            batch_size,
+            queue_time: started.saturating_duration_since(job.queued_at),
+            exec_time: end.saturating_duration_since(started),
+        }));
+    }
+
+    /// The device failed: stop using it in this worker, ask for a fresh worker, and answer
+    /// every request that had a batch in flight from the CPU path (or 503 with
+    /// `gpu_fallback off`). Requests still queued go through the CPU path as usual.
+    fn gpu_lost(&mut self, e: &GpuError) {
+        let Some(gpu) = self.gpu.take() else { return };
+        let ordinal = gpu.info.ordinal;
+        self.out.log(
+            Level::Alert,
+            format!("gpu: gpu{ordinal} failed, GPU disabled in this worker: {e}"),
+        );
+        self.out.send(Event::GpuLost);
+        let _ = no_panic("releasing the GPU", || {
+            drop(gpu);
+            Ok(())
+        });
+        self.done = never();
+        let hit: Vec<u64> = self
+            .in_flight
+            .iter_mut()
+            .filter_map(Option::take)
+            .flat_map(|fl| fl.batch.pieces.into_iter().map(|p| p.id))
+            .collect();
+        self.in_flight.truncate(1);
+        for id in hit {
+            let Some(a) = self.active.remove(&id) else {
+                continue;
+            };
+            let started = a.started.unwrap_or_else(Instant::now);
+            let res = match a.job.fallback {
+                Fallback::Off => Err(JobError::Unavailable("the GPU failed".into())),
+                Fallback::Cpu => a
+                    .job
+                    .body
+                    .to_vec()
+                    .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))
+                    .and_then(|input| {
+                        let op = a.job.op;
+                        no_panic("CPU op", || Ok(op.run_cpu_owned(input)))
+                            .map_err(JobError::Internal)
+                    }),
+            };
+            let device = if res.is_ok() {
+                Device::Cpu
+            } else {
+                Device::None
+            };
+            self.answer(a.job, started, Instant::now(), 1, device, res);
+        }
+        // Jobs still queued with `gpu_fallback off` get their 503 now.
+        let off: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.fallback == Fallback::Off)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in off {
+            self.fail(id, JobError::Unavailable("the GPU failed".into()));
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::job::{Body, Segment};
-    use crate::ops::Op;
-    use std::time::Duration;
-
-    fn job(id: u64, op: Op, fallback: Fallback, data: &[u8]) -> Job {
-        let mut body = Body::default();
-        body.push(Segment::Memory(data.to_vec()));
-        Job { id, op, fallback, body, cancelled: Arc::default(), queued_at: Instant::now() }
-    }
-
-    fn wait_done(t: &GpuThread, n: usize) -> Vec<Completion> {
-        let mut done = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while done.len() < n && Instant::now() < deadline {
-            for ev in t.drain() {
-                if let Event::Done(c) = ev {
-                    done.push(c);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        done
-    }
-
-    #[test]
-    fn cpu_fallback_answers_every_job_with_its_own_result() {
-        let t = GpuThread::spawn(64, Kernels::Unavailable("test".into())).unwrap();
-        let inputs: Vec<Vec<u8>> = (0..50).map(|i| vec![i as u8; i * 37]).collect();
-        for (i, data) in inputs.iter().enumerate() {
-            let op = if i % 2 == 0 { Op::Echo } else { Op::Blake3 };
-            t.submit(job(i as u64, op, Fallback::Cpu, data)).unwrap();
-        }
-        let done = wait_done(&t, inputs.len());
-        assert_eq!(done.len(), inputs.len());
-        for c in done {
-            let data = &inputs[c.id as usize];
-            let body = c.result.unwrap().body;
-            if c.id % 2 == 0 {
-                assert_eq!(&body, data);
-            } else {
-                assert_eq!(body, format!("{}\n", ::blake3::hash(data).to_hex()).into_bytes());
-            }
-            assert_eq!(c.device, Device::Cpu);
-        }
-    }
-
-    #[test]
-    fn fallback_off_without_gpu_is_unavailable() {
-        let t = GpuThread::spawn(4, Kernels::Unavailable("test".into())).unwrap();
-        t.submit(job(7, Op::Echo, Fallback::Off, b"x")).unwrap();
-        let done = wait_done(&t, 1);
-        assert!(matches!(done[0].result, Err(JobError::Unavailable(_))));
-    }
-
-    #[test]
-    fn cancelled_jobs_are_skipped_and_others_still_answered() {
-        let t = GpuThread::spawn(8, Kernels::Unavailable("test".into())).unwrap();
-        let a = job(1, Op::Echo, Fallback::Cpu, b"a");
-        a.cancelled.store(true, Ordering::Release);
-        t.submit(a).unwrap();
-        t.submit(job(2, Op::Echo, Fallback::Cpu, b"b")).unwrap();
-        let done = wait_done(&t, 1);
-        assert_eq!(done.len(), 1);
-        assert_eq!(done[0].id, 2);
-    }
-
-    #[test]
-    fn the_start_line_says_why_there_is_no_gpu() {
-        let t = GpuThread::spawn(1, Kernels::Unavailable("libnvrtc not found".into())).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        let logs: Vec<String> = t
-            .drain()
-            .into_iter()
-            .filter_map(|e| if let Event::Log(_, m) = e { Some(m) } else { None })
-            .collect();
-        assert!(logs.iter().any(|m| m.contains("no usable GPU") && m.contains("libnvrtc")), "{logs:?}");
-    }
-
-    #[test]
-    fn a_full_queue_hands_the_job_back() {
-        let (tx, _rx) = bounded::<Job>(1);
-        let t = GpuThread {
-            jobs: Some(tx),
-            events: unbounded().1,
-            notifier: Arc::new(Notifier::new().unwrap()),
-            stop: Arc::default(),
-            handle: None,
-        };
-        t.submit(job(1, Op::Echo, Fallback::Cpu, b"")).unwrap();
-        assert!(matches!(t.submit(job(2, Op::Echo, Fallback::Cpu, b"")), Err(TrySendError::Full(_))));
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::conf::LocConf;
-use crate::job::{Completion, Device, Job, JobError};
+use crate::job::{Batching, Completion, Device, Job, JobError};
 use crate::response::{send, send_error};
 use crate::{body, ngx_http_gpu_module, worker};
 
@@ -45,7 +45,9 @@ pub unsafe fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut RequestC
 }
 
 pub unsafe extern "C" fn gpu_content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    guard(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || content_handler(r))
+    guard(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        content_handler(r)
+    })
 }
 
 unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
@@ -66,7 +68,12 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
-        return send_error(r, 503, "the GPU thread is not running in this process", &[("Retry-After", "1")]);
+        return send_error(
+            r,
+            503,
+            "the GPU thread is not running in this process",
+            &[("Retry-After", "1")],
+        );
     }
     if create_ctx(r).is_none() {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
@@ -143,7 +150,11 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     let body = match body::take((*r).request_body) {
         Ok(b) => b,
         Err(e) => {
-            ngx_log_error!(NGX_LOG_ERR, log, "gpu: cannot hand the request body over: {e}");
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "gpu: cannot hand the request body over: {e}"
+            );
             return send_error(r, 500, "internal error", &[]);
         }
     };
@@ -152,6 +163,10 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
         id: worker::next_id(),
         op,
         fallback: lcf.fallback.unwrap_or(crate::job::Fallback::Cpu),
+        batching: Batching {
+            size: lcf.batch_size,
+            delay: Duration::from_millis(lcf.batch_delay as u64),
+        },
         body,
         cancelled: ctx.cancelled.clone(),
         queued_at: Instant::now(),
@@ -193,7 +208,11 @@ unsafe extern "C" fn check_client(r: *mut ngx_http_request_t) {
         }
         (*(*c).read).set_eof(1);
         (*c).set_error(1);
-        ngx_log_error!(NGX_LOG_INFO, (*c).log, "gpu: client closed the connection while waiting for the result");
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            (*c).log,
+            "gpu: client closed the connection while waiting for the result"
+        );
         ngx_http_finalize_request(r, NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t);
     });
 }
@@ -208,8 +227,17 @@ unsafe extern "C" fn timeout_handler(ev: *mut ngx_event_t) {
             worker::forget(ctx.id);
             ctx.queued = false;
         }
-        ngx_log_error!(NGX_LOG_ERR, (*c).log, "gpu: timed out waiting for the GPU thread");
-        let rc = send_error(r, NGX_HTTP_GATEWAY_TIME_OUT as ngx_uint_t, "timed out waiting for the GPU", &[]);
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            (*c).log,
+            "gpu: timed out waiting for the GPU thread"
+        );
+        let rc = send_error(
+            r,
+            NGX_HTTP_GATEWAY_TIME_OUT as ngx_uint_t,
+            "timed out waiting for the GPU",
+            &[],
+        );
         ngx_http_finalize_request(r, rc);
         ngx_http_run_posted_requests(c);
     });
@@ -231,12 +259,25 @@ pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
         ctx.exec_time = done.exec_time;
         (*r).read_event_handler = Some(ngx_http_block_reading);
         let rc = match done.result {
-            Ok(out) => send(r, NGX_HTTP_OK as ngx_uint_t, out.content_type, out.body, &[]),
-            Err(JobError::BadInput(m)) => send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[]),
+            Ok(out) => send(
+                r,
+                NGX_HTTP_OK as ngx_uint_t,
+                out.content_type,
+                out.body,
+                &[],
+            ),
+            Err(JobError::BadInput(m)) => {
+                send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[])
+            }
             Err(JobError::Unavailable(m)) => send_error(r, 503, &m, &[("Retry-After", "1")]),
             Err(JobError::Internal(m)) => {
                 ngx_log_error!(NGX_LOG_ERR, (*c).log, "gpu: {m}");
-                send_error(r, NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_uint_t, "internal error", &[])
+                send_error(
+                    r,
+                    NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_uint_t,
+                    "internal error",
+                    &[],
+                )
             }
         };
         ngx_http_finalize_request(r, rc);

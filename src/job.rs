@@ -24,7 +24,11 @@ pub enum Fallback {
 #[derive(Debug)]
 pub enum Segment {
     Memory(Vec<u8>),
-    File { file: Arc<File>, offset: u64, len: u64 },
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// A request body as an ordered list of segments.
@@ -54,18 +58,36 @@ impl Body {
     /// Copies the whole body into `dst`, which must be exactly `len()` bytes.
     pub fn read_into(&self, dst: &mut [u8]) -> io::Result<()> {
         assert_eq!(dst.len() as u64, self.len);
-        let mut at = 0usize;
+        self.read_range_into(0, dst)
+    }
+
+    /// Copies `dst.len()` bytes starting at body offset `start` into `dst`.
+    pub fn read_range_into(&self, start: u64, dst: &mut [u8]) -> io::Result<()> {
+        let end = start + dst.len() as u64;
+        assert!(end <= self.len, "range past the end of the body");
+        let (mut seg_start, mut at) = (0u64, 0usize);
         for s in &self.segments {
-            match s {
-                Segment::Memory(v) => {
-                    dst[at..at + v.len()].copy_from_slice(v);
-                    at += v.len();
+            let seg_len = match s {
+                Segment::Memory(v) => v.len() as u64,
+                Segment::File { len, .. } => *len,
+            };
+            let seg_end = seg_start + seg_len;
+            if seg_end > start && seg_start < end {
+                let from = start.max(seg_start) - seg_start;
+                let n = (end.min(seg_end) - seg_start - from) as usize;
+                match s {
+                    Segment::Memory(v) => {
+                        dst[at..at + n].copy_from_slice(&v[from as usize..from as usize + n])
+                    }
+                    Segment::File { file, offset, .. } => {
+                        file.read_exact_at(&mut dst[at..at + n], offset + from)?
+                    }
                 }
-                Segment::File { file, offset, len } => {
-                    let len = *len as usize;
-                    file.read_exact_at(&mut dst[at..at + len], *offset)?;
-                    at += len;
-                }
+                at += n;
+            }
+            seg_start = seg_end;
+            if seg_start >= end {
+                break;
             }
         }
         Ok(())
@@ -81,12 +103,32 @@ impl Body {
     }
 }
 
+/// How a request may be batched (`gpu_batch_size`, `gpu_batch_delay` of its location).
+/// A batch takes its limits from its oldest request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Most requests in one launch.
+    pub size: usize,
+    /// How long the oldest request may wait for a fuller batch.
+    pub delay: Duration,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            size: 1,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
 /// One request's work.
 #[derive(Debug)]
 pub struct Job {
     pub id: u64,
     pub op: Op,
     pub fallback: Fallback,
+    pub batching: Batching,
     pub body: Body,
     /// Set by the event loop when the request goes away (client gone, timed out).
     pub cancelled: Arc<AtomicBool>,
@@ -159,11 +201,44 @@ mod tests {
         let file = Arc::new(tmp);
         let mut body = Body::default();
         body.push(Segment::Memory(b"ab".to_vec()));
-        body.push(Segment::File { file: file.clone(), offset: 3, len: 4 });
+        body.push(Segment::File {
+            file: file.clone(),
+            offset: 3,
+            len: 4,
+        });
         body.push(Segment::Memory(b"z".to_vec()));
-        body.push(Segment::File { file, offset: 0, len: 1 });
+        body.push(Segment::File {
+            file,
+            offset: 0,
+            len: 1,
+        });
         assert_eq!(body.len(), 8);
         assert_eq!(body.to_vec().unwrap(), b"ab3456z0");
+    }
+
+    #[test]
+    fn any_range_reads_across_segments() {
+        let mut tmp = tempfile();
+        tmp.write_all(b"0123456789").unwrap();
+        let file = Arc::new(tmp);
+        let mut body = Body::default();
+        body.push(Segment::Memory(b"abc".to_vec()));
+        body.push(Segment::Memory(Vec::new()));
+        body.push(Segment::File {
+            file,
+            offset: 2,
+            len: 5,
+        });
+        body.push(Segment::Memory(b"xy".to_vec()));
+        let whole = body.to_vec().unwrap();
+        assert_eq!(whole, b"abc23456xy");
+        for start in 0..=whole.len() {
+            for end in start..=whole.len() {
+                let mut dst = vec![b'?'; end - start];
+                body.read_range_into(start as u64, &mut dst).unwrap();
+                assert_eq!(dst, &whole[start..end], "range {start}..{end}");
+            }
+        }
     }
 
     #[test]
@@ -171,14 +246,27 @@ mod tests {
         let mut tmp = tempfile();
         tmp.write_all(b"abc").unwrap();
         let mut body = Body::default();
-        body.push(Segment::File { file: Arc::new(tmp), offset: 1, len: 5 });
+        body.push(Segment::File {
+            file: Arc::new(tmp),
+            offset: 1,
+            len: 5,
+        });
         assert!(body.to_vec().is_err());
     }
 
     fn tempfile() -> File {
-        let path = std::env::temp_dir()
-            .join(format!("ngx-gpu-test-{}-{:?}", std::process::id(), std::thread::current().id()));
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "ngx-gpu-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         std::fs::remove_file(&path).unwrap();
         f
     }

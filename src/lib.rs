@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
+pub mod batch;
 pub mod body;
 pub mod conf;
 pub mod gpu;
@@ -19,6 +20,8 @@ pub mod job;
 pub mod notify;
 pub mod ops;
 pub mod response;
+#[cfg(test)]
+mod testing;
 pub mod variables;
 pub mod worker;
 
@@ -87,7 +90,9 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // Cache manager and loader processes run init_process too: only workers (or a
     // single-process nginx) get a GPU thread, and CUDA is never touched in the master.
-    if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
+    if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t
+        && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t
+    {
         return NGX_OK as ngx_int_t;
     }
     let Some(mcf) = conf::main_conf_of_cycle(cycle) else {
@@ -101,7 +106,13 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         Some(Err(why)) => Kernels::Unavailable(why),
         None => Kernels::Unavailable("kernels were not compiled".into()),
     };
-    let started = std::panic::catch_unwind(|| worker::start(cycle, mcf.queue_size as usize, kernels));
+    let started = std::panic::catch_unwind(|| {
+        let config = gpu_thread::Config {
+            queue_size: mcf.queue_size as usize,
+            batch_bytes: mcf.batch_bytes as u64,
+        };
+        worker::start(cycle, config, kernels)
+    });
     match started {
         Ok(Ok(())) => NGX_OK as ngx_int_t,
         Ok(Err(e)) => {
@@ -109,7 +120,11 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             NGX_ERROR as ngx_int_t
         }
         Err(_) => {
-            ngx_log_error!(NGX_LOG_EMERG, (*cycle).log, "gpu: starting the worker's GPU thread panicked");
+            ngx_log_error!(
+                NGX_LOG_EMERG,
+                (*cycle).log,
+                "gpu: starting the worker's GPU thread panicked"
+            );
             NGX_ERROR as ngx_int_t
         }
     }

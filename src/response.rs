@@ -18,7 +18,10 @@ pub unsafe fn send(
     let out = &mut (*r).headers_out;
     out.status = status;
     out.content_length_n = body.len() as off_t;
-    out.content_type = ngx_str_t { len: content_type.len(), data: content_type.as_ptr().cast_mut() };
+    out.content_type = ngx_str_t {
+        len: content_type.len(),
+        data: content_type.as_ptr().cast_mut(),
+    };
     out.content_type_len = content_type.len();
     out.content_type_lowcase = ptr::null_mut();
     for (k, v) in headers {
@@ -64,7 +67,13 @@ pub unsafe fn send_error(
     message: &str,
     headers: &[(&str, &str)],
 ) -> ngx_int_t {
-    send(r, status, "application/json", json_error(message).into_bytes(), headers)
+    send(
+        r,
+        status,
+        "application/json",
+        json_error(message).into_bytes(),
+        headers,
+    )
 }
 
 pub fn json_error(message: &str) -> String {
@@ -106,6 +115,9 @@ mod tests {
 
     #[test]
     fn json_error_escapes() {
-        assert_eq!(json_error("a \"b\"\\\n\u{1}"), "{\"error\": \"a \\\"b\\\"\\\\\\n\\u0001\"}\n");
+        assert_eq!(
+            json_error("a \"b\"\\\n\u{1}"),
+            "{\"error\": \"a \\\"b\\\"\\\\\\n\\u0001\"}\n"
+        );
     }
 }

@@ -10,14 +10,30 @@ use crate::job::Device;
 
 struct Var {
     name: ngx_str_t,
-    get: unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_http_variable_value_t, usize) -> ngx_int_t,
+    get: unsafe extern "C" fn(
+        *mut ngx_http_request_t,
+        *mut ngx_http_variable_value_t,
+        usize,
+    ) -> ngx_int_t,
 }
 
 const VARS: [Var; 4] = [
-    Var { name: ngx_string!("gpu_device"), get: var_get },
-    Var { name: ngx_string!("gpu_batch_size"), get: var_get },
-    Var { name: ngx_string!("gpu_queue_time"), get: var_get },
-    Var { name: ngx_string!("gpu_exec_time"), get: var_get },
+    Var {
+        name: ngx_string!("gpu_device"),
+        get: var_get,
+    },
+    Var {
+        name: ngx_string!("gpu_batch_size"),
+        get: var_get,
+    },
+    Var {
+        name: ngx_string!("gpu_queue_time"),
+        get: var_get,
+    },
+    Var {
+        name: ngx_string!("gpu_exec_time"),
+        get: var_get,
+    },
 ];
 
 /// Registers the variables; called from preconfiguration.

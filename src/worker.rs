@@ -11,7 +11,7 @@ use crossbeam_channel::TrySendError;
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
-use crate::gpu_thread::{GpuThread, Kernels};
+use crate::gpu_thread::{Config, GpuThread, Kernels};
 use crate::handler::{self, RequestCtx};
 use crate::job::{Event, Job, Level};
 
@@ -19,6 +19,8 @@ struct Worker {
     thread: GpuThread,
     conn: *mut ngx_connection_t,
     pending: HashMap<u64, *mut RequestCtx>,
+    /// `gpu_queue_size`: most requests waiting for (or running on) the GPU thread.
+    queue_size: usize,
     next_id: u64,
     log: *mut ngx_log_t,
 }
@@ -28,14 +30,23 @@ thread_local! {
 }
 
 /// Starts the GPU thread and registers its eventfd. Called from init_process.
-pub unsafe fn start(cycle: *mut ngx_cycle_t, queue_size: usize, kernels: Kernels) -> Result<(), String> {
+pub unsafe fn start(
+    cycle: *mut ngx_cycle_t,
+    config: Config,
+    kernels: Kernels,
+) -> Result<(), String> {
     let log = (*cycle).log;
-    let thread = GpuThread::spawn(queue_size, kernels).map_err(|e| format!("starting the GPU thread: {e}"))?;
+    let queue_size = config.queue_size;
+    let thread =
+        GpuThread::spawn(config, kernels).map_err(|e| format!("starting the GPU thread: {e}"))?;
     // The connection owns a duplicate of the eventfd, so ngx_close_connection can close it
     // while the thread's notifier keeps its own.
     let fd = libc::fcntl(thread.wake_fd(), libc::F_DUPFD_CLOEXEC, 0);
     if fd < 0 {
-        return Err(format!("dup of the eventfd: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "dup of the eventfd: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let c = ngx_get_connection(fd, log);
     if c.is_null() {
@@ -51,7 +62,14 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t, queue_size: usize, kernels: Kernels
         return Err("cannot add the GPU thread's eventfd to the event loop".into());
     }
     WORKER.with_borrow_mut(|w| {
-        *w = Some(Worker { thread, conn: c, pending: HashMap::new(), next_id: 1, log });
+        *w = Some(Worker {
+            thread,
+            conn: c,
+            pending: HashMap::new(),
+            queue_size,
+            next_id: 1,
+            log,
+        });
     });
     Ok(())
 }
@@ -81,9 +99,17 @@ pub fn next_id() -> u64 {
 pub fn submit(job: Job) -> Result<(), String> {
     WORKER.with_borrow(|w| match w {
         None => Err("the GPU thread is not running".into()),
+        // Counted here, where requests wait: the thread drains its channel into batches.
+        Some(w) if w.pending.len() >= w.queue_size => Err(format!(
+            "GPU queue is full ({} requests waiting)",
+            w.pending.len()
+        )),
         Some(w) => match w.thread.submit(job) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(format!("GPU queue is full ({} requests waiting)", w.thread.queued())),
+            Err(TrySendError::Full(_)) => Err(format!(
+                "GPU queue is full ({} requests waiting)",
+                w.thread.queued()
+            )),
             Err(TrySendError::Disconnected(_)) => Err("the GPU thread has stopped".into()),
         },
     })
@@ -110,13 +136,16 @@ pub fn forget(id: u64) {
 
 unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
     let _ = std::panic::catch_unwind(|| {
-        let Some((events, log)) = WORKER.with_borrow(|w| w.as_ref().map(|w| (w.thread.drain(), w.log))) else {
+        let Some((events, log)) =
+            WORKER.with_borrow(|w| w.as_ref().map(|w| (w.thread.drain(), w.log)))
+        else {
             return;
         };
         for event in events {
             match event {
                 Event::Done(done) => {
-                    let ctx = WORKER.with_borrow_mut(|w| w.as_mut().and_then(|w| w.pending.remove(&done.id)));
+                    let ctx = WORKER
+                        .with_borrow_mut(|w| w.as_mut().and_then(|w| w.pending.remove(&done.id)));
                     // No entry: the request already went away (client gone, timed out).
                     if let Some(ctx) = ctx {
                         handler::complete(ctx, done);
@@ -132,7 +161,11 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
             }
         }
         if ngx_handle_read_event(ev, 0) != NGX_OK as ngx_int_t {
-            ngx_log_error!(NGX_LOG_ALERT, log, "gpu: cannot re-arm the GPU thread's eventfd");
+            ngx_log_error!(
+                NGX_LOG_ALERT,
+                log,
+                "gpu: cannot re-arm the GPU thread's eventfd"
+            );
         }
     });
 }

@@ -19,8 +19,10 @@ pub const KERNEL_SOURCE: &str = concat!(
 /// Whether libnvrtc can be loaded; never panics.
 pub fn nvrtc_present() -> bool {
     // SAFETY: is_culib_present only tries dlopen on candidate names.
-    no_panic("loading libnvrtc", || Ok(unsafe { cudarc::nvrtc::sys::is_culib_present() }))
-        .unwrap_or(false)
+    no_panic("loading libnvrtc", || {
+        Ok(unsafe { cudarc::nvrtc::sys::is_culib_present() })
+    })
+    .unwrap_or(false)
 }
 
 /// Compiles `source` to PTX. The error carries NVRTC's log.
@@ -32,9 +34,10 @@ pub fn compile_kernels(source: &str) -> Result<String, String> {
     };
     no_panic("NVRTC", || match compile_ptx_with_opts(source, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
-        Err(CompileError::CompileError { log, .. }) => {
-            Err(format!("kernel compilation failed:\n{}", log.to_string_lossy().trim_end()))
-        }
+        Err(CompileError::CompileError { log, .. }) => Err(format!(
+            "kernel compilation failed:\n{}",
+            log.to_string_lossy().trim_end()
+        )),
         Err(e) => Err(format!("kernel compilation failed: {e:?}")),
     })
 }
@@ -101,7 +104,9 @@ pub fn compile_isolated(source: &str) -> Compiled {
             Some((b'P', ptx)) => Compiled::Ptx(String::from_utf8_lossy(ptx).into_owned()),
             Some((b'E', log)) => Compiled::Failed(String::from_utf8_lossy(log).into_owned()),
             Some((b'N', _)) => Compiled::NoNvrtc("libnvrtc not found".into()),
-            _ => Compiled::Failed(format!("the kernel compiler process failed (wait status {status:#x})")),
+            _ => Compiled::Failed(format!(
+                "the kernel compiler process failed (wait status {status:#x})"
+            )),
         }
     }
 }

@@ -1,18 +1,31 @@
-//! One worker's CUDA device: context, loaded kernels and reusable staging buffers.
+//! One worker's CUDA device: context, loaded kernels, and the pipeline slots that let
+//! several batches be in flight at once.
+//!
+//! A slot is one stream with its own pinned staging buffers (write-combined in, plain out)
+//! and device buffers, all grow-only and reused batch after batch. A batch on a slot is one
+//! host->device copy, the op's kernels, one device->host copy and a host function that tells
+//! the GPU thread the slot is done (over a channel, so the thread can wait for new jobs and
+//! finished slots at once). While the GPU works on one slot the thread packs the next.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice,
 };
 use cudarc::nvrtc::Ptx;
 
 use super::{no_panic, GpuError};
 
-const THREADS: u32 = 256;
-/// Buffers grow in steps of at least this, so small bodies never reallocate.
+/// Batches in flight per worker.
+pub const SLOTS: usize = 2;
+pub const THREADS: u32 = 256;
+/// Buffers grow in steps of at least this, so small batches never reallocate.
 const MIN_BUFFER: usize = 1 << 20;
+/// Device buffers start at a multiple of this; the staged data follows the descriptors at it.
+pub const DESC_ALIGN: usize = 256;
 
 /// What the worker logs about its device at start.
 #[derive(Clone, Debug)]
@@ -37,20 +50,61 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-pub struct Gpu {
-    pub info: DeviceInfo,
-    stream: Arc<CudaStream>,
-    echo_copy: CudaFunction,
-    blake3_chunks: CudaFunction,
-    blake3_parents: CudaFunction,
-    /// Pinned host input; bodies are read straight into it.
-    staging_in: Option<PinnedHostSlice<u8>>,
-    /// Pinned host output, allocated without write-combining so the CPU reads it fast.
-    staging_out: Option<PinnedHostSlice<u8>>,
+/// The kernels of every op, loaded from the configuration-time PTX.
+pub struct Functions {
+    pub echo_copy: CudaFunction,
+    pub blake3_chunks: CudaFunction,
+    pub blake3_parents: CudaFunction,
+}
+
+/// Told to the GPU thread by the driver's callback thread when a slot's batch is done.
+struct DoneSignal {
+    tx: Sender<usize>,
+    slot: usize,
+}
+
+unsafe extern "C" fn slot_done(data: *mut c_void) {
+    // Runs on a CUDA driver thread: no CUDA calls, no panics.
+    let signal = &*(data as *const DoneSignal);
+    let _ = signal.tx.send(signal.slot);
+}
+
+pub struct Slot {
+    pub stream: Arc<CudaStream>,
+    event: CudaEvent,
+    /// Pinned host input: descriptors, then the packed bodies. Write-combined: fast to
+    /// fill and to copy to the device.
+    host_in: Option<PinnedHostSlice<u8>>,
+    /// Pinned host output, without write-combining so the CPU reads it fast.
+    host_out: Option<PinnedHostSlice<u8>>,
     dev_in: Option<CudaSlice<u8>>,
     dev_out: Option<CudaSlice<u8>>,
     cv_a: Option<CudaSlice<u32>>,
     cv_b: Option<CudaSlice<u32>>,
+    signal: Box<DoneSignal>,
+    /// Bytes of descriptors before the data in `host_in`/`dev_in` for the staged batch.
+    desc_len: usize,
+    /// Bytes the batch's result takes in `host_out`.
+    out_len: usize,
+}
+
+/// Device addresses of one launch's buffers, for the op's kernels.
+pub struct Launch<'a> {
+    pub stream: &'a Arc<CudaStream>,
+    /// The descriptors (at the start of the device input buffer).
+    pub desc: u64,
+    /// The packed data (after the descriptors).
+    pub data: u64,
+    pub out: u64,
+    pub cv_a: u64,
+    pub cv_b: u64,
+}
+
+pub struct Gpu {
+    pub info: DeviceInfo,
+    pub functions: Functions,
+    slots: Vec<Slot>,
+    done: Receiver<usize>,
     ctx: Arc<CudaContext>,
 }
 
@@ -58,9 +112,17 @@ fn grow(len: usize) -> usize {
     len.max(MIN_BUFFER).next_power_of_two()
 }
 
-fn launch_config(n: u64) -> LaunchConfig {
+pub fn launch_config(n: u64) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as u64).clamp(1, 1 << 20) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub fn align_desc(n: usize) -> usize {
+    n.div_ceil(DESC_ALIGN) * DESC_ALIGN
 }
 
 impl Gpu {
@@ -77,9 +139,11 @@ impl Gpu {
                 return Err("no CUDA device visible".into());
             }
             let ctx = CudaContext::new(0).map_err(|e| format!("creating context: {e}"))?;
-            ctx.set_blocking_synchronize().map_err(|e| format!("context flags: {e}"))?;
-            // One stream, synchronised explicitly: cudarc's per-buffer events are not needed.
-            // SAFETY: every buffer is used only on `stream`.
+            ctx.set_blocking_synchronize()
+                .map_err(|e| format!("context flags: {e}"))?;
+            // Each slot's buffers are used only on its own stream, ordered explicitly:
+            // cudarc's per-buffer events are not needed.
+            // SAFETY: see above.
             unsafe { ctx.disable_event_tracking() };
             let info = DeviceInfo {
                 ordinal: 0,
@@ -91,112 +155,186 @@ impl Gpu {
                 .load_module(Ptx::from_src(ptx))
                 .map_err(|e| format!("loading kernels: {e}"))?;
             let f = |name: &str| {
-                module.load_function(name).map_err(|e| format!("kernel \"{name}\": {e}"))
+                module
+                    .load_function(name)
+                    .map_err(|e| format!("kernel \"{name}\": {e}"))
             };
-            Ok(Gpu {
-                info,
-                stream: ctx.new_stream().map_err(|e| format!("creating stream: {e}"))?,
+            let kernels = Functions {
                 echo_copy: f("echo_copy")?,
                 blake3_chunks: f("blake3_chunks")?,
                 blake3_parents: f("blake3_parents")?,
-                staging_in: None,
-                staging_out: None,
-                dev_in: None,
-                dev_out: None,
-                cv_a: None,
-                cv_b: None,
+            };
+            let (tx, done) = unbounded();
+            let mut slots = Vec::with_capacity(SLOTS);
+            for slot in 0..SLOTS {
+                slots.push(Slot {
+                    stream: ctx
+                        .new_stream()
+                        .map_err(|e| format!("creating stream: {e}"))?,
+                    event: ctx
+                        .new_event(None)
+                        .map_err(|e| format!("creating event: {e}"))?,
+                    host_in: None,
+                    host_out: None,
+                    dev_in: None,
+                    dev_out: None,
+                    cv_a: None,
+                    cv_b: None,
+                    signal: Box::new(DoneSignal {
+                        tx: tx.clone(),
+                        slot,
+                    }),
+                    desc_len: 0,
+                    out_len: 0,
+                });
+            }
+            Ok(Gpu {
+                info,
+                functions: kernels,
+                slots,
+                done,
                 ctx,
             })
         })
     }
 
-    /// The pinned input buffer, at least `len` bytes, for the caller to fill.
-    pub fn input(&mut self, len: usize) -> Result<&mut [u8], GpuError> {
-        let ctx = self.ctx.clone();
-        let buf = pinned(&ctx, &mut self.staging_in, len, false)?;
-        Ok(&mut buf.as_mut_slice()?[..len])
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
-    /// Copies the first `len` staged bytes to the device input buffer.
-    pub fn upload(&mut self, len: usize) -> Result<(), GpuError> {
-        let dev = device(&self.stream, &mut self.dev_in, len.max(16))?;
-        if len > 0 {
-            let src = &self.staging_in.as_ref().expect("input staged").as_slice()?[..len];
-            self.stream.memcpy_htod(src, &mut dev.slice_mut(0..len))?;
+    /// Slot numbers whose batches are done, as the driver reports them.
+    pub fn done(&self) -> &Receiver<usize> {
+        &self.done
+    }
+
+    /// Makes `slot`'s input hold `desc_len` bytes of descriptors and `data_len` bytes of
+    /// data, and returns both regions for the caller to fill.
+    pub fn stage(
+        &mut self,
+        slot: usize,
+        desc_len: usize,
+        data_len: usize,
+    ) -> Result<(&mut [u8], &mut [u8]), GpuError> {
+        let ctx = self.ctx.clone();
+        let s = &mut self.slots[slot];
+        s.desc_len = align_desc(desc_len);
+        let total = s.desc_len + data_len;
+        let buf = pinned(&ctx, &mut s.host_in, total, false)?;
+        let (desc, data) = buf.as_mut_slice()?[..total].split_at_mut(s.desc_len);
+        Ok((&mut desc[..desc_len], data))
+    }
+
+    /// Copies the staged input of `slot` to the device (one copy), sizes the output and the
+    /// work buffers, and hands their addresses to `kernels`, which queues the op's
+    /// launches on the slot's stream. Then queues the copy of `out_len` result bytes back
+    /// and the done signal. Returns without waiting.
+    pub fn launch(
+        &mut self,
+        slot: usize,
+        data_len: usize,
+        out_len: usize,
+        cv_words: usize,
+        kernels: impl FnOnce(&Functions, &Launch) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let ctx = self.ctx.clone();
+        let s = &mut self.slots[slot];
+        let in_len = s.desc_len + data_len;
+        s.out_len = out_len;
+        let stream = s.stream.clone();
+        let dev_in = ptr_of(&stream, device(&stream, &mut s.dev_in, in_len.max(16))?);
+        let dev_out = ptr_of(&stream, device(&stream, &mut s.dev_out, out_len.max(16))?);
+        let cv_a = ptr_of(&stream, device(&stream, &mut s.cv_a, cv_words.max(8))?);
+        let cv_b = ptr_of(&stream, device(&stream, &mut s.cv_b, cv_words.max(8))?);
+        pinned(&ctx, &mut s.host_out, out_len.max(16), true)?;
+        if in_len > 0 {
+            let src = &s.host_in.as_ref().expect("staged").as_slice()?[..in_len];
+            // SAFETY: dev_in holds at least in_len bytes; src is pinned and stays untouched
+            // until the slot's done signal (the thread does not stage a busy slot).
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev_in, src, stream.cu_stream()) }?;
         }
+        let launch = Launch {
+            stream: &stream,
+            desc: dev_in,
+            data: dev_in + s.desc_len as u64,
+            out: dev_out,
+            cv_a,
+            cv_b,
+        };
+        kernels(&self.functions, &launch)?;
+        if out_len > 0 {
+            let dst = &mut s.host_out.as_mut().expect("allocated").as_mut_slice()?[..out_len];
+            // SAFETY: dev_out holds out_len bytes written by the kernels queued before; dst
+            // is pinned and not read until the done signal.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev_out, stream.cu_stream()) }?;
+        }
+        s.event.record(&stream)?;
+        let signal = &*s.signal as *const DoneSignal as *mut c_void;
+        // SAFETY: the signal outlives every queued callback (Slot::drop synchronizes the
+        // stream first); slot_done makes no CUDA call.
+        unsafe { sys::cuLaunchHostFunc(stream.cu_stream(), Some(slot_done), signal) }.result()?;
         Ok(())
     }
 
-    pub fn echo(&mut self, len: usize) -> Result<Vec<u8>, GpuError> {
-        self.upload(len)?;
-        if len == 0 {
-            return Ok(Vec::new());
+    /// The result bytes of `slot`'s last batch; valid once the slot was reported done.
+    pub fn output(&self, slot: usize) -> Result<&[u8], GpuError> {
+        let s = &self.slots[slot];
+        match &s.host_out {
+            Some(h) => Ok(&h.as_slice()?[..s.out_len]),
+            None => Ok(&[]),
         }
-        let out = device(&self.stream, &mut self.dev_out, len)?;
-        let n = len as u64;
-        let mut launch = self.stream.launch_builder(&self.echo_copy);
-        launch.arg(self.dev_in.as_ref().expect("uploaded")).arg(&mut *out).arg(&n);
-        // SAFETY: echo_copy(const u8*, u8*, u64) reads and writes `len` bytes; both
-        // buffers hold at least that many.
-        unsafe { launch.launch(launch_config(n.div_ceil(16))) }?;
+    }
+
+    /// Whether `slot`'s batch has finished; an error if the device failed.
+    pub fn finished(&self, slot: usize) -> Result<bool, GpuError> {
+        Ok(self.slots[slot].event.try_is_complete()?)
+    }
+
+    /// Plain pinned copies of `len` bytes, `reps` times each way, for the benchmark's
+    /// PCIe reference: returns (host->device, device->host) seconds per copy (medians).
+    pub fn memcpy_reference(&mut self, len: usize, reps: usize) -> Result<(f64, f64), GpuError> {
+        let (_, data) = self.stage(0, 0, len)?;
+        data.fill(0x5a);
         let ctx = self.ctx.clone();
-        let host = pinned(&ctx, &mut self.staging_out, len, true)?;
-        self.stream.memcpy_dtoh(&out.slice(0..len), &mut host.as_mut_slice()?[..len])?;
-        self.stream.synchronize()?;
-        Ok(host_copy(&host.as_slice()?[..len]))
-    }
-
-    pub fn blake3(&mut self, len: usize) -> Result<[u8; 32], GpuError> {
-        self.upload(len)?;
-        self.blake3_resident(len)
-    }
-
-    /// BLAKE3 of the first `len` bytes already in the device input buffer (the kernels
-    /// alone, for benchmarks).
-    pub fn blake3_resident(&mut self, len: usize) -> Result<[u8; 32], GpuError> {
-        let n_chunks = (len as u64).div_ceil(1024).max(1);
-        let cv_len = (n_chunks as usize) * 8;
-        device(&self.stream, &mut self.cv_a, cv_len)?;
-        device(&self.stream, &mut self.cv_b, cv_len.div_ceil(2).max(8))?;
-        let (len64, base) = (len as u64, 0u64);
-        let mut launch = self.stream.launch_builder(&self.blake3_chunks);
-        launch
-            .arg(self.dev_in.as_ref().expect("uploaded"))
-            .arg(&len64)
-            .arg(&n_chunks)
-            .arg(&base)
-            .arg(self.cv_a.as_mut().expect("allocated"));
-        // SAFETY: blake3_chunks(const u8*, u64, u64, u64, u32*) reads `len` bytes and
-        // writes 8 words per chunk into cv_a, sized for n_chunks.
-        unsafe { launch.launch(launch_config(n_chunks)) }?;
-
-        let mut n = n_chunks;
-        let mut in_a = true;
-        while n > 1 {
-            let root = u32::from(n == 2);
-            let (src, dst) = if in_a {
-                (self.cv_a.as_ref().expect("allocated"), self.cv_b.as_mut().expect("allocated"))
-            } else {
-                (self.cv_b.as_ref().expect("allocated"), self.cv_a.as_mut().expect("allocated"))
-            };
-            let mut launch = self.stream.launch_builder(&self.blake3_parents);
-            launch.arg(src).arg(&n).arg(dst).arg(&root);
-            // SAFETY: blake3_parents(const u32*, u64, u32*, u32) reads n nodes of 8 words
-            // and writes ceil(n/2) nodes; src and dst are distinct and large enough.
-            unsafe { launch.launch(launch_config(n.div_ceil(2))) }?;
-            n = n.div_ceil(2);
-            in_a = !in_a;
+        let s = &mut self.slots[0];
+        let stream = s.stream.clone();
+        let dev = ptr_of(&stream, device(&stream, &mut s.dev_in, len)?);
+        let out = pinned(&ctx, &mut s.host_out, len, true)?;
+        let src = &s.host_in.as_ref().expect("staged").as_slice()?[..len];
+        let mut h2d = Vec::new();
+        let mut d2h = Vec::new();
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            // SAFETY: both buffers hold len bytes; synchronized before the next use.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev, src, stream.cu_stream()) }?;
+            stream.synchronize()?;
+            h2d.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let dst = &mut out.as_mut_slice()?[..len];
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev, stream.cu_stream()) }?;
+            stream.synchronize()?;
+            d2h.push(t.elapsed().as_secs_f64());
         }
-        let root = if in_a { self.cv_a.as_ref() } else { self.cv_b.as_ref() }.expect("allocated");
-        let mut words = [0u32; 8];
-        self.stream.memcpy_dtoh(&root.slice(0..8), &mut words[..])?;
-        self.stream.synchronize()?;
-        let mut digest = [0u8; 32];
-        for (i, w) in words.iter().enumerate() {
-            digest[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
-        }
-        Ok(digest)
+        Ok((median(&mut h2d), median(&mut d2h)))
     }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // No callback may run after its signal is freed. On a failed context this returns
+        // at once with the error, and no callback runs any more.
+        let _ = self.stream.synchronize();
+    }
+}
+
+fn ptr_of<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
 }
 
 fn device<'a, T: DeviceRepr>(
@@ -222,7 +360,11 @@ fn pinned<'a>(
         *slot = None;
         // Write-combined memory is fast to fill and to copy to the device, but very slow
         // for the CPU to read: the output buffer is allocated without it.
-        let flags = if readable { 0 } else { cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED };
+        let flags = if readable {
+            0
+        } else {
+            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        };
         // SAFETY: the contents are always written before they are read.
         *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<u8>(grow(len), flags) }?);
     }

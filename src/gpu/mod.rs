@@ -7,7 +7,7 @@ mod device;
 mod tests;
 
 pub use compile::{compile_isolated, compile_kernels, nvrtc_present, Compiled, KERNEL_SOURCE};
-pub use device::{host_copy, DeviceInfo, Gpu};
+pub use device::{host_copy, launch_config, DeviceInfo, Functions, Gpu, Launch, SLOTS};
 
 use std::fmt;
 

@@ -1,6 +1,7 @@
-// blake3: BLAKE3 hashing. Chunks are hashed one per thread (blake3_chunks), then the
-// tree is reduced one level per launch (blake3_parents), pairing neighbours and
-// carrying an odd last node up: the same left-full tree the BLAKE3 spec builds.
+// blake3: BLAKE3 hashing over a batch of pieces. Chunks are hashed one per thread
+// (blake3_chunks), then every piece's tree is reduced one level per launch
+// (blake3_parents), pairing neighbours and carrying an odd last node up: the same
+// left-full tree the BLAKE3 spec builds.
 
 #define B3_CHUNK_LEN 1024
 #define B3_BLOCK_LEN 64
@@ -70,13 +71,46 @@ __device__ __forceinline__ void b3_compress(const u32 cv[8], u32 m[16], u64 coun
     out[4] = v4 ^ v12; out[5] = v5 ^ v13; out[6] = v6 ^ v14; out[7] = v7 ^ v15;
 }
 
-// One thread per 1 KiB chunk of `in` (len bytes, 16-byte aligned base). Writes the
-// chunk's chaining value to cvs[8 * chunk]. With a single chunk the chunk's last
-// block is the root. `counter_base` is the index of in[0]'s chunk in the whole input.
-extern "C" __global__ void blake3_chunks(const u8 *in, u64 len, u64 n_chunks,
-                                         u64 counter_base, u32 *cvs)
+// A batch is a list of pieces, each described by 5 u64 words (see src/ops/blake3.rs):
+//   [0] offset of the piece's bytes in `data`   [1] its length
+//   [2] chunk counter of its first chunk (its offset in the body / 1024)
+//   [3] index of its first chunk among all the batch's chunks   [4] 1 if it is a whole body
+// Every piece has at least one chunk (an empty body is one empty chunk). Piece i's result
+// (the digest of a whole body, else the chaining value of the piece's subtree) goes to
+// out[8 * i].
+
+#define B3_DESC 5
+
+__device__ __forceinline__ u64 b3_chunks_of(u64 len)
 {
-    GRID_STRIDE(c, n_chunks) {
+    return len == 0 ? 1 : (len + B3_CHUNK_LEN - 1) / B3_CHUNK_LEN;
+}
+
+// The piece that global chunk g belongs to: the last one whose first chunk is <= g.
+__device__ __forceinline__ u32 b3_piece_of(const u64 *desc, u32 n, u64 g)
+{
+    u32 lo = 0, hi = n - 1;
+    while (lo < hi) {
+        u32 mid = (lo + hi + 1) / 2;
+        if (desc[B3_DESC * mid + 3] <= g) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// One thread per 1 KiB chunk of the batch: writes the chunk's chaining value to
+// cvs[8 * g]. A piece of one chunk is finished here (root flag if it is a whole body).
+extern "C" __global__ void blake3_chunks(const u64 *desc, u32 n, const u8 *data,
+                                         u64 total_chunks, u32 *cvs, u32 *out)
+{
+    GRID_STRIDE(g, total_chunks) {
+        u32 p = b3_piece_of(desc, n, g);
+        const u64 *d = desc + B3_DESC * p;
+        const u8 *in = data + d[0];
+        u64 len = d[1], base = d[2], first = d[3];
+        bool whole = d[4] != 0;
+        u64 n_chunks = b3_chunks_of(len);
+        u64 c = g - first;
+
         u64 start = c * B3_CHUNK_LEN;
         u64 chunk_len = len - start < B3_CHUNK_LEN ? len - start : B3_CHUNK_LEN;
         u32 n_blocks = chunk_len == 0 ? 1 : (u32)((chunk_len + B3_BLOCK_LEN - 1) / B3_BLOCK_LEN);
@@ -91,10 +125,10 @@ extern "C" __global__ void blake3_chunks(const u8 *in, u64 len, u64 n_chunks,
                                 : B3_BLOCK_LEN;
             u32 m[16];
             if (block_len == B3_BLOCK_LEN) {
-                const uint4 *p = (const uint4 *)(in + off);
+                const uint4 *q4 = (const uint4 *)(in + off);
 #pragma unroll
                 for (int q = 0; q < 4; q++) {
-                    uint4 w = p[q];
+                    uint4 w = q4[q];
                     m[4 * q] = w.x; m[4 * q + 1] = w.y; m[4 * q + 2] = w.z; m[4 * q + 3] = w.w;
                 }
             } else {
@@ -102,8 +136,8 @@ extern "C" __global__ void blake3_chunks(const u8 *in, u64 len, u64 n_chunks,
                 for (int i = 0; i < 16; i++) m[i] = 0;
                 for (u32 i = 0; i < block_len; i++) {
                     u32 byte = in[off + i];
-                    // Little-endian words; the shift keeps m[] indexed by constants
-                    // only after unrolling, so go through a switch-free select.
+                    // Little-endian words; compare against constants so that m[] stays
+                    // in registers after unrolling.
 #pragma unroll
                     for (int w = 0; w < 16; w++) {
                         if ((i >> 2) == (u32)w) m[w] |= byte << (8 * (i & 3));
@@ -114,34 +148,54 @@ extern "C" __global__ void blake3_chunks(const u8 *in, u64 len, u64 n_chunks,
             if (b == 0) flags |= B3_CHUNK_START;
             if (b == n_blocks - 1) {
                 flags |= B3_CHUNK_END;
-                if (n_chunks == 1 && counter_base == 0) flags |= B3_ROOT;
+                if (n_chunks == 1 && whole) flags |= B3_ROOT;
             }
-            b3_compress(cv, m, counter_base + c, block_len, flags, cv);
+            b3_compress(cv, m, base + c, block_len, flags, cv);
         }
 #pragma unroll
-        for (int i = 0; i < 8; i++) cvs[8 * c + i] = cv[i];
+        for (int i = 0; i < 8; i++) cvs[8 * g + i] = cv[i];
+        if (n_chunks == 1) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) out[8 * p + i] = cv[i];
+        }
     }
 }
 
-// One tree level: parent j of in[2j], in[2j+1]; an odd last node is carried up as is.
-// `root` is set for the last level (n == 2).
-extern "C" __global__ void blake3_parents(const u32 *in, u64 n, u32 *out, u32 root)
+// One tree level for every piece of the batch. A piece's nodes at every level sit from
+// its first chunk's slot on: at level k it has ceil(n_chunks / 2^k) nodes in src, and
+// parent j of nodes 2j, 2j+1 goes to dst (an odd last node is carried up as is). The
+// piece whose level has two nodes is finished: its result goes to out (root flag for a
+// whole body; a piece's subtree value stays non-root).
+extern "C" __global__ void blake3_parents(const u64 *desc, u32 n, u64 total_chunks, u32 level,
+                                          const u32 *src, u32 *dst, u32 *out)
 {
-    u64 half = (n + 1) / 2;
-    GRID_STRIDE(j, half) {
-        if (2 * j + 1 < n) {
+    GRID_STRIDE(g, total_chunks) {
+        u32 p = b3_piece_of(desc, n, g);
+        const u64 *d = desc + B3_DESC * p;
+        u64 first = d[3];
+        u64 nodes = (b3_chunks_of(d[1]) + ((1ull << level) - 1)) >> level;
+        u64 j = g - first;
+        if (nodes <= 1 || j >= (nodes + 1) / 2) continue;
+        const u32 *a = src + 8 * (first + 2 * j);
+        u32 *o = dst + 8 * (first + j);
+        if (2 * j + 1 < nodes) {
             u32 m[16];
 #pragma unroll
-            for (int i = 0; i < 16; i++) m[i] = in[16 * j + i];
+            for (int i = 0; i < 16; i++) m[i] = a[i];
             u32 cv[8];
 #pragma unroll
             for (int i = 0; i < 8; i++) cv[i] = B3_IV[i];
-            b3_compress(cv, m, 0, B3_BLOCK_LEN, B3_PARENT | (root ? B3_ROOT : 0), cv);
+            u32 flags = B3_PARENT | (nodes == 2 && d[4] != 0 ? B3_ROOT : 0);
+            b3_compress(cv, m, 0, B3_BLOCK_LEN, flags, cv);
 #pragma unroll
-            for (int i = 0; i < 8; i++) out[8 * j + i] = cv[i];
+            for (int i = 0; i < 8; i++) o[i] = cv[i];
+            if (nodes == 2) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) out[8 * p + i] = cv[i];
+            }
         } else {
 #pragma unroll
-            for (int i = 0; i < 8; i++) out[8 * j + i] = in[16 * j + i];
+            for (int i = 0; i < 8; i++) o[i] = a[i];
         }
     }
 }

@@ -1,0 +1,369 @@
+//! Forming batches: the GPU thread's queue of waiting requests, one FIFO per op, and the
+//! rules that cut it into batches (`gpu_batch_size`, `gpu_batch_delay`, `gpu_batch_bytes`).
+//!
+//! Pure bookkeeping, no CUDA: the same batches are formed whether they then run on the
+//! GPU or on the CPU fallback, so the CPU tests exercise exactly this logic.
+//!
+//! A body larger than the piece length (the largest power of two, in 1 KiB units, not over
+//! the byte bound) is cut into pieces at multiples of the piece length; after each piece the
+//! rest of the body goes to the back of its op's queue, so small requests behind a huge one
+//! get into the next batch instead of waiting for the whole body. Every op supports pieces:
+//! `echo` copies each piece to its place, and for `blake3` an aligned power-of-two run of
+//! chunks is a complete BLAKE3 subtree, whose chaining values are merged at the end.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::job::Batching;
+use crate::ops::Op;
+
+/// Each piece starts at a multiple of this in the staging buffer (16-byte vector loads).
+pub const STAGE_ALIGN: u64 = 64;
+/// The smallest byte bound: a piece is a whole number of BLAKE3 chunks.
+pub const MIN_BATCH_BYTES: u64 = 64 * 1024;
+
+pub fn align(n: u64) -> u64 {
+    n.div_ceil(STAGE_ALIGN) * STAGE_ALIGN
+}
+
+/// One contiguous part of one request's body, processed in one batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub id: u64,
+    /// Where the piece starts in the body.
+    pub offset: u64,
+    pub len: u64,
+    /// The piece's number in its body (`offset / piece_len`).
+    pub index: u32,
+    /// The whole body is this one piece.
+    pub whole: bool,
+}
+
+#[derive(Debug)]
+pub struct Batch {
+    pub op: Op,
+    pub pieces: Vec<Piece>,
+}
+
+impl Batch {
+    /// Staging bytes the batch needs: every piece at an aligned offset.
+    pub fn staged_len(&self) -> u64 {
+        self.pieces.iter().map(|p| align(p.len)).sum()
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    queued_at: Instant,
+    batching: Batching,
+    len: u64,
+    /// First byte not yet handed to a batch.
+    next: u64,
+}
+
+pub struct Queue {
+    /// One FIFO per op, indexed by `op_index`.
+    fifos: Vec<VecDeque<Entry>>,
+    max_bytes: u64,
+    piece_len: u64,
+    waiting: usize,
+}
+
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Echo => 0,
+        Op::Blake3 => 1,
+    }
+}
+
+const OPS: [Op; 2] = [Op::Echo, Op::Blake3];
+
+/// The largest power of two (times 1 KiB) not over `max_bytes`.
+pub fn piece_len(max_bytes: u64) -> u64 {
+    let chunks = (max_bytes.max(MIN_BATCH_BYTES) / 1024).max(1);
+    1024 << (63 - chunks.leading_zeros())
+}
+
+/// How many pieces a body of `len` bytes is cut into.
+pub fn pieces_of(len: u64, piece_len: u64) -> u32 {
+    len.div_ceil(piece_len).max(1) as u32
+}
+
+impl Queue {
+    pub fn new(max_bytes: u64) -> Queue {
+        let max_bytes = max_bytes.max(MIN_BATCH_BYTES);
+        Queue {
+            fifos: OPS.iter().map(|_| VecDeque::new()).collect(),
+            max_bytes,
+            piece_len: piece_len(max_bytes),
+            waiting: 0,
+        }
+    }
+
+    pub fn piece_len(&self) -> u64 {
+        self.piece_len
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Requests with bytes not yet handed to a batch.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    pub fn push(&mut self, id: u64, op: Op, len: u64, batching: Batching, queued_at: Instant) {
+        self.fifos[op_index(op)].push_back(Entry {
+            id,
+            queued_at,
+            batching,
+            len,
+            next: 0,
+        });
+        self.waiting += 1;
+    }
+
+    /// The op whose batch should go next at `now`, if one is due: a batch is due when its
+    /// oldest request's `gpu_batch_delay` has run out, or it is already full (by count or
+    /// bytes). Among due ops the one with the oldest request goes first.
+    pub fn due(&self, now: Instant) -> Option<Op> {
+        let mut best: Option<(Instant, Op)> = None;
+        for (fifo, op) in self.fifos.iter().zip(OPS) {
+            let Some(head) = fifo.front() else { continue };
+            if best.is_some_and(|(t, _)| t <= head.queued_at) {
+                continue;
+            }
+            let is_due = now >= head.queued_at + head.batching.delay
+                || fifo.len() >= head.batching.size.max(1)
+                || fifo.iter().map(|e| align(e.len - e.next)).sum::<u64>() >= self.max_bytes;
+            if is_due {
+                best = Some((head.queued_at, op));
+            }
+        }
+        best.map(|(_, op)| op)
+    }
+
+    /// When a batch falls due if nothing else arrives: the earliest time an op's oldest
+    /// request has waited its `gpu_batch_delay`.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.fifos
+            .iter()
+            .filter_map(|f| f.front())
+            .map(|h| h.queued_at + h.batching.delay)
+            .min()
+    }
+
+    /// Cuts the next batch of `op`: requests in arrival order, up to the oldest one's
+    /// `gpu_batch_size` and the byte bound (a batch always takes at least one piece).
+    /// Requests for which `gone(id)` holds are dropped; their ids are returned.
+    pub fn take(&mut self, op: Op, gone: impl Fn(u64) -> bool) -> (Batch, Vec<u64>) {
+        let fifo = &mut self.fifos[op_index(op)];
+        let mut batch = Batch {
+            op,
+            pieces: Vec::new(),
+        };
+        let mut dropped = Vec::new();
+        let (mut bytes, mut limit) = (0u64, usize::MAX);
+        while let Some(e) = fifo.front_mut() {
+            if gone(e.id) {
+                dropped.push(e.id);
+                fifo.pop_front();
+                self.waiting -= 1;
+                continue;
+            }
+            if batch.pieces.is_empty() {
+                limit = e.batching.size.max(1);
+            }
+            if batch.pieces.len() >= limit {
+                break;
+            }
+            let len = (e.len - e.next).min(self.piece_len);
+            if !batch.pieces.is_empty() && bytes + align(len) > self.max_bytes {
+                break;
+            }
+            batch.pieces.push(Piece {
+                id: e.id,
+                offset: e.next,
+                len,
+                index: (e.next / self.piece_len) as u32,
+                whole: e.len <= self.piece_len,
+            });
+            bytes += align(len);
+            e.next += len;
+            let e = fifo.pop_front().expect("front exists");
+            if e.next < e.len {
+                // The rest of a big body waits behind what is queued now.
+                fifo.push_back(e);
+            } else {
+                self.waiting -= 1;
+            }
+        }
+        (batch, dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn batching(size: usize, delay_ms: u64) -> Batching {
+        Batching {
+            size,
+            delay: Duration::from_millis(delay_ms),
+        }
+    }
+
+    #[test]
+    fn piece_len_is_a_power_of_two_of_chunks_within_the_bound() {
+        assert_eq!(piece_len(16 << 20), 16 << 20);
+        assert_eq!(piece_len((16 << 20) + 1), 16 << 20);
+        assert_eq!(piece_len((12 << 20) + 5), 8 << 20);
+        assert_eq!(piece_len(1), MIN_BATCH_BYTES);
+        assert_eq!(pieces_of(0, 1024), 1);
+        assert_eq!(pieces_of(1024, 1024), 1);
+        assert_eq!(pieces_of(1025, 1024), 2);
+    }
+
+    #[test]
+    fn takes_up_to_the_batch_size_in_arrival_order() {
+        let mut q = Queue::new(1 << 20);
+        let t = Instant::now();
+        for id in 1..=5 {
+            q.push(id, Op::Echo, 100, batching(3, 0), t);
+        }
+        let (b, dropped) = q.take(Op::Echo, |_| false);
+        assert!(dropped.is_empty());
+        assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(b
+            .pieces
+            .iter()
+            .all(|p| p.whole && p.offset == 0 && p.len == 100));
+        assert_eq!(q.waiting(), 2);
+        let (b, _) = q.take(Op::Echo, |_| false);
+        assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
+    fn ops_are_never_mixed_and_the_oldest_op_goes_first() {
+        let mut q = Queue::new(1 << 20);
+        let t = Instant::now();
+        q.push(1, Op::Blake3, 10, batching(8, 0), t);
+        q.push(
+            2,
+            Op::Echo,
+            10,
+            batching(8, 0),
+            t + Duration::from_micros(1),
+        );
+        q.push(
+            3,
+            Op::Blake3,
+            10,
+            batching(8, 0),
+            t + Duration::from_micros(2),
+        );
+        let now = t + Duration::from_millis(1);
+        assert_eq!(q.due(now), Some(Op::Blake3));
+        let (b, _) = q.take(Op::Blake3, |_| false);
+        assert_eq!(b.op, Op::Blake3);
+        assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(q.due(now), Some(Op::Echo));
+    }
+
+    #[test]
+    fn delay_holds_a_partial_batch_until_the_oldest_has_waited() {
+        let mut q = Queue::new(1 << 20);
+        let t = Instant::now();
+        q.push(1, Op::Echo, 10, batching(4, 5), t);
+        q.push(2, Op::Echo, 10, batching(4, 5), t);
+        assert_eq!(q.due(t + Duration::from_millis(1)), None);
+        assert_eq!(q.next_due(), Some(t + Duration::from_millis(5)));
+        assert_eq!(q.due(t + Duration::from_millis(5)), Some(Op::Echo));
+        // A full batch is due at once.
+        q.push(3, Op::Echo, 10, batching(4, 5), t);
+        q.push(4, Op::Echo, 10, batching(4, 5), t);
+        assert_eq!(q.due(t), Some(Op::Echo));
+    }
+
+    #[test]
+    fn the_byte_bound_closes_a_batch() {
+        let mut q = Queue::new(MIN_BATCH_BYTES);
+        let t = Instant::now();
+        for id in 1..=4 {
+            q.push(id, Op::Echo, 30_000, batching(100, 0), t);
+        }
+        let (b, _) = q.take(Op::Echo, |_| false);
+        assert_eq!(b.pieces.len(), 2);
+        assert!(b.staged_len() <= MIN_BATCH_BYTES);
+    }
+
+    #[test]
+    fn a_huge_body_is_cut_into_pieces_and_small_ones_pass_between() {
+        let mut q = Queue::new(MIN_BATCH_BYTES);
+        let p = q.piece_len();
+        let t = Instant::now();
+        q.push(1, Op::Blake3, 3 * p + 5, batching(100, 0), t);
+        q.push(2, Op::Blake3, 7, batching(100, 0), t);
+        let mut seen = Vec::new();
+        while q.waiting() > 0 {
+            let (b, _) = q.take(Op::Blake3, |_| false);
+            assert!(b.staged_len() <= MIN_BATCH_BYTES);
+            seen.push(b.pieces);
+        }
+        // The first batch is one full piece of the big body; the small body comes next,
+        // not after the big body's last piece.
+        assert_eq!(
+            seen[0],
+            [Piece {
+                id: 1,
+                offset: 0,
+                len: p,
+                index: 0,
+                whole: false
+            }]
+        );
+        assert_eq!(seen[1][0].id, 2);
+        let big: Vec<&Piece> = seen.iter().flatten().filter(|p| p.id == 1).collect();
+        assert_eq!(big.len(), 4);
+        for (i, piece) in big.iter().enumerate() {
+            assert_eq!(piece.index as usize, i);
+            assert_eq!(piece.offset, i as u64 * p);
+        }
+        assert_eq!(big[3].len, 5);
+        assert_eq!(big.iter().map(|p| p.len).sum::<u64>(), 3 * p + 5);
+    }
+
+    #[test]
+    fn gone_requests_are_dropped_and_reported() {
+        let mut q = Queue::new(1 << 20);
+        let t = Instant::now();
+        for id in 1..=4 {
+            q.push(id, Op::Echo, 1, batching(10, 0), t);
+        }
+        let (b, dropped) = q.take(Op::Echo, |id| id % 2 == 0);
+        assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(dropped, [2, 4]);
+        assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
+    fn empty_bodies_are_one_whole_piece() {
+        let mut q = Queue::new(1 << 20);
+        q.push(9, Op::Blake3, 0, batching(1, 0), Instant::now());
+        let (b, _) = q.take(Op::Blake3, |_| false);
+        assert_eq!(
+            b.pieces,
+            [Piece {
+                id: 9,
+                offset: 0,
+                len: 0,
+                index: 0,
+                whole: true
+            }]
+        );
+    }
+}
