@@ -27,31 +27,50 @@ fn the_example_config_tests_clean() {
 #[test]
 fn unknown_op() {
     let e = emerg(&server("gpu_process sha1;"));
-    assert!(e.contains("[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3)"), "{e}");
+    assert!(
+        e.contains(
+            "[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3)"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
 fn op_with_arguments_it_does_not_take() {
     let e = emerg(&server("gpu_process echo extra;"));
-    assert!(e.contains("[emerg] \"gpu_process\" directive: op \"echo\" takes no arguments, got \"extra\""), "{e}");
+    assert!(
+        e.contains(
+            "[emerg] \"gpu_process\" directive: op \"echo\" takes no arguments, got \"extra\""
+        ),
+        "{e}"
+    );
 }
 
 #[test]
 fn gpu_process_without_an_op() {
     let e = emerg(&server("gpu_process;"));
-    assert!(e.contains("[emerg] invalid number of arguments in \"gpu_process\" directive"), "{e}");
+    assert!(
+        e.contains("[emerg] invalid number of arguments in \"gpu_process\" directive"),
+        "{e}"
+    );
 }
 
 #[test]
 fn duplicate_gpu_process() {
     let e = emerg(&server("gpu_process echo; gpu_process blake3;"));
-    assert!(e.contains("[emerg] \"gpu_process\" directive is duplicate"), "{e}");
+    assert!(
+        e.contains("[emerg] \"gpu_process\" directive is duplicate"),
+        "{e}"
+    );
 }
 
 #[test]
 fn gpu_process_outside_a_location() {
     let e = emerg("gpu_process echo; server { listen 127.0.0.1:{PORT}; }");
-    assert!(e.contains("[emerg] \"gpu_process\" directive is not allowed here"), "{e}");
+    assert!(
+        e.contains("[emerg] \"gpu_process\" directive is not allowed here"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -66,20 +85,71 @@ fn bad_fallback_value() {
 #[test]
 fn bad_timeout_and_queue_size() {
     let e = emerg(&server("gpu_process echo; gpu_timeout soon;"));
-    assert!(e.contains("[emerg] \"gpu_timeout\" directive invalid value"), "{e}");
-    let e = emerg(&format!("gpu_queue_size 0; {}", server("gpu_process echo;")));
-    assert!(e.contains("[emerg] invalid value \"0\" in \"gpu_queue_size\" directive"), "{e}");
+    assert!(
+        e.contains("[emerg] \"gpu_timeout\" directive invalid value"),
+        "{e}"
+    );
+    let e = emerg(&format!(
+        "gpu_queue_size 0; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("[emerg] invalid value \"0\" in \"gpu_queue_size\" directive"),
+        "{e}"
+    );
     let e = emerg(&server("gpu_process echo; gpu_queue_size 5;"));
-    assert!(e.contains("[emerg] \"gpu_queue_size\" directive is not allowed here"), "{e}");
+    assert!(
+        e.contains("[emerg] \"gpu_queue_size\" directive is not allowed here"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_batch_settings() {
+    for v in ["0", "65537", "-1", "lots"] {
+        let e = emerg(&server(&format!("gpu_process echo; gpu_batch_size {v};")));
+        let want = format!("[emerg] invalid value \"{v}\" in \"gpu_batch_size\" directive, it must be a number from 1 to 65536");
+        assert!(e.contains(&want), "{e}");
+    }
+    let e = emerg(&server("gpu_process echo; gpu_batch_delay later;"));
+    assert!(
+        e.contains("[emerg] \"gpu_batch_delay\" directive invalid value"),
+        "{e}"
+    );
+    let e = emerg(&server(
+        "gpu_process echo; gpu_batch_size 4; gpu_batch_size 8;",
+    ));
+    assert!(
+        e.contains("[emerg] \"gpu_batch_size\" directive is duplicate"),
+        "{e}"
+    );
+    for v in ["1k", "63k", "2g", "huge"] {
+        let e = emerg(&format!(
+            "gpu_batch_bytes {v}; {}",
+            server("gpu_process echo;")
+        ));
+        let want = format!("[emerg] invalid value \"{v}\" in \"gpu_batch_bytes\" directive, it must be a size from 64k to 1g");
+        assert!(e.contains(&want), "{e}");
+    }
+    let e = emerg(&server("gpu_process echo; gpu_batch_bytes 1m;"));
+    assert!(
+        e.contains("[emerg] \"gpu_batch_bytes\" directive is not allowed here"),
+        "{e}"
+    );
 }
 
 #[test]
 fn valid_settings_at_every_level_test_clean() {
     let out = nginx_t(&config(
-        "gpu_fallback off; gpu_timeout 5s; gpu_queue_size 64;\n\
-         server { listen 127.0.0.1:{PORT}; gpu_fallback cpu;\n\
-           location /a { gpu_process echo; gpu_timeout 100ms; }\n\
+        "gpu_fallback off; gpu_timeout 5s; gpu_queue_size 64; gpu_batch_size 16; gpu_batch_delay 2ms;\n\
+         gpu_batch_bytes 4m;\n\
+         server { listen 127.0.0.1:{PORT}; gpu_fallback cpu; gpu_batch_size 1;\n\
+           location /a { gpu_process echo; gpu_timeout 100ms; gpu_batch_delay 0; gpu_batch_size 65536; }\n\
            location /b { gpu_process blake3; gpu_fallback off; } }",
     ));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

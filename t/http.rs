@@ -14,7 +14,24 @@ fn both_ops_answer_correctly_for_every_awkward_size() {
     let ngx = example();
     let addr = ngx.addr();
     let mut rng = Rng::fresh();
-    let mut sizes = vec![0, 1, 2, 63, 64, 65, 1023, 1024, 1025, 2048, 3073, 8191, 16385, MIB - 1, MIB, MIB + 1];
+    let mut sizes = vec![
+        0,
+        1,
+        2,
+        63,
+        64,
+        65,
+        1023,
+        1024,
+        1025,
+        2048,
+        3073,
+        8191,
+        16385,
+        MIB - 1,
+        MIB,
+        MIB + 1,
+    ];
     sizes.extend((0..6).map(|_| (rng.next() % (3 * MIB as u64)) as usize));
     for n in sizes {
         let data = rng.bytes(n);
@@ -48,10 +65,19 @@ fn a_64_mib_body_spilled_to_a_temp_file() {
 fn chunked_bodies_in_odd_pieces() {
     let ngx = example();
     let mut rng = Rng::fresh();
-    for (n, pieces) in [(0usize, &[1usize][..]), (1, &[1]), (5000, &[1, 7, 1000]), (MIB + 3, &[65536, 3, 100_001])] {
+    for (n, pieces) in [
+        (0usize, &[1usize][..]),
+        (1, &[1]),
+        (5000, &[1, 7, 1000]),
+        (MIB + 3, &[65536, 3, 100_001]),
+    ] {
         let data = rng.bytes(n);
         let r = request(&ngx.addr(), "POST", "/blake3", Send::Chunked(&data, pieces));
-        assert_eq!((r.status, r.text()), (200, b3(&data)), "chunked blake3 of {n}");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, b3(&data)),
+            "chunked blake3 of {n}"
+        );
         let r = request(&ngx.addr(), "PUT", "/echo", Send::Chunked(&data, pieces));
         assert!(r.status == 200 && r.body == data, "chunked echo of {n}");
     }
@@ -94,7 +120,10 @@ fn bodies_over_client_max_body_size_get_nginx_413() {
     let r = request(&ngx.addr(), "POST", "/h", Send::Chunked(&data, &[100]));
     assert_eq!(r.status, 413);
     // Exactly at the limit is fine.
-    assert_eq!(post(&ngx.addr(), "/h", &data[..1024]).text(), b3(&data[..1024]));
+    assert_eq!(
+        post(&ngx.addr(), "/h", &data[..1024]).text(),
+        b3(&data[..1024])
+    );
 }
 
 #[test]
@@ -108,10 +137,17 @@ fn hundreds_of_parallel_clients_each_get_their_own_answer() {
                 let mut rng = Rng(0x5eed + i as u64 * 7919);
                 let n = (rng.next() % 70_000) as usize;
                 let data = rng.bytes(n);
-                let (path, want) = if i % 2 == 0 { ("/blake3", b3(&data).into_bytes()) } else { ("/echo", data.clone()) };
+                let (path, want) = if i % 2 == 0 {
+                    ("/blake3", b3(&data).into_bytes())
+                } else {
+                    ("/echo", data.clone())
+                };
                 let r = post(&addr, path, &data);
                 assert_eq!(r.status, 200, "client {i}");
-                assert!(r.body == want, "client {i} ({path}, {n} bytes) got someone else's answer");
+                assert!(
+                    r.body == want,
+                    "client {i} ({path}, {n} bytes) got someone else's answer"
+                );
             })
         })
         .collect();
@@ -129,11 +165,18 @@ fn clients_that_abort_leave_the_worker_serving() {
     let data = Rng::fresh().bytes(4 * MIB);
     for i in 0..20 {
         let mut s = TcpStream::connect(ngx.addr()).unwrap();
-        let head = format!("POST /blake3 HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", data.len());
+        let head = format!(
+            "POST /blake3 HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            data.len()
+        );
         s.write_all(head.as_bytes()).unwrap();
         // Half the clients leave mid-body, the others right after sending it all
         // (their job is queued or running when they go).
-        let sent = if i % 2 == 0 { data.len() / 3 } else { data.len() };
+        let sent = if i % 2 == 0 {
+            data.len() / 3
+        } else {
+            data.len()
+        };
         let _ = s.write_all(&data[..sent]);
         drop(s);
     }
@@ -165,7 +208,11 @@ fn without_a_gpu_fallback_cpu_answers_and_fallback_off_gives_503() {
     assert_eq!(r.status, 503);
     assert_eq!(r.header("Retry-After"), Some("1"));
     assert_eq!(r.header("Content-Type"), Some("application/json"));
-    assert!(r.text().contains("\"error\": \"no GPU available\""), "{}", r.text());
+    assert!(
+        r.text().contains("\"error\": \"no GPU available\""),
+        "{}",
+        r.text()
+    );
     ngx.assert_healthy();
 }
 
@@ -182,7 +229,10 @@ fn the_gpu_path_serves_when_a_gpu_is_present() {
     let log = ngx.error_log();
     // CUDA stays out of the master: it forks the workers.
     let maps = ngx.master_maps();
-    assert!(!maps.contains("libcuda") && !maps.contains("libnvrtc"), "CUDA library in the master:\n{maps}");
+    assert!(
+        !maps.contains("libcuda") && !maps.contains("libnvrtc"),
+        "CUDA library in the master:\n{maps}"
+    );
     let data = Rng::fresh().bytes(3 * MIB + 17);
     let b = post(&ngx.addr(), "/b", &data);
     let e = post(&ngx.addr(), "/e", &data);
@@ -217,7 +267,9 @@ fn over_gpu_timeout_the_request_gets_504_and_the_worker_goes_on() {
     // The late result is dropped safely and the worker keeps serving.
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(post(&ngx.addr(), "/h", b"after").text(), b3(b"after"));
-    assert!(ngx.error_log().contains("gpu: timed out waiting for the GPU thread"));
+    assert!(ngx
+        .error_log()
+        .contains("gpu: timed out waiting for the GPU thread"));
     ngx.assert_healthy();
 }
 
@@ -234,7 +286,10 @@ fn variables_describe_where_the_job_ran() {
     for h in ["X-Q", "X-E"] {
         let v = r.header(h).unwrap_or_else(|| panic!("{h} missing"));
         let (ms, us) = v.split_once('.').unwrap_or_else(|| panic!("{h}={v}"));
-        assert!(ms.parse::<u64>().is_ok() && us.len() == 3 && us.parse::<u64>().is_ok(), "{h}={v}");
+        assert!(
+            ms.parse::<u64>().is_ok() && us.len() == 3 && us.parse::<u64>().is_ok(),
+            "{h}={v}"
+        );
     }
     assert_eq!(r.header("X-B"), Some("1"));
 }

@@ -35,7 +35,8 @@ fn nginx_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NGX_GPU_NGINX") {
         return p.into();
     }
-    let dir = option_env!("NGX_GPU_NGINX_BUILD_DIR").expect("built with nginx-sys's vendored nginx");
+    let dir =
+        option_env!("NGX_GPU_NGINX_BUILD_DIR").expect("built with nginx-sys's vendored nginx");
     Path::new(dir).join("nginx")
 }
 
@@ -45,7 +46,11 @@ fn module_path() -> PathBuf {
     }
     // target/<profile>/deps/<test binary> -> target/<profile>/libngx_http_gpu_module.so
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("libngx_http_gpu_module.so")
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("libngx_http_gpu_module.so")
 }
 
 pub fn conf_dir() -> PathBuf {
@@ -56,7 +61,11 @@ pub fn conf_dir() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -109,13 +118,19 @@ impl Nginx {
         let conf = conf.replace("{PORT}", &port.to_string());
         std::fs::write(prefix.join("conf/nginx.conf"), &conf).unwrap();
         let mut cmd = Command::new(nginx_bin());
-        cmd.arg("-p").arg(&prefix).args(["-c", "conf/nginx.conf", "-e", "logs/error.log"]);
+        cmd.arg("-p")
+            .arg(&prefix)
+            .args(["-c", "conf/nginx.conf", "-e", "logs/error.log"]);
         cmd.args(["-g", "daemon off; pid logs/nginx.pid;"]);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start nginx");
-        let n = Nginx { prefix, port, child };
+        let n = Nginx {
+            prefix,
+            port,
+            child,
+        };
         n.wait_ready();
         n
     }
@@ -123,7 +138,10 @@ impl Nginx {
     /// Starts nginx with the example configuration from nginx-conf/, on a free port.
     pub fn example(name: &str) -> Nginx {
         let text = std::fs::read_to_string(conf_dir().join(name)).unwrap();
-        assert!(text.contains("listen 127.0.0.1:8080;"), "example config listens on 8080");
+        assert!(
+            text.contains("listen 127.0.0.1:8080;"),
+            "example config listens on 8080"
+        );
         let text = text.replace("listen 127.0.0.1:8080;", "listen 127.0.0.1:{PORT};");
         let text = text.replace("pid logs/nginx.pid;", "");
         Self::start(&text)
@@ -172,7 +190,13 @@ impl Nginx {
     /// No worker crashed and nothing was logged at alert level or above.
     pub fn assert_healthy(&self) {
         let log = self.error_log();
-        for bad in ["[alert]", "[emerg]", "[crit]", "exited on signal", "panicked"] {
+        for bad in [
+            "[alert]",
+            "[emerg]",
+            "[crit]",
+            "exited on signal",
+            "panicked",
+        ] {
             assert!(!log.contains(bad), "error log has {bad}:\n{log}");
         }
     }
@@ -192,7 +216,11 @@ impl Drop for Nginx {
 /// Runs `nginx -t` on `conf` and returns its output.
 pub fn nginx_t(conf: &str) -> Output {
     let prefix = fresh_prefix();
-    std::fs::write(prefix.join("conf/nginx.conf"), conf.replace("{PORT}", &free_port().to_string())).unwrap();
+    std::fs::write(
+        prefix.join("conf/nginx.conf"),
+        conf.replace("{PORT}", &free_port().to_string()),
+    )
+    .unwrap();
     let out = Command::new(nginx_bin())
         .arg("-p")
         .arg(&prefix)
@@ -212,7 +240,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -269,26 +300,51 @@ pub fn post(addr: &str, path: &str, body: &[u8]) -> Response {
 fn read_response(s: &mut TcpStream, head_only: bool) -> Response {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
-        panic!("no complete response head in {:?}", String::from_utf8_lossy(&raw[..raw.len().min(200)]))
-    });
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete response head in {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(200)])
+            )
+        });
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let mut body = raw[end + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
         body = dechunk(&body);
     } else if head_only {
         assert!(body.is_empty(), "a HEAD response has no body");
-    } else if let Some((_, v)) = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+    } else if let Some((_, v)) = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
         let n: usize = v.parse().unwrap();
         assert_eq!(body.len(), n, "body length matches Content-Length");
     }
-    Response { status, headers, body }
+    Response {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
@@ -309,7 +365,10 @@ pub struct Rng(pub u64);
 
 impl Rng {
     pub fn fresh() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         eprintln!("random seed: {seed:#x}");
         Rng(seed)
     }
