@@ -1,42 +1,89 @@
-//! GPU ops against their CPU paths, measured in one run on one machine.
+//! The GPU thread's own throughput, without nginx, against its CPU path and the PCIe
+//! reference, measured in one run on one machine (see the README). Exits 2 where no
+//! GPU is usable.
 //!
-//! Prints one table: BLAKE3 on a 256 MiB input (GPU kernels alone, GPU including the
-//! host->device copy, and the `blake3` crate on one CPU core), and echo's round trip.
-//! Run on the GPU machine (see the README); exits 2 where no GPU is usable.
+//! - pinned memcpy host->device and device->host (the PCIe reference);
+//! - blake3 on 16 MiB bodies through the GPU thread (batches, pieces, two slots), through
+//!   the CPU path, and the `blake3` crate on one core;
+//! - echo on 1 KiB bodies through the GPU thread with batching on and off (requests/s
+//!   one worker's GPU thread can serve).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ngx_http_gpu_module::gpu::{compile_kernels, host_copy, nvrtc_present, Gpu, KERNEL_SOURCE};
+use ngx_http_gpu_module::gpu::{compile_kernels, nvrtc_present, Gpu, KERNEL_SOURCE};
+use ngx_http_gpu_module::gpu_thread::{Config, GpuThread, Kernels};
+use ngx_http_gpu_module::job::{Batching, Body, Device, Event, Fallback, Job, Segment};
+use ngx_http_gpu_module::ops::Op;
 
 const MIB: usize = 1 << 20;
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
-fn time<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
-    let mut last = f(); // warm-up
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        last = f();
-        times.push(t.elapsed());
+/// Pushes `n` jobs of `input` through `t`, at most `window` outstanding; returns the
+/// wall time, the largest batch seen and the device of the last answer.
+fn pump(
+    t: &GpuThread,
+    op: Op,
+    input: &[u8],
+    n: usize,
+    window: usize,
+    batch: usize,
+) -> (Duration, usize, Device) {
+    let start = Instant::now();
+    let (mut sent, mut done, mut max_batch, mut device) = (0usize, 0usize, 0usize, Device::None);
+    while done < n {
+        while sent < n && sent - done < window {
+            let mut body = Body::default();
+            body.push(Segment::Memory(input.to_vec()));
+            let job = Job {
+                id: sent as u64,
+                op,
+                fallback: Fallback::Cpu,
+                batching: Batching {
+                    size: batch,
+                    delay: Duration::ZERO,
+                },
+                body,
+                cancelled: Default::default(),
+                queued_at: Instant::now(),
+            };
+            if t.submit(job).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        for ev in t.drain() {
+            if let Event::Done(c) = ev {
+                assert!(c.result.is_ok(), "job failed: {:?}", c.result.err());
+                max_batch = max_batch.max(c.batch_size);
+                device = c.device;
+                done += 1;
+            }
+        }
+        std::hint::spin_loop();
     }
-    (median(times), last)
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
+    (start.elapsed(), max_batch, device)
 }
 
 fn main() {
-    let len: usize = std::env::var("BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256) * MIB;
     if !nvrtc_present() {
         eprintln!("no libnvrtc: nothing to measure");
         std::process::exit(2);
     }
-    let ptx = compile_kernels(KERNEL_SOURCE).expect("kernels compile");
+    let ptx: Arc<str> = compile_kernels(KERNEL_SOURCE)
+        .expect("kernels compile")
+        .into();
     let mut gpu = match Gpu::open(&ptx) {
         Ok(g) => g,
         Err(e) => {
@@ -45,44 +92,79 @@ fn main() {
         }
     };
     println!("device: {}", gpu.info);
+    let mut rows: Vec<(String, String)> = Vec::new();
 
-    let mut x = 0x1234_5678_9abc_def0u64;
-    let input: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    for len in [16 * MIB, 256 * MIB] {
+        let (h2d, d2h) = gpu.memcpy_reference(len, 10).expect("memcpy");
+        rows.push((
+            format!("pinned memcpy {} MiB", len / MIB),
+            format!(
+                "H2D {:.1} GB/s, D2H {:.1} GB/s",
+                len as f64 / h2d / 1e9,
+                len as f64 / d2h / 1e9
+            ),
+        ));
+    }
+    drop(gpu);
 
-    let (cpu_t, cpu_hash) = time(5, || *::blake3::hash(&input).as_bytes());
+    let cfg = Config {
+        queue_size: 4096,
+        batch_bytes: 16 * MIB as u64,
+    };
+    let gpu_t = GpuThread::spawn(cfg, Kernels::Ptx(ptx.clone())).expect("thread");
+    let cpu_t = GpuThread::spawn(cfg, Kernels::Unavailable("benchmark".into())).expect("thread");
 
-    gpu.input(len).unwrap().copy_from_slice(&input);
-    gpu.upload(len).unwrap();
-    let (kern_t, kern_hash) = time(20, || gpu.blake3_resident(len).unwrap());
-    let (e2e_t, e2e_hash) = time(10, || gpu.blake3(len).unwrap());
-    assert_eq!(kern_hash, cpu_hash, "GPU digest differs from the blake3 crate");
-    assert_eq!(e2e_hash, cpu_hash, "GPU digest differs from the blake3 crate");
+    let big = data(16 * MIB, 7);
+    let want = *::blake3::hash(&big).as_bytes();
+    let t = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(*::blake3::hash(&big).as_bytes(), want);
+    }
+    let crate_gbps = 5.0 * big.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+    pump(&gpu_t, Op::Blake3, &big, 8, 8, 128); // warm-up: buffers grow once
+    let (d, _, dev) = pump(&gpu_t, Op::Blake3, &big, 64, 8, 128);
+    let gpu_gbps = 64.0 * big.len() as f64 / d.as_secs_f64() / 1e9;
+    let (d, _, _) = pump(&cpu_t, Op::Blake3, &big, 8, 8, 128);
+    let cpu_gbps = 8.0 * big.len() as f64 / d.as_secs_f64() / 1e9;
+    rows.push((
+        "blake3 16 MiB, blake3 crate 1 core".into(),
+        format!("{crate_gbps:.2} GB/s"),
+    ));
+    rows.push((
+        "blake3 16 MiB, CPU path (GPU thread, no GPU)".into(),
+        format!("{cpu_gbps:.2} GB/s"),
+    ));
+    rows.push((
+        format!("blake3 16 MiB, GPU path ({dev:?}), 8 in flight"),
+        format!(
+            "{gpu_gbps:.2} GB/s ({:.1}x the CPU path)",
+            gpu_gbps / cpu_gbps
+        ),
+    ));
 
-    let (echo_t, echo_out) = time(10, || gpu.echo(len).unwrap());
-    let (copy_t, _) = time(10, || std::hint::black_box(host_copy(std::hint::black_box(&input))));
-    assert!(echo_out == input, "echo changed the data");
+    let small = data(1024, 9);
+    for (batch, window) in [(1usize, 1usize), (1, 256), (128, 256), (128, 2048)] {
+        pump(&gpu_t, Op::Echo, &small, 2000, window, batch);
+        let n = 100_000;
+        let (d, max_batch, _) = pump(&gpu_t, Op::Echo, &small, n, window, batch);
+        rows.push((
+            format!("echo 1 KiB, GPU path, gpu_batch_size {batch}, {window} outstanding"),
+            format!(
+                "{:.0} requests/s (largest batch {max_batch})",
+                n as f64 / d.as_secs_f64()
+            ),
+        ));
+    }
+    let (d, _, _) = pump(&cpu_t, Op::Echo, &small, 100_000, 256, 128);
+    rows.push((
+        "echo 1 KiB, CPU path, 256 outstanding".into(),
+        format!("{:.0} requests/s", 1e5 / d.as_secs_f64()),
+    ));
 
     println!();
-    println!("| {} MiB input | median time | GB/s | vs blake3 crate, 1 core |", len / MIB);
-    println!("|---|---|---|---|");
-    let row = |name: &str, d: Duration| {
-        println!(
-            "| {name} | {:.3} ms | {:.2} | {:.1}x |",
-            d.as_secs_f64() * 1e3,
-            gbps(len, d),
-            cpu_t.as_secs_f64() / d.as_secs_f64()
-        );
-    };
-    row("blake3 crate, 1 CPU core", cpu_t);
-    row("blake3 GPU kernels (data on device)", kern_t);
-    row("blake3 GPU incl. pinned H2D", e2e_t);
-    row("echo GPU round trip (H2D, copy, D2H, to Vec)", echo_t);
-    row("host only: copy into a fresh Vec (part of echo)", copy_t);
+    println!("| measurement (one GPU thread, no nginx) | result |");
+    println!("|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
 }
