@@ -56,6 +56,9 @@ gpu-bundle: deps
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" .gpu/bin/nginx
 	cp target/release/libngx_http_gpu_module.so .gpu/ngx_http_gpu_module.so
 	for l in libpcre2-8.so.0 libcrypt.so.1; do cp -L /lib/x86_64-linux-gnu/$$l .gpu/lib/; done
+	command -v wrk >/dev/null || $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get install -y -qq wrk
+	cp "$$(command -v wrk)" .gpu/bin/wrk
+	cp -L /lib/x86_64-linux-gnu/libluajit-5.1.so.2 .gpu/lib/
 	cp t/gpu/run.sh .gpu/run.sh
 	strip .gpu/bin/* .gpu/ngx_http_gpu_module.so 2>/dev/null || true
 	du -sh .gpu
