@@ -40,9 +40,9 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     for d in "$W"/gpu "$W"/cpu; do [ -f "$d/logs/nginx.pid" ] && "$NGINX" -p "$d" -s stop 2>/dev/null; done
-    cp "$W"/gpu/logs/error.log "$OUTDIR/bench-nginx-gpu.log" 2>/dev/null
-    cp "$W"/cpu/logs/error.log "$OUTDIR/bench-nginx-cpu.log" 2>/dev/null
-    cp "$W"/two_tier.log "$OUTDIR/bench-two-tier.log" 2>/dev/null
+    for f in gpu/logs/error.log cpu/logs/error.log two_tier.log; do
+        [ -f "$W/$f" ] && { echo "######## $f"; cat "$W/$f"; }
+    done >"$OUTDIR/bench-servers.log" 2>/dev/null
     rm -rf "$W"
 }
 trap cleanup EXIT
