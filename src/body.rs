@@ -1,8 +1,12 @@
 //! Taking a read request body out of nginx's buffers into an owned `job::Body`.
 //!
-//! Memory buffers are copied (they are at most client_body_buffer_size); a body nginx
-//! spilled to a temp file is passed as a duplicated descriptor and ranges, so the GPU
-//! thread reads it and the event loop never does.
+//! A large memory buffer (nginx's body buffer is a "large" allocation of the request
+//! pool, malloc'd on its own) is taken over without a copy: its entry in the pool's
+//! large list is cleared, so the pool no longer frees it, and the GPU thread frees it
+//! when the job is done. nginx's buffer is left empty (so `$request_body` is empty
+//! afterwards). Small buffers are copied. A body nginx spilled to a temp file is passed
+//! as a duplicated descriptor and ranges, so the GPU thread reads it and the event loop
+//! never does.
 
 use std::fs::File;
 use std::io;
@@ -11,9 +15,29 @@ use std::sync::Arc;
 
 use ngx::ffi::*;
 
-use crate::job::{Body, Segment};
+use crate::job::{Body, Segment, TakenBuf};
 
-pub unsafe fn take(rb: *mut ngx_http_request_body_t) -> io::Result<Body> {
+/// Buffers at least this big are taken over instead of copied.
+const TAKE_OVER: usize = 64 * 1024;
+
+/// Clears `block`'s entry in `pool`'s large allocations; true if it was one (the caller
+/// then owns the block).
+unsafe fn detach_large(pool: *mut ngx_pool_t, block: *mut u8) -> bool {
+    let mut l = (*pool).large;
+    while !l.is_null() {
+        if (*l).alloc == block.cast() {
+            (*l).alloc = core::ptr::null_mut();
+            return true;
+        }
+        l = (*l).next;
+    }
+    false
+}
+
+/// # Safety
+/// `r` is a live request whose body has been read completely.
+pub unsafe fn take(r: *mut ngx_http_request_t) -> io::Result<Body> {
+    let rb = (*r).request_body;
     let mut body = Body::default();
     if rb.is_null() {
         return Ok(body);
@@ -26,11 +50,21 @@ pub unsafe fn take(rb: *mut ngx_http_request_body_t) -> io::Result<Body> {
         if b.is_null() {
             continue;
         }
-        let b = &*b;
+        let b = &mut *b;
         let in_memory = b.temporary() != 0 || b.memory() != 0 || b.mmap() != 0;
         if in_memory {
             let len = b.last.offset_from(b.pos) as usize;
-            if len > 0 {
+            if len >= TAKE_OVER
+                && b.temporary() != 0
+                && !b.start.is_null()
+                && b.pos >= b.start
+                && b.last <= b.end
+                && detach_large((*r).pool, b.start)
+            {
+                body.push(Segment::Taken(TakenBuf::new(b.start, b.pos, len)));
+                // nginx keeps the pointers but no bytes: nothing reads the block again.
+                b.pos = b.last;
+            } else if len > 0 {
                 body.push(Segment::Memory(
                     std::slice::from_raw_parts(b.pos, len).to_vec(),
                 ));

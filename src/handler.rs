@@ -147,7 +147,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
     let lcf = loc_conf(r);
     let log = (*(*r).connection).log;
-    let body = match body::take((*r).request_body) {
+    let body = match body::take(r) {
         Ok(b) => b,
         Err(e) => {
             ngx_log_error!(

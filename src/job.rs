@@ -19,16 +19,47 @@ pub enum Fallback {
     Off,
 }
 
-/// A piece of a request body: bytes copied from nginx's memory buffers, or a range of
-/// the temp file nginx spilled the body to (read by the GPU thread, not the event loop).
+/// A piece of a request body: bytes copied from nginx's memory buffers, a buffer taken
+/// over from nginx without a copy, or a range of the temp file nginx spilled the body to
+/// (read by the GPU thread, not the event loop).
 #[derive(Debug)]
 pub enum Segment {
     Memory(Vec<u8>),
-    File {
-        file: Arc<File>,
-        offset: u64,
-        len: u64,
-    },
+    Taken(TakenBuf),
+    File { file: Arc<File>, offset: u64, len: u64 },
+}
+
+/// A malloc'd block taken over from nginx (see `body.rs`), freed when dropped, and the
+/// body bytes inside it.
+#[derive(Debug)]
+pub struct TakenBuf {
+    block: *mut u8,
+    data: *const u8,
+    len: usize,
+}
+
+// SAFETY: the block is owned exclusively (nginx no longer refers to it) and only read.
+unsafe impl Send for TakenBuf {}
+
+impl TakenBuf {
+    /// # Safety
+    /// `block` came from malloc and nothing else frees or writes it; `data..data+len`
+    /// lies inside it.
+    pub unsafe fn new(block: *mut u8, data: *const u8, len: usize) -> TakenBuf {
+        TakenBuf { block, data, len }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: see new().
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+}
+
+impl Drop for TakenBuf {
+    fn drop(&mut self) {
+        // SAFETY: the block came from malloc (nginx's ngx_alloc) and is owned here.
+        unsafe { libc::free(self.block.cast()) };
+    }
 }
 
 /// A request body as an ordered list of segments.
@@ -42,6 +73,7 @@ impl Body {
     pub fn push(&mut self, segment: Segment) {
         self.len += match &segment {
             Segment::Memory(v) => v.len() as u64,
+            Segment::Taken(t) => t.len as u64,
             Segment::File { len, .. } => *len,
         };
         self.segments.push(segment);
@@ -69,6 +101,7 @@ impl Body {
         for s in &self.segments {
             let seg_len = match s {
                 Segment::Memory(v) => v.len() as u64,
+                Segment::Taken(t) => t.len as u64,
                 Segment::File { len, .. } => *len,
             };
             let seg_end = seg_start + seg_len;
@@ -79,6 +112,8 @@ impl Body {
                     Segment::Memory(v) => {
                         dst[at..at + n].copy_from_slice(&v[from as usize..from as usize + n])
                     }
+                    Segment::Taken(t) => dst[at..at + n]
+                        .copy_from_slice(&t.as_slice()[from as usize..from as usize + n]),
                     Segment::File { file, offset, .. } => {
                         file.read_exact_at(&mut dst[at..at + n], offset + from)?
                     }
@@ -239,6 +274,28 @@ mod tests {
                 assert_eq!(dst, &whole[start..end], "range {start}..{end}");
             }
         }
+    }
+
+    #[test]
+    fn a_taken_buffer_reads_its_range_and_is_freed() {
+        // SAFETY: a fresh malloc'd block, owned by the TakenBuf from here on.
+        let taken = unsafe {
+            let block = libc::malloc(100) as *mut u8;
+            for i in 0..100 {
+                *block.add(i) = i as u8;
+            }
+            TakenBuf::new(block, block.add(10), 50)
+        };
+        let mut body = Body::default();
+        body.push(Segment::Memory(b"ab".to_vec()));
+        body.push(Segment::Taken(taken));
+        assert_eq!(body.len(), 52);
+        let v = body.to_vec().unwrap();
+        assert_eq!(&v[..2], b"ab");
+        assert_eq!(v[2..], (10u8..60).collect::<Vec<_>>()[..]);
+        let mut part = [0u8; 5];
+        body.read_range_into(20, &mut part).unwrap();
+        assert_eq!(part, [28, 29, 30, 31, 32]);
     }
 
     #[test]
