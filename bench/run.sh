@@ -39,8 +39,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for d in "$W"/gpu "$W"/cpu; do [ -f "$d/logs/nginx.pid" ] && "$NGINX" -p "$d" -s stop 2>/dev/null; done
-    for f in gpu/logs/error.log cpu/logs/error.log two_tier.log; do
+    for d in "$W"/gpu "$W"/cpu "$W"/poll; do [ -f "$d/logs/nginx.pid" ] && "$NGINX" -p "$d" -s stop 2>/dev/null; done
+    for f in gpu/logs/error.log poll/logs/error.log cpu/logs/error.log two_tier.log; do
         [ -f "$W/$f" ] && { echo "######## $f"; cat "$W/$f"; }
     done >"$OUTDIR/bench-servers.log" 2>/dev/null
     rm -rf "$W"
@@ -66,7 +66,7 @@ for i in $(seq 1 "$WORKERS"); do
     UP="$UP server 127.0.0.1:$port;"
 done
 
-conf() { # prefix port
+conf() { # prefix port [http-level extra]
     mkdir -p "$1"/conf "$1"/logs "$1"/html "$1"/modules
     echo ok >"$1/html/ok"
     cp "$G/ngx_http_gpu_module.so" "$1/modules/"
@@ -83,6 +83,7 @@ http {
     client_max_body_size 64m;
     # Every body in memory, for every location alike.
     client_body_buffer_size 17m;
+    ${3:-}
     upstream two_tier { $UP keepalive 256; }
     server {
         listen 127.0.0.1:$2 backlog=4096;
@@ -113,7 +114,10 @@ EOF
 }
 conf "$W/gpu" 8081
 conf "$W/cpu" 8082
+# The same, with the GPU thread spinning up to 200 us on in-flight batches (gpu_poll).
+conf "$W/poll" 8083 "gpu_poll 200us;"
 "$NGINX" -p "$W/gpu" -c conf/nginx.conf || exit 1
+"$NGINX" -p "$W/poll" -c conf/nginx.conf || exit 1
 CUDA_VISIBLE_DEVICES="" "$NGINX" -p "$W/cpu" -c conf/nginx.conf || exit 1
 for i in $(seq 1 100); do
     ok=1
@@ -131,14 +135,14 @@ fail=0
 for n in $SIZES; do
     b="$W/body-$n"
     want=$(python3 -c 'import sys; print(open(sys.argv[1],"rb").read().__len__())' "$b")
-    for url in 8081/echo 8081/echo1 8082/echo 8081/tt/echo; do
+    for url in 8081/echo 8081/echo1 8083/echo 8082/echo 8081/tt/echo; do
         curl -sf --data-binary @"$b" "http://127.0.0.1:$url" -o "$W/out" && cmp -s "$b" "$W/out" \
             || { echo "WRONG: echo $n via $url"; fail=1; }
     done
     ref=$(curl -sf --data-binary @"$b" "http://127.0.0.1:8082/blake3")
     tt=8081/tt/blake3
     [ "$DRY" = 1 ] && tt=""
-    for url in 8081/blake3 8081/blake31 $tt; do
+    for url in 8081/blake3 8081/blake31 8083/blake3 $tt; do
         got=$(curl -sf --data-binary @"$b" "http://127.0.0.1:$url")
         [ -n "$ref" ] && [ "$got" = "$ref" ] || { echo "WRONG: blake3 $n via $url: $got vs $ref"; fail=1; }
     done
@@ -185,7 +189,7 @@ say "reference: $PCIE"
 H2D=$(echo "$PCIE" | sed -n 's/.*H2D \([0-9.]*\) GB\/s.*/\1/p')
 D2H=$(echo "$PCIE" | sed -n 's/.*D2H \([0-9.]*\) GB\/s.*/\1/p')
 
-TARGETS="ret:8081/ret read:8081/read gpu_echo:8081/echo gpu_echo_b1:8081/echo1 gpu_blake3:8081/blake3 gpu_blake3_b1:8081/blake31 cpu_echo:8082/echo cpu_blake3:8082/blake3 tt_echo:8081/tt/echo tt_blake3:8081/tt/blake3"
+TARGETS="ret:8081/ret read:8081/read gpu_echo:8081/echo gpu_echo_b1:8081/echo1 gpu_blake3:8081/blake3 gpu_blake3_b1:8081/blake31 poll_echo:8083/echo poll_blake3:8083/blake3 cpu_echo:8082/echo cpu_blake3:8082/blake3 tt_echo:8081/tt/echo tt_blake3:8081/tt/blake3"
 RES=$W/results
 : >"$RES"
 for n in $SIZES; do
@@ -207,7 +211,7 @@ MB=$(run_wrk http://127.0.0.1:8081/echo 1024 256 0 batch | awk '{print $5}')
 # rate asked for (the table shows what was achieved).
 LAT=$W/latency
 : >"$LAT"
-for tg in ret:8081/ret gpu_echo:8081/echo gpu_echo_b1:8081/echo1 gpu_blake3:8081/blake3 cpu_echo:8082/echo tt_echo:8081/tt/echo; do
+for tg in ret:8081/ret gpu_echo:8081/echo gpu_echo_b1:8081/echo1 gpu_blake3:8081/blake3 poll_echo:8083/echo poll_blake3:8083/blake3 cpu_echo:8082/echo tt_echo:8081/tt/echo; do
     name=${tg%%:*}
     peak=$(awk -v n="$name" '$1 == 1024 && $2 == n {print $3}' "$RES")
     c=$(python3 -c "print(max(8, min(4000, round(float('$peak') / 2 * 0.0015))))")
@@ -227,8 +231,10 @@ sizes = sorted({k[0] for k in rows})
 def size(n):
     return f"{n // 1048576} MiB" if n >= 1048576 else f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
 names = [("gpu_echo", "echo GPU, batching on"), ("gpu_echo_b1", "echo GPU, gpu_batch_size 1"),
+         ("poll_echo", "echo GPU, batching on, gpu_poll 200us"),
          ("cpu_echo", "echo CPU path"), ("tt_echo", "echo two-tier (aiohttp+PyTorch)"),
          ("gpu_blake3", "blake3 GPU, batching on"), ("gpu_blake3_b1", "blake3 GPU, gpu_batch_size 1"),
+         ("poll_blake3", "blake3 GPU, batching on, gpu_poll 200us"),
          ("cpu_blake3", "blake3 CPU path"), ("tt_blake3", "blake3 two-tier (aiohttp+PyTorch+kernel)")]
 print(f"## HTTP benchmark: {workers} nginx workers, wrk, {secs} s per run\n")
 print("Requests/s (p50 / p99 ms at that load, closed loop), errors if any:\n")
@@ -255,9 +261,11 @@ def ratio(a, b, n):
         return "-"
     return f"{rows[(n, a)][0] / rows[(n, b)][0]:.2f}x"
 for a, b, label in [("gpu_echo", "tt_echo", "echo GPU / two-tier"), ("gpu_echo", "ret", "echo GPU / `return 200`"),
-                    ("gpu_echo", "gpu_echo_b1", "echo GPU batching on / off"), ("gpu_echo", "cpu_echo", "echo GPU / CPU path"),
+                    ("gpu_echo", "gpu_echo_b1", "echo GPU batching on / off"),
+                    ("poll_echo", "tt_echo", "echo GPU gpu_poll 200us / two-tier"), ("poll_echo", "ret", "echo GPU gpu_poll 200us / `return 200`"), ("gpu_echo", "cpu_echo", "echo GPU / CPU path"),
                     ("gpu_blake3", "tt_blake3", "blake3 GPU / two-tier"), ("gpu_blake3", "read", "blake3 GPU / nginx reading the body"),
-                    ("gpu_blake3", "gpu_blake3_b1", "blake3 GPU batching on / off"), ("gpu_blake3", "cpu_blake3", "blake3 GPU / CPU path")]:
+                    ("gpu_blake3", "gpu_blake3_b1", "blake3 GPU batching on / off"),
+                    ("poll_blake3", "read", "blake3 GPU gpu_poll 200us / nginx reading the body"), ("gpu_blake3", "cpu_blake3", "blake3 GPU / CPU path")]:
     print(f"| {label} | " + " | ".join(ratio(a, b, n) for n in sizes) + " |")
 print("\nLatency at half of each path's own peak, 1 KiB bodies (paced: each connection waits 1 ms before each request):\n")
 print("| path | peak req/s | offered ~ req/s (achieved) | connections | p50 ms | p99 ms | errors |")
@@ -266,6 +274,7 @@ for line in open(lat):
     name, peak, c, rps, p50, p99, bad, _ = line.split()
     print(f"| {name} | {float(peak):,.0f} | {float(peak) / 2:,.0f} ({float(rps):,.0f}) | {c} | {float(p50):.3f} | {float(p99):.3f} | {bad} |")
 print(f"\nMean $gpu_batch_size at peak, 1 KiB echo on the GPU path: {mb}")
+print("\nGPU threads' own counters at exit (per worker; all runs of that nginx): see bench-servers.log")
 try:
     h, d = float(h2d), float(d2h)
     print(f"\nPCIe reference (pinned memcpy 16 MiB, same call): H2D {h:.1f} GB/s, D2H {d:.1f} GB/s.")

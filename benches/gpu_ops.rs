@@ -110,6 +110,7 @@ fn main() {
     let cfg = Config {
         queue_size: 4096,
         batch_bytes: 16 * MIB as u64,
+        poll: Duration::ZERO,
     };
     let gpu_t = GpuThread::spawn(cfg, Kernels::Ptx(ptx.clone())).expect("thread");
     let cpu_t = GpuThread::spawn(cfg, Kernels::Unavailable("benchmark".into())).expect("thread");

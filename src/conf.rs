@@ -23,6 +23,8 @@ pub const MAX_BATCH_SIZE: usize = 65536;
 pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
 pub const MAX_BATCH_BYTES: usize = 1 << 30;
 const UNSET_SIZE: usize = usize::MAX;
+pub const DEFAULT_POLL_US: usize = 0;
+pub const MAX_POLL_US: usize = 10_000;
 
 /// http-level settings; one per configuration, shared by every worker.
 #[repr(C)]
@@ -31,6 +33,8 @@ pub struct MainConf {
     pub queue_size: ngx_int_t,
     /// `gpu_batch_bytes`: the most body bytes in one batch (and a piece's size).
     pub batch_bytes: usize,
+    /// `gpu_poll`, in microseconds.
+    pub poll_us: usize,
     /// Whether any location uses `gpu_process` (else no GPU thread is started).
     pub used: bool,
 }
@@ -49,7 +53,7 @@ pub struct LocConf {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 8] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -110,6 +114,14 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 8] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("gpu_poll"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_gpu_poll),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
@@ -132,6 +144,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         MainConf {
             queue_size: NGX_CONF_UNSET as ngx_int_t,
             batch_bytes: UNSET_SIZE,
+            poll_us: UNSET_SIZE,
             used: false,
         },
     )
@@ -144,6 +157,9 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
     }
     if mcf.batch_bytes == UNSET_SIZE {
         mcf.batch_bytes = DEFAULT_BATCH_BYTES;
+    }
+    if mcf.poll_us == UNSET_SIZE {
+        mcf.poll_us = DEFAULT_POLL_US;
     }
     NGX_CONF_OK
 }
@@ -313,6 +329,44 @@ unsafe extern "C" fn cmd_gpu_batch_bytes(
         return NGX_CONF_ERROR;
     }
     mcf.batch_bytes = n as usize;
+    NGX_CONF_OK
+}
+
+/// `0`, or a number with `us` or `ms` (nginx's time syntax has no microseconds).
+pub fn parse_poll(v: &str) -> Option<usize> {
+    let us = if v == "0" {
+        0
+    } else if let Some(n) = v.strip_suffix("us") {
+        n.parse::<usize>().ok()?
+    } else if let Some(n) = v.strip_suffix("ms") {
+        n.parse::<usize>().ok()?.checked_mul(1000)?
+    } else {
+        return None;
+    };
+    (us <= MAX_POLL_US).then_some(us)
+}
+
+unsafe extern "C" fn cmd_gpu_poll(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.poll_us != UNSET_SIZE {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let v = args(cf)[0];
+    match parse_poll(v) {
+        Some(us) => mcf.poll_us = us,
+        None => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{v}\" in \"gpu_poll\" directive, it must be 0 or a time in us or ms up to 10ms"
+            );
+            return NGX_CONF_ERROR;
+        }
+    }
     NGX_CONF_OK
 }
 

@@ -22,6 +22,7 @@ use crate::gpu::{no_panic, Gpu, GpuError};
 use crate::job::{Completion, Device, Event, Fallback, Job, JobError, Level};
 use crate::notify::Notifier;
 use crate::ops::{Assembly, Output, Staged};
+use crate::stats::{self, Stats};
 
 /// Where the thread gets its kernels from: PTX compiled at configuration time, or the
 /// reason there is none (then the thread never touches CUDA).
@@ -37,6 +38,9 @@ pub struct Config {
     pub queue_size: usize,
     /// `gpu_batch_bytes`: the most body bytes in one batch.
     pub batch_bytes: u64,
+    /// `gpu_poll`: how long the thread spins on in-flight batches and new jobs before it
+    /// sleeps (zero: it sleeps at once and the driver's callback wakes it).
+    pub poll: Duration,
 }
 
 /// How often the thread looks at in-flight batches when the driver has not reported them
@@ -48,6 +52,7 @@ pub struct GpuThread {
     events: Receiver<Event>,
     notifier: Arc<Notifier>,
     stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -62,16 +67,23 @@ impl GpuThread {
             notifier: notifier.clone(),
         };
         let stop2 = stop.clone();
+        let stats = Arc::new(Stats::default());
+        let stats2 = stats.clone();
         let handle = std::thread::Builder::new()
             .name("nginx-gpu".into())
-            .spawn(move || run(job_rx, out, stop2, kernels, config))?;
+            .spawn(move || run(job_rx, out, stop2, kernels, config, stats2))?;
         Ok(GpuThread {
             jobs: Some(job_tx),
             events: ev_rx,
             notifier,
             stop,
+            stats,
             handle: Some(handle),
         })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Queues a job without blocking; a full queue hands the job back.
@@ -143,6 +155,7 @@ struct Active {
 struct InFlight {
     batch: Batch,
     staged: Vec<Staged>,
+    launched: Instant,
 }
 
 struct State {
@@ -152,12 +165,21 @@ struct State {
     done: Receiver<usize>,
     in_flight: Vec<Option<InFlight>>,
     out: Outbox,
+    stats: Arc<Stats>,
+    poll: Duration,
     /// Reused buffers of the CPU path.
     scratch_in: Vec<u8>,
     scratch_out: Vec<u8>,
 }
 
-fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels, config: Config) {
+fn run(
+    jobs: Receiver<Job>,
+    out: Outbox,
+    stop: Arc<AtomicBool>,
+    kernels: Kernels,
+    config: Config,
+    stats: Arc<Stats>,
+) {
     let gpu = match kernels {
         Kernels::Ptx(ptx) => match Gpu::open(&ptx) {
             Ok(g) => {
@@ -180,7 +202,7 @@ fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels
             None
         }
     };
-    let mut st = State::new(gpu, out, config);
+    let mut st = State::new(gpu, out, config, stats);
 
     loop {
         if stop.load(Ordering::Acquire) {
@@ -188,6 +210,9 @@ fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels
         }
         st.dispatch();
         let busy = st.in_flight.iter().any(Option::is_some);
+        if busy && !st.poll.is_zero() && st.spin(&jobs) {
+            continue;
+        }
         let free = st.in_flight.iter().any(Option::is_none);
         let now = Instant::now();
         let mut wait = if busy { Some(STALL_CHECK) } else { None };
@@ -232,7 +257,7 @@ fn run(jobs: Receiver<Job>, out: Outbox, stop: Arc<AtomicBool>, kernels: Kernels
 }
 
 impl State {
-    fn new(gpu: Option<Gpu>, out: Outbox, config: Config) -> State {
+    fn new(gpu: Option<Gpu>, out: Outbox, config: Config, stats: Arc<Stats>) -> State {
         State {
             queue: Queue::new(config.batch_bytes),
             active: HashMap::new(),
@@ -242,8 +267,41 @@ impl State {
                 .collect(),
             gpu,
             out,
+            stats,
+            poll: config.poll,
             scratch_in: Vec::new(),
             scratch_out: Vec::new(),
+        }
+    }
+
+    /// Spins for up to `gpu_poll` on new jobs and in-flight batches; true if either
+    /// moved (then the caller dispatches again instead of sleeping).
+    fn spin(&mut self, jobs: &Receiver<Job>) -> bool {
+        let until = Instant::now() + self.poll;
+        loop {
+            let mut moved = false;
+            while let Ok(job) = jobs.try_recv() {
+                self.arrive(job);
+                moved = true;
+            }
+            for slot in 0..self.in_flight.len() {
+                if self.in_flight[slot].is_some()
+                    && self
+                        .gpu
+                        .as_ref()
+                        .is_some_and(|g| !matches!(g.finished(slot), Ok(false)))
+                {
+                    self.retire(slot);
+                    moved = true;
+                }
+            }
+            if moved {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -298,13 +356,28 @@ impl State {
             let started = Instant::now();
             for p in &batch.pieces {
                 if let Some(a) = self.active.get_mut(&p.id) {
-                    a.started.get_or_insert(started);
+                    if a.started.is_none() {
+                        a.started = Some(started);
+                        stats::add(
+                            &self.stats.queue_ns,
+                            started.saturating_duration_since(a.job.queued_at),
+                        );
+                    }
                 }
             }
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .pieces
+                .fetch_add(batch.pieces.len() as u64, Ordering::Relaxed);
+            self.stats
+                .bytes
+                .fetch_add(batch.pieces.iter().map(|p| p.len).sum(), Ordering::Relaxed);
             if self.gpu.is_some() {
                 self.launch(slot, batch);
+                stats::add(&self.stats.pack_ns, started.elapsed());
             } else {
                 self.run_on_cpu(batch);
+                stats::add(&self.stats.finish_ns, started.elapsed());
             }
         }
     }
@@ -354,9 +427,19 @@ impl State {
             );
         }
         match res {
-            Ok(()) => self.in_flight[slot] = Some(InFlight { batch, staged }),
+            Ok(()) => {
+                self.in_flight[slot] = Some(InFlight {
+                    batch,
+                    staged,
+                    launched: Instant::now(),
+                })
+            }
             Err(e) => {
-                self.in_flight[slot] = Some(InFlight { batch, staged });
+                self.in_flight[slot] = Some(InFlight {
+                    batch,
+                    staged,
+                    launched: Instant::now(),
+                });
                 self.gpu_lost(&GpuError(e));
             }
         }
@@ -369,12 +452,26 @@ impl State {
         };
         let Some(gpu) = self.gpu.as_ref() else { return };
         let ordinal = gpu.info.ordinal;
-        // The callback also runs after a failure: the event says which it was.
-        if let Err(e) = gpu.finished(slot) {
-            self.in_flight[slot] = Some(fl);
-            self.gpu_lost(&e);
-            return;
+        // The callback also runs after a failure: the event says which it was. A done
+        // message for a batch the spin loop already retired finds the slot busy with the
+        // next batch: not finished yet, so it is ignored (its own callback follows).
+        match gpu.finished(slot) {
+            Err(e) => {
+                self.in_flight[slot] = Some(fl);
+                self.gpu_lost(&e);
+                return;
+            }
+            Ok(false) => {
+                self.in_flight[slot] = Some(fl);
+                return;
+            }
+            Ok(true) => {}
         }
+        let seen = Instant::now();
+        stats::add(
+            &self.stats.gpu_ns,
+            seen.saturating_duration_since(fl.launched),
+        );
         let op = fl.batch.op;
         let n = fl.batch.pieces.len();
         let gpu = self.gpu.take().expect("checked above");
@@ -384,6 +481,7 @@ impl State {
             }
         });
         self.gpu = Some(gpu);
+        stats::add(&self.stats.finish_ns, seen.elapsed());
         if let Err(e) = res {
             self.gpu_lost(&e);
         }
@@ -512,6 +610,7 @@ impl State {
         if job.is_cancelled() {
             return;
         }
+        self.stats.answered.fetch_add(1, Ordering::Relaxed);
         self.out.send(Event::Done(Completion {
             id: job.id,
             result,

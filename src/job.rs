@@ -26,7 +26,11 @@ pub enum Fallback {
 pub enum Segment {
     Memory(Vec<u8>),
     Taken(TakenBuf),
-    File { file: Arc<File>, offset: u64, len: u64 },
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// A malloc'd block taken over from nginx (see `body.rs`), freed when dropped, and the

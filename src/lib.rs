@@ -20,6 +20,7 @@ pub mod job;
 pub mod notify;
 pub mod ops;
 pub mod response;
+pub mod stats;
 #[cfg(test)]
 mod testing;
 pub mod variables;
@@ -110,6 +111,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         let config = gpu_thread::Config {
             queue_size: mcf.queue_size as usize,
             batch_bytes: mcf.batch_bytes as u64,
+            poll: std::time::Duration::from_micros(mcf.poll_us as u64),
         };
         worker::start(cycle, config, kernels)
     });

@@ -93,10 +93,19 @@ mod tests {
         drop(tx);
         let mut got = 0;
         while got < N {
-            let mut p = libc::pollfd { fd: n.fd(), events: libc::POLLIN, revents: 0 };
+            let mut p = libc::pollfd {
+                fd: n.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             let ready = unsafe { libc::poll(&mut p, 1, 2000) };
-            assert_eq!(ready, 1, "lost wakeup: {got} of {N} received, {} waiting", rx.len());
+            assert_eq!(
+                ready,
+                1,
+                "lost wakeup: {got} of {N} received, {} waiting",
+                rx.len()
+            );
             n.reset();
             got += rx.try_iter().count() as u32;
         }

@@ -81,6 +81,7 @@ pub unsafe fn stop() {
     };
     ngx_close_connection(w.conn);
     w.thread.stop();
+    ngx_log_error!(NGX_LOG_NOTICE, w.log, "{}", w.thread.stats().summary());
 }
 
 pub fn running() -> bool {

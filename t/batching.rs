@@ -28,7 +28,7 @@ fn mixed_sizes_from_many_clients_each_get_their_own_answer_in_shared_batches() {
     // 64 KiB pieces and 16 KiB body buffers: many bodies come from temp files and are cut
     // into pieces that share batches with other requests' bodies.
     let ngx = Nginx::start(&config(
-        "client_max_body_size 8m; client_body_buffer_size 16k; gpu_batch_bytes 64k;\n\
+        "client_max_body_size 8m; client_body_buffer_size 16k; gpu_batch_bytes 64k; gpu_poll 100us;\n\
          server { listen 127.0.0.1:{PORT};\n\
            add_header X-Batch $gpu_batch_size; add_header X-Dev $gpu_device;\n\
            location /blake3 { gpu_process blake3; gpu_batch_size 32; gpu_batch_delay 3ms; }\n\

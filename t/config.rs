@@ -131,6 +131,11 @@ fn bad_batch_settings() {
         let want = format!("[emerg] invalid value \"{v}\" in \"gpu_batch_bytes\" directive, it must be a size from 64k to 1g");
         assert!(e.contains(&want), "{e}");
     }
+    for v in ["5", "20ms", "1s", "-1us"] {
+        let e = emerg(&format!("gpu_poll {v}; {}", server("gpu_process echo;")));
+        let want = format!("[emerg] invalid value \"{v}\" in \"gpu_poll\" directive, it must be 0 or a time in us or ms up to 10ms");
+        assert!(e.contains(&want), "{e}");
+    }
     let e = emerg(&server("gpu_process echo; gpu_batch_bytes 1m;"));
     assert!(
         e.contains("[emerg] \"gpu_batch_bytes\" directive is not allowed here"),
@@ -142,7 +147,7 @@ fn bad_batch_settings() {
 fn valid_settings_at_every_level_test_clean() {
     let out = nginx_t(&config(
         "gpu_fallback off; gpu_timeout 5s; gpu_queue_size 64; gpu_batch_size 16; gpu_batch_delay 2ms;\n\
-         gpu_batch_bytes 4m;\n\
+         gpu_batch_bytes 4m; gpu_poll 150us;\n\
          server { listen 127.0.0.1:{PORT}; gpu_fallback cpu; gpu_batch_size 1;\n\
            location /a { gpu_process echo; gpu_timeout 100ms; gpu_batch_delay 0; gpu_batch_size 65536; }\n\
            location /b { gpu_process blake3; gpu_fallback off; } }",

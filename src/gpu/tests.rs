@@ -80,11 +80,12 @@ fn awkward(rng: &mut Rng, big: bool) -> Vec<Vec<u8>> {
     s.iter().map(|&n| rng.bytes(n)).collect()
 }
 
-fn gpu_thread(ptx: &Arc<str>, batch_bytes: u64) -> GpuThread {
+fn gpu_thread(ptx: &Arc<str>, batch_bytes: u64, poll: Duration) -> GpuThread {
     GpuThread::spawn(
         Config {
             queue_size: 4096,
             batch_bytes,
+            poll,
         },
         Kernels::Ptx(ptx.clone()),
     )
@@ -97,7 +98,7 @@ fn batches_on_the_gpu_answer_every_request_correctly() {
     let mut rng = Rng::fresh();
     let inputs = awkward(&mut rng, true);
     // The default byte bound (16 MiB): the 64 MiB body is cut into four pieces.
-    let t = gpu_thread(&ptx, 16 * MIB as u64);
+    let t = gpu_thread(&ptx, 16 * MIB as u64, Duration::ZERO);
     let batching = Batching {
         size: 64,
         delay: Duration::from_micros(500),
@@ -114,7 +115,8 @@ fn small_pieces_on_the_gpu_merge_to_the_right_digest() {
     let inputs = awkward(&mut rng, false);
     // 64 KiB pieces: most bodies over it are cut, and pieces of different bodies share
     // batches.
-    let t = gpu_thread(&ptx, 64 * 1024);
+    // Spinning on the slots (gpu_poll) must give the same answers.
+    let t = gpu_thread(&ptx, 64 * 1024, Duration::from_micros(200));
     let batching = Batching {
         size: 256,
         delay: Duration::ZERO,
@@ -127,7 +129,7 @@ fn cancelled_requests_in_gpu_batches_harm_no_one_else() {
     let Some(ptx) = ptx() else { return };
     let mut rng = Rng::fresh();
     let inputs = awkward(&mut rng, false);
-    let t = gpu_thread(&ptx, MIB as u64);
+    let t = gpu_thread(&ptx, MIB as u64, Duration::from_micros(50));
     let batching = Batching {
         size: 32,
         delay: Duration::from_millis(1),

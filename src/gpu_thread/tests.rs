@@ -11,6 +11,7 @@ fn cpu_thread(queue_size: usize, batch_bytes: u64) -> GpuThread {
         Config {
             queue_size,
             batch_bytes,
+            poll: Duration::ZERO,
         },
         Kernels::Unavailable("test".into()),
     )
@@ -127,7 +128,9 @@ fn a_huge_body_does_not_hold_up_small_ones_behind_it() {
         Config {
             queue_size: 64,
             batch_bytes: 64 * 1024,
+            poll: Duration::ZERO,
         },
+        Arc::default(),
     );
     st.arrive(job(1, Op::Blake3, &big, batching(64, 0)));
     st.arrive(job(2, Op::Blake3, b"small", batching(64, 0)));
@@ -185,6 +188,7 @@ fn the_start_line_says_why_there_is_no_gpu() {
         Config {
             queue_size: 1,
             batch_bytes: 1 << 20,
+            poll: Duration::ZERO,
         },
         Kernels::Unavailable("libnvrtc not found".into()),
     )
@@ -216,6 +220,7 @@ fn a_full_queue_hands_the_job_back() {
         events: unbounded().1,
         notifier: Arc::new(Notifier::new().unwrap()),
         stop: Arc::default(),
+        stats: Arc::default(),
         handle: None,
     };
     t.submit(job(1, Op::Echo, b"", Batching::default()))

@@ -1,0 +1,48 @@
+//! Counters of one worker's GPU thread, written by the thread and read by the event loop
+//! (logged when the worker exits): how big batches were and where their time went.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub pieces: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Jobs answered (with a result or an error).
+    pub answered: AtomicU64,
+    /// Summed over jobs: from queueing to their first batch.
+    pub queue_ns: AtomicU64,
+    /// Summed over batches: packing into pinned memory and queueing the GPU work.
+    pub pack_ns: AtomicU64,
+    /// Summed over GPU batches: from launch to the thread seeing it done.
+    pub gpu_ns: AtomicU64,
+    /// Summed over batches: handing results back (GPU) or running them (CPU path).
+    pub finish_ns: AtomicU64,
+}
+
+pub fn add(c: &AtomicU64, d: Duration) {
+    c.fetch_add(d.as_nanos() as u64, Relaxed);
+}
+
+impl Stats {
+    pub fn summary(&self) -> String {
+        let b = self.batches.load(Relaxed).max(1) as f64;
+        let us = |c: &AtomicU64, n: f64| c.load(Relaxed) as f64 / n / 1e3;
+        let answered = self.answered.load(Relaxed);
+        format!(
+            "gpu: {} batches, {} pieces ({:.1} per batch), {} MiB, {} requests answered; \
+             mean per batch: pack {:.1} us, GPU {:.1} us, finish {:.1} us; \
+             mean queue time {:.1} us",
+            self.batches.load(Relaxed),
+            self.pieces.load(Relaxed),
+            self.pieces.load(Relaxed) as f64 / b,
+            self.bytes.load(Relaxed) >> 20,
+            answered,
+            us(&self.pack_ns, b),
+            us(&self.gpu_ns, b),
+            us(&self.finish_ns, b),
+            us(&self.queue_ns, answered.max(1) as f64),
+        )
+    }
+}
