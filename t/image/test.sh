@@ -6,7 +6,7 @@
 # in for the CUDA runtime base, so there is no libnvrtc and no GPU: the CPU fallback
 # answers). Crates come from `cargo vendor` into docker/vendor/, so the build is offline.
 #
-#   bash t/image/test.sh         (make image-test; root or sudo; about 20 min from scratch)
+#   bash t/image/test.sh     (make image-test, and the last part of make test; root or sudo)
 #
 # The debootstrap tarball and buildah's store (with --layers cache) live under
 # $NGX_IMAGE_CACHE (/var/cache/ngx-gpu-image), so later runs reuse them; delete that
