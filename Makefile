@@ -1,14 +1,20 @@
 # ngx_http_gpu_module: build, run and test. See README.md.
 #
 #   make run        build nginx + the module and start the example config on 127.0.0.1:8080
-#   make test       every test (unit + integration against a real nginx)
+#   make test       every test (unit + integration against a real nginx, then the image test)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
+#   make image      build the GPU nginx image with docker, offline from vendored crates
+#   make image-test build the image with buildah here and exercise it (root; no Docker needed)
+#   make gpu-image  image-test, then export the image's binaries into .gpu-image/ for the
+#                   GPU machine (run there: bash t/image/gpu-smoke.sh)
 
 SHELL := /bin/bash
 PREFIX ?= $(CURDIR)/build
 CARGO ?= cargo
+IMAGE ?= ngx-gpu
+DOCKER ?= docker
 
-.PHONY: deps build run stop test gpu-bundle clean
+.PHONY: deps build run stop test gpu-bundle image image-test gpu-image clean
 
 # Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
 deps:
@@ -38,9 +44,11 @@ stop:
 	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit
 
 # cargo test does not refresh the module .so the integration tests load: build it first.
+# The image test last: its summary line is then the last line.
 test: deps
 	$(CARGO) build --release
 	$(CARGO) test --release
+	bash t/image/test.sh
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module, the
 # benchmark, and the libraries nginx links that the GPU machine may lack.
@@ -63,6 +71,18 @@ gpu-bundle: deps
 	strip .gpu/bin/* .gpu/ngx_http_gpu_module.so 2>/dev/null || true
 	du -sh .gpu
 
+# With docker/vendor/ in the context the builder uses only those sources (--frozen).
+image:
+	$(CARGO) vendor --locked docker/vendor >/dev/null
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE) .
+
+image-test:
+	bash t/image/test.sh
+
+gpu-image: image-test
+	bash t/image/export.sh .gpu-image
+
+# buildah's store for the image test stays (/var/cache/ngx-gpu-image): delete it by hand.
 clean:
 	$(CARGO) clean
-	rm -rf $(PREFIX) .gpu
+	rm -rf $(PREFIX) .gpu .gpu-image docker/vendor
