@@ -16,7 +16,8 @@
 # one's peak for 1 KiB bodies; and the PCIe reference (pinned memcpy, bench-gpu_ops).
 # Prints one table last; writes it and every wrk output under $OUT (or bench/out/).
 #
-# Knobs: BENCH_SECS (per run, default 4), BENCH_WORKERS (default 4), BENCH_SIZES;
+# Knobs: BENCH_SECS (per run, default 4), BENCH_WORKERS (default 4), BENCH_SIZES,
+# BENCH_WRK_THREADS (default 8);
 # BENCH_DRY=1 tries the script where there is no GPU and no torch (two-tier echo from
 # the CPU, no device check).
 set -uo pipefail
@@ -39,7 +40,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for d in "$W"/gpu "$W"/cpu "$W"/poll; do [ -f "$d/logs/nginx.pid" ] && "$NGINX" -p "$d" -s stop 2>/dev/null; done
+    for d in "$W"/gpu "$W"/cpu "$W"/poll; do [ -f "$d/logs/nginx.pid" ] && "$NGINX" -p "$d" -s quit 2>/dev/null; done
+    # Workers log their GPU thread's counters as they exit: wait for them.
+    for i in $(seq 1 50); do ls "$W"/*/logs/nginx.pid >/dev/null 2>&1 || break; sleep 0.2; done
     for f in gpu/logs/error.log poll/logs/error.log cpu/logs/error.log two_tier.log; do
         [ -f "$W/$f" ] && { echo "######## $f"; cat "$W/$f"; }
     done >"$OUTDIR/bench-servers.log" 2>/dev/null
@@ -160,7 +163,8 @@ conns() { # size -> connections
 # wrk URL SIZE CONNS [PACE_MS] [batch] -> "rps p50_ms p99_ms non2xx mean_batch"
 run_wrk() {
     local url=$1 n=$2 c=$3 pace=${4:-0} extra=${5:-}
-    local t=$((c < 8 ? c : 8))
+    local t=${BENCH_WRK_THREADS:-8}
+    t=$((c < t ? c : t))
     local out
     out=$("$WRK" -t"$t" -c"$c" -d"${SECS}s" --timeout 30s --latency -s "$ROOT/bench/post.lua" "$url" \
         -- "$W/body-$n" "$pace" $extra 2>&1)
@@ -220,7 +224,10 @@ for tg in ret:8081/ret gpu_echo:8081/echo gpu_echo_b1:8081/echo1 gpu_blake3:8081
     say "latency $name at half of $peak: $r"
 done
 
-python3 - "$RES" "$LAT" "$H2D" "$D2H" "$MB" "$SECS" "$WORKERS" <<'EOF' | tee "$OUTDIR/bench-results.md"
+# Stop the servers first so that their workers log their counters.
+for d in "$W"/gpu "$W"/cpu "$W"/poll; do "$NGINX" -p "$d" -s quit 2>/dev/null; done
+for i in $(seq 1 50); do ls "$W"/*/logs/nginx.pid >/dev/null 2>&1 || break; sleep 0.2; done
+BENCH_W=$W python3 - "$RES" "$LAT" "$H2D" "$D2H" "$MB" "$SECS" "$WORKERS" <<'EOF' | tee "$OUTDIR/bench-results.md"
 import sys, math
 res, lat, h2d, d2h, mb, secs, workers = sys.argv[1:]
 rows = {}
@@ -274,7 +281,14 @@ for line in open(lat):
     name, peak, c, rps, p50, p99, bad, _ = line.split()
     print(f"| {name} | {float(peak):,.0f} | {float(peak) / 2:,.0f} ({float(rps):,.0f}) | {c} | {float(p50):.3f} | {float(p99):.3f} | {bad} |")
 print(f"\nMean $gpu_batch_size at peak, 1 KiB echo on the GPU path: {mb}")
-print("\nGPU threads' own counters at exit (per worker; all runs of that nginx): see bench-servers.log")
+print("\nGPU threads' own counters at exit (per worker, all runs of that nginx), from bench-servers.log:\n")
+import glob, os
+for name in ("gpu", "poll", "cpu"):
+    f = os.path.join(os.environ.get("BENCH_W", ""), name, "logs", "error.log")
+    if os.path.exists(f):
+        for line in open(f):
+            if " batches, " in line:
+                print(f"- {name}: " + line.split("gpu: ", 1)[1].strip())
 try:
     h, d = float(h2d), float(d2h)
     print(f"\nPCIe reference (pinned memcpy 16 MiB, same call): H2D {h:.1f} GB/s, D2H {d:.1f} GB/s.")
