@@ -17,7 +17,8 @@
 # Prints one table last; writes it and every wrk output under $OUT (or bench/out/).
 #
 # Knobs: BENCH_SECS (per run, default 4), BENCH_WORKERS (default 4), BENCH_SIZES,
-# BENCH_WRK_THREADS (default 8);
+# BENCH_WRK_THREADS (default 8), BENCH_MAIN (extra main-context directives, e.g.
+# "user root;");
 # BENCH_DRY=1 tries the script where there is no GPU and no torch (two-tier echo from
 # the CPU, no device check).
 set -uo pipefail
@@ -76,6 +77,7 @@ conf() { # prefix port [http-level extra]
     cat >"$1/conf/nginx.conf" <<EOF
 load_module modules/ngx_http_gpu_module.so;
 worker_processes $WORKERS;
+${BENCH_MAIN:-}
 error_log logs/error.log notice;
 pid logs/nginx.pid;
 env CUDA_VISIBLE_DEVICES;
@@ -124,7 +126,7 @@ conf "$W/poll" 8083 "gpu_poll 200us;"
 CUDA_VISIBLE_DEVICES="" "$NGINX" -p "$W/cpu" -c conf/nginx.conf || exit 1
 for i in $(seq 1 100); do
     ok=1
-    for p in $(seq 9101 $((9100 + WORKERS))); do curl -sf "http://127.0.0.1:$p/health" >/dev/null || ok=0; done
+    for p in $(seq 9101 $((9100 + WORKERS))); do curl -sf --max-time 60 "http://127.0.0.1:$p/health" >/dev/null || ok=0; done
     [ $ok = 1 ] && break
     sleep 0.2
 done
@@ -139,17 +141,17 @@ for n in $SIZES; do
     b="$W/body-$n"
     want=$(python3 -c 'import sys; print(open(sys.argv[1],"rb").read().__len__())' "$b")
     for url in 8081/echo 8081/echo1 8083/echo 8082/echo 8081/tt/echo; do
-        curl -sf --data-binary @"$b" "http://127.0.0.1:$url" -o "$W/out" && cmp -s "$b" "$W/out" \
+        curl -sf --max-time 60 --data-binary @"$b" "http://127.0.0.1:$url" -o "$W/out" && cmp -s "$b" "$W/out" \
             || { echo "WRONG: echo $n via $url"; fail=1; }
     done
-    ref=$(curl -sf --data-binary @"$b" "http://127.0.0.1:8082/blake3")
+    ref=$(curl -sf --max-time 60 --data-binary @"$b" "http://127.0.0.1:8082/blake3")
     tt=8081/tt/blake3
     [ "$DRY" = 1 ] && tt=""
     for url in 8081/blake3 8081/blake31 8083/blake3 $tt; do
-        got=$(curl -sf --data-binary @"$b" "http://127.0.0.1:$url")
+        got=$(curl -sf --max-time 60 --data-binary @"$b" "http://127.0.0.1:$url")
         [ -n "$ref" ] && [ "$got" = "$ref" ] || { echo "WRONG: blake3 $n via $url: $got vs $ref"; fail=1; }
     done
-    dev=$(curl -sf -o /dev/null -D - --data-binary @"$b" http://127.0.0.1:8081/echo | tr -d '\r' | awk -F': ' '/^X-Device/{print $2}')
+    dev=$(curl -sf --max-time 60 -o /dev/null -D - --data-binary @"$b" http://127.0.0.1:8081/echo | tr -d '\r' | awk -F': ' '/^X-Device/{print $2}')
     [ "$dev" = gpu0 ] || [ "$DRY" = 1 ] || { echo "WRONG: GPU nginx answered from '$dev'"; fail=1; }
     : "$want"
 done
