@@ -17,7 +17,8 @@
 # Prints one table last; writes it and every wrk output under $OUT (or bench/out/).
 #
 # Knobs: BENCH_SECS (per run, default 4), BENCH_WORKERS (default 4), BENCH_SIZES,
-# BENCH_WRK_THREADS (default 8), BENCH_MAIN (extra main-context directives, e.g.
+# BENCH_WRK_THREADS (default 8), BENCH_SERVER_CPUS / BENCH_CLIENT_CPUS (taskset lists
+# for the servers and for wrk, to keep the client off the servers' cores), BENCH_MAIN (extra main-context directives, e.g.
 # "user root;");
 # BENCH_DRY=1 tries the script where there is no GPU and no torch (two-tier echo from
 # the CPU, no device check).
@@ -33,6 +34,10 @@ SIZES=${BENCH_SIZES:-"64 1024 65536 1048576 16777216"}
 export LD_LIBRARY_PATH=$G/lib:${LD_LIBRARY_PATH:-}
 WRK=$G/bin/wrk
 NGINX=$G/bin/nginx
+SRV=()
+CLI=()
+[ -n "${BENCH_SERVER_CPUS:-}" ] && SRV=(taskset -c "$BENCH_SERVER_CPUS")
+[ -n "${BENCH_CLIENT_CPUS:-}" ] && CLI=(taskset -c "$BENCH_CLIENT_CPUS")
 LOG=$OUTDIR/bench-wrk.log
 : >"$LOG"
 W=$(mktemp -d /tmp/ngx-gpu-bench.XXXXXX)
@@ -65,7 +70,7 @@ for n in $SIZES; do head -c "$n" /dev/urandom >"$W/body-$n"; done
 UP=""
 for i in $(seq 1 "$WORKERS"); do
     port=$((9100 + i))
-    python3 "$ROOT/bench/two_tier.py" "$port" --repo "$ROOT" --device "$TT_DEVICE" >>"$W/two_tier.log" 2>&1 &
+    "${SRV[@]}" python3 "$ROOT/bench/two_tier.py" "$port" --repo "$ROOT" --device "$TT_DEVICE" >>"$W/two_tier.log" 2>&1 &
     PIDS+=($!)
     UP="$UP server 127.0.0.1:$port;"
 done
@@ -121,9 +126,9 @@ conf "$W/gpu" 8081
 conf "$W/cpu" 8082
 # The same, with the GPU thread spinning up to 200 us on in-flight batches (gpu_poll).
 conf "$W/poll" 8083 "gpu_poll 200us;"
-"$NGINX" -p "$W/gpu" -c conf/nginx.conf || exit 1
-"$NGINX" -p "$W/poll" -c conf/nginx.conf || exit 1
-CUDA_VISIBLE_DEVICES="" "$NGINX" -p "$W/cpu" -c conf/nginx.conf || exit 1
+"${SRV[@]}" "$NGINX" -p "$W/gpu" -c conf/nginx.conf || exit 1
+"${SRV[@]}" "$NGINX" -p "$W/poll" -c conf/nginx.conf || exit 1
+CUDA_VISIBLE_DEVICES="" "${SRV[@]}" "$NGINX" -p "$W/cpu" -c conf/nginx.conf || exit 1
 for i in $(seq 1 100); do
     ok=1
     for p in $(seq 9101 $((9100 + WORKERS))); do curl -sf --max-time 60 "http://127.0.0.1:$p/health" >/dev/null || ok=0; done
@@ -168,7 +173,7 @@ run_wrk() {
     local t=${BENCH_WRK_THREADS:-8}
     t=$((c < t ? c : t))
     local out
-    out=$("$WRK" -t"$t" -c"$c" -d"${SECS}s" --timeout 30s --latency -s "$ROOT/bench/post.lua" "$url" \
+    out=$("${CLI[@]}" "$WRK" -t"$t" -c"$c" -d"${SECS}s" --timeout 30s --latency -s "$ROOT/bench/post.lua" "$url" \
         -- "$W/body-$n" "$pace" $extra 2>&1)
     { echo "### $url size=$n conns=$c pace=$pace $extra"; echo "$out"; } >>"$LOG"
     python3 - "$out" <<'EOF'
