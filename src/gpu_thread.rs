@@ -416,7 +416,7 @@ impl State {
                 data_len as usize,
                 out_len,
                 op.cv_words(&staged),
-                |k, l| op.gpu_launch(k, l, &staged, data_len, &[]),
+                |k, l| op.gpu_launch(k, l, &staged, data_len),
             )
             .map_err(|e| e.0)
         });
@@ -508,14 +508,7 @@ impl State {
             };
             let op = a.job.op;
             if p.whole {
-                let res = a
-                    .job
-                    .body
-                    .to_vec()
-                    .map_err(|e| JobError::Internal(format!("reading the request body: {e}")));
-                let res = res.and_then(|input| {
-                    no_panic("CPU op", || Ok(op.run_cpu_owned(input))).map_err(JobError::Internal)
-                });
+                let res = cpu_whole(&a.job);
                 let a = self.active.remove(&p.id).expect("present");
                 let started = a.started.unwrap_or_else(Instant::now);
                 self.answer(a.job, started, Instant::now(), n, Device::Cpu, res);
@@ -651,16 +644,7 @@ impl State {
             let started = a.started.unwrap_or_else(Instant::now);
             let res = match a.job.fallback {
                 Fallback::Off => Err(JobError::Unavailable("the GPU failed".into())),
-                Fallback::Cpu => a
-                    .job
-                    .body
-                    .to_vec()
-                    .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))
-                    .and_then(|input| {
-                        let op = a.job.op;
-                        no_panic("CPU op", || Ok(op.run_cpu_owned(input)))
-                            .map_err(JobError::Internal)
-                    }),
+                Fallback::Cpu => cpu_whole(&a.job),
             };
             let device = if res.is_ok() {
                 Device::Cpu
@@ -680,6 +664,16 @@ impl State {
             self.fail(id, JobError::Unavailable("the GPU failed".into()));
         }
     }
+}
+
+/// The CPU path over a whole body (the fallback, and what replaces a lost GPU batch).
+fn cpu_whole(job: &Job) -> Result<Output, JobError> {
+    let input = job
+        .body
+        .to_vec()
+        .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?;
+    let op = job.op;
+    no_panic("CPU op", || Ok(op.run_cpu(input))).map_err(JobError::Internal)
 }
 
 #[cfg(test)]

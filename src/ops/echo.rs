@@ -7,10 +7,11 @@ use crate::gpu::{launch_config, Functions, GpuError, Launch};
 
 pub const CONTENT_TYPE: &str = "application/octet-stream";
 
-pub fn cpu(input: &[u8]) -> Output {
+/// The CPU path: the body itself is the answer.
+pub fn cpu(input: Vec<u8>) -> Output {
     Output {
         content_type: CONTENT_TYPE,
-        body: input.to_vec(),
+        body: input,
     }
 }
 

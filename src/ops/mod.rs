@@ -61,21 +61,10 @@ impl Op {
         }
     }
 
-    /// Runs the op on the CPU over a whole body.
-    pub fn run_cpu(self, input: &[u8]) -> Output {
+    /// Runs the op on the CPU over a whole body it may keep (echo answers with it).
+    pub fn run_cpu(self, input: Vec<u8>) -> Output {
         match self {
             Op::Echo => echo::cpu(input),
-            Op::Blake3 => blake3::cpu(input),
-        }
-    }
-
-    /// Runs the op on the CPU over a whole body it may keep (echo answers with it).
-    pub fn run_cpu_owned(self, input: Vec<u8>) -> Output {
-        match self {
-            Op::Echo => Output {
-                content_type: echo::CONTENT_TYPE,
-                body: input,
-            },
             Op::Blake3 => blake3::cpu(&input),
         }
     }
@@ -128,13 +117,11 @@ impl Op {
         l: &Launch,
         pieces: &[Staged],
         data_len: u64,
-        desc: &[u8],
     ) -> Result<(), GpuError> {
         match self {
             Op::Echo => echo::gpu_launch(k, l, data_len),
             Op::Blake3 => {
                 let total = pieces.iter().map(|p| blake3::chunks_of(p.len)).sum();
-                debug_assert_eq!(desc.len(), self.desc_len(pieces.len()));
                 blake3::gpu_launch(k, l, pieces, total)
             }
         }
