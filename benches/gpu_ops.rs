@@ -157,8 +157,14 @@ fn main() {
         ));
     }
     drop(gpu_t);
-    let polled = GpuThread::spawn(Config { poll: Duration::from_micros(100), ..cfg }, Kernels::Ptx(ptx.clone()))
-        .expect("thread");
+    let polled = GpuThread::spawn(
+        Config {
+            poll: Duration::from_micros(100),
+            ..cfg
+        },
+        Kernels::Ptx(ptx.clone()),
+    )
+    .expect("thread");
     for (batch, window) in [(1usize, 1usize), (128, 256)] {
         pump(&polled, Op::Echo, &small, 2000, window, batch);
         let n = 100_000;
@@ -168,7 +174,10 @@ fn main() {
             format!("{:.0} requests/s (largest batch {max_batch})", n as f64 / d.as_secs_f64()),
         ));
     }
-    println!("GPU thread counters, gpu_poll 100us: {}", polled.stats().summary());
+    println!(
+        "GPU thread counters, gpu_poll 100us: {}",
+        polled.stats().summary()
+    );
     let (d, _, _) = pump(&cpu_t, Op::Echo, &small, 100_000, 256, 128);
     rows.push((
         "echo 1 KiB, CPU path, 256 outstanding".into(),
