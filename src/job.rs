@@ -19,13 +19,13 @@ pub enum Fallback {
     Off,
 }
 
-/// A piece of a request body: bytes copied from nginx's memory buffers, a buffer taken
-/// over from nginx without a copy, or a range of the temp file nginx spilled the body to
-/// (read by the GPU thread, not the event loop).
+/// A piece of a request body: bytes copied from nginx's memory buffers, a range of nginx's
+/// body buffer shared with it (see `body.rs`), or a range of the temp file nginx spilled the
+/// body to (read by the GPU thread, not the event loop).
 #[derive(Debug)]
 pub enum Segment {
     Memory(Vec<u8>),
-    Taken(TakenBuf),
+    Shared(SharedBuf),
     File {
         file: Arc<File>,
         offset: u64,
@@ -33,36 +33,62 @@ pub enum Segment {
     },
 }
 
-/// A malloc'd block taken over from nginx (see `body.rs`), freed when dropped, and the
-/// body bytes inside it.
+/// A malloc'd block of nginx's request pool whose freeing the pool handed over: freed when
+/// the last reference (the pool's cleanup, or a job) goes.
 #[derive(Debug)]
-pub struct TakenBuf {
-    block: *mut u8,
+pub struct PoolBlock {
+    start: *mut u8,
+}
+
+// SAFETY: once shared, nobody writes the block (nginx has read the whole body into it) and
+// exactly one owner frees it, on whichever thread drops the last reference.
+unsafe impl Send for PoolBlock {}
+unsafe impl Sync for PoolBlock {}
+
+impl PoolBlock {
+    /// # Safety
+    /// `start` came from malloc, nothing else frees it, and nothing writes it any more.
+    pub unsafe fn new(start: *mut u8) -> PoolBlock {
+        PoolBlock { start }
+    }
+
+    pub fn start(&self) -> *mut u8 {
+        self.start
+    }
+}
+
+impl Drop for PoolBlock {
+    fn drop(&mut self) {
+        // SAFETY: see new(); this is the last reference.
+        unsafe { libc::free(self.start.cast()) };
+    }
+}
+
+/// Body bytes inside a shared pool block.
+#[derive(Debug)]
+pub struct SharedBuf {
+    _block: Arc<PoolBlock>,
     data: *const u8,
     len: usize,
 }
 
-// SAFETY: the block is owned exclusively (nginx no longer refers to it) and only read.
-unsafe impl Send for TakenBuf {}
+// SAFETY: the bytes are only read, and the Arc keeps the block alive.
+unsafe impl Send for SharedBuf {}
 
-impl TakenBuf {
+impl SharedBuf {
     /// # Safety
-    /// `block` came from malloc and nothing else frees or writes it; `data..data+len`
-    /// lies inside it.
-    pub unsafe fn new(block: *mut u8, data: *const u8, len: usize) -> TakenBuf {
-        TakenBuf { block, data, len }
+    /// `data..data+len` lies inside `block`.
+    pub unsafe fn new(block: Arc<PoolBlock>, data: *const u8, len: usize) -> SharedBuf {
+        SharedBuf {
+            _block: block,
+            data,
+            len,
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: see new().
         unsafe { std::slice::from_raw_parts(self.data, self.len) }
-    }
-}
-
-impl Drop for TakenBuf {
-    fn drop(&mut self) {
-        // SAFETY: the block came from malloc (nginx's ngx_alloc) and is owned here.
-        unsafe { libc::free(self.block.cast()) };
     }
 }
 
@@ -77,7 +103,7 @@ impl Body {
     pub fn push(&mut self, segment: Segment) {
         self.len += match &segment {
             Segment::Memory(v) => v.len() as u64,
-            Segment::Taken(t) => t.len as u64,
+            Segment::Shared(t) => t.len as u64,
             Segment::File { len, .. } => *len,
         };
         self.segments.push(segment);
@@ -105,7 +131,7 @@ impl Body {
         for s in &self.segments {
             let seg_len = match s {
                 Segment::Memory(v) => v.len() as u64,
-                Segment::Taken(t) => t.len as u64,
+                Segment::Shared(t) => t.len as u64,
                 Segment::File { len, .. } => *len,
             };
             let seg_end = seg_start + seg_len;
@@ -116,7 +142,7 @@ impl Body {
                     Segment::Memory(v) => {
                         dst[at..at + n].copy_from_slice(&v[from as usize..from as usize + n])
                     }
-                    Segment::Taken(t) => dst[at..at + n]
+                    Segment::Shared(t) => dst[at..at + n]
                         .copy_from_slice(&t.as_slice()[from as usize..from as usize + n]),
                     Segment::File { file, offset, .. } => {
                         file.read_exact_at(&mut dst[at..at + n], offset + from)?
@@ -281,25 +307,43 @@ mod tests {
     }
 
     #[test]
-    fn a_taken_buffer_reads_its_range_and_is_freed() {
-        // SAFETY: a fresh malloc'd block, owned by the TakenBuf from here on.
-        let taken = unsafe {
-            let block = libc::malloc(100) as *mut u8;
+    fn a_shared_block_reads_its_ranges_and_is_freed_by_its_last_owner() {
+        // SAFETY: a fresh malloc'd block, owned by the PoolBlock from here on.
+        let block = unsafe {
+            let p = libc::malloc(100) as *mut u8;
             for i in 0..100 {
-                *block.add(i) = i as u8;
+                *p.add(i) = i as u8;
             }
-            TakenBuf::new(block, block.add(10), 50)
+            Arc::new(PoolBlock::new(p))
         };
+        let start = block.start();
         let mut body = Body::default();
         body.push(Segment::Memory(b"ab".to_vec()));
-        body.push(Segment::Taken(taken));
-        assert_eq!(body.len(), 52);
+        // SAFETY: both ranges lie inside the 100-byte block.
+        unsafe {
+            body.push(Segment::Shared(SharedBuf::new(
+                block.clone(),
+                start.add(10),
+                50,
+            )));
+            body.push(Segment::Shared(SharedBuf::new(
+                block.clone(),
+                start.add(90),
+                10,
+            )));
+        }
+        assert_eq!(body.len(), 62);
         let v = body.to_vec().unwrap();
         assert_eq!(&v[..2], b"ab");
-        assert_eq!(v[2..], (10u8..60).collect::<Vec<_>>()[..]);
+        assert_eq!(v[2..52], (10u8..60).collect::<Vec<_>>()[..]);
+        assert_eq!(v[52..], (90u8..100).collect::<Vec<_>>()[..]);
         let mut part = [0u8; 5];
         body.read_range_into(20, &mut part).unwrap();
         assert_eq!(part, [28, 29, 30, 31, 32]);
+        // The pool's reference and the body's two: the block outlives whichever goes first.
+        assert_eq!(Arc::strong_count(&block), 3);
+        drop(body);
+        assert_eq!(Arc::strong_count(&block), 1);
     }
 
     #[test]

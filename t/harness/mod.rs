@@ -166,6 +166,24 @@ impl Nginx {
         std::fs::read_to_string(self.prefix.join("logs/error.log")).unwrap_or_default()
     }
 
+    /// A file under the prefix's logs/ (an access log the test configured).
+    pub fn log_file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.prefix.join("logs").join(name)).unwrap_or_default()
+    }
+
+    /// Waits until logs/`name` has at least `n` lines, and returns them.
+    pub fn wait_log_lines(&self, name: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.log_file(name);
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the error log contains `needle`.
     pub fn wait_log(&self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -395,4 +413,163 @@ impl Rng {
 /// `blake3` crate, independent of the module.
 pub fn b3(data: &[u8]) -> String {
     format!("{}\n", blake3::hash(data).to_hex())
+}
+
+/// A tiny HTTP/1 upstream for proxy tests: answers every request with the BLAKE3 hex of
+/// the body it received (as b3sum prints it) and records what it received.
+pub struct Upstream {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = received.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { return };
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    if let Some((path, body)) = read_request(&mut s) {
+                        let answer = b3(&body);
+                        rec.lock().unwrap().push((path, body));
+                        let _ = s.write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                                 Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                                answer.len()
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                });
+            }
+        });
+        Upstream { port, received }
+    }
+
+    /// The requests received so far: (path, body).
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests have arrived (or 20 s), and returns them.
+    pub fn wait_for(&self, n: usize) -> Vec<(String, Vec<u8>)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.received.lock().unwrap().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.received()
+    }
+}
+
+/// Reads one HTTP/1 request (Content-Length or chunked body) from `s`.
+fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    let head_end = loop {
+        if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+    let header = |name: &str| {
+        head.split("\r\n").skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut body = raw[head_end + 4..].to_vec();
+    let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    if chunked {
+        while !body.windows(5).any(|w| w == b"0\r\n\r\n") {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n]);
+        }
+        return Some((path, dechunk(&body)));
+    }
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while body.len() < len {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    body.truncate(len);
+    Some((path, body))
+}
+
+/// POSTs `body` with Content-Length, written in `parts` pieces with `pause` between them, so
+/// that nginx reads it in several reads.
+pub fn post_slowly(addr: &str, path: &str, body: &[u8], parts: usize, pause: Duration) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.set_nodelay(true).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let step = body.len().div_ceil(parts.max(1)).max(1);
+    for part in body.chunks(step) {
+        std::thread::sleep(pause);
+        s.write_all(part).unwrap();
+    }
+    read_response(&mut s, false)
+}
+
+/// Random printable ASCII (letters), for bodies that are compared after passing through a
+/// log file.
+pub fn letters(rng: &mut Rng, n: usize) -> Vec<u8> {
+    rng.bytes(n).into_iter().map(|b| b'a' + b % 26).collect()
+}
+
+/// An HTTP/2 (h2c, prior knowledge) POST through curl: (status, body).
+pub fn post_h2(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!(
+        "ngx-gpu-h2-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inp, out) = (dir.join("in"), dir.join("out"));
+    std::fs::write(&inp, body).unwrap();
+    let res = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--max-time", "60"])
+        .arg("--data-binary")
+        .arg(format!("@{}", inp.display()))
+        .arg("-o")
+        .arg(&out)
+        .args(["-w", "%{http_code} %{http_version}"])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl is installed (t/deps.sh --tests)");
+    let w = String::from_utf8_lossy(&res.stdout).into_owned();
+    let (code, version) = w.split_once(' ').unwrap_or(("0", ""));
+    assert_eq!(
+        version, "2",
+        "curl did not speak HTTP/2: {w} {:?}",
+        res.stderr
+    );
+    let got = std::fs::read(&out).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (code.parse().unwrap_or(0), got)
 }
