@@ -55,6 +55,7 @@ fn pump(
                     delay: Duration::ZERO,
                 },
                 body,
+                timeout: Duration::from_secs(60),
                 cancelled: Default::default(),
                 queued_at: Instant::now(),
             };
@@ -84,7 +85,7 @@ fn main() {
     let ptx: Arc<str> = compile_kernels(KERNEL_SOURCE)
         .expect("kernels compile")
         .into();
-    let mut gpu = match Gpu::open(&ptx) {
+    let mut gpu = match Gpu::open(&ptx, 1 << 30) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("no usable GPU: {e}");
@@ -107,13 +108,10 @@ fn main() {
     }
     drop(gpu);
 
-    let cfg = Config {
-        queue_size: 4096,
-        batch_bytes: 16 * MIB as u64,
-        poll: Duration::ZERO,
-    };
-    let gpu_t = GpuThread::spawn(cfg, Kernels::Ptx(ptx.clone())).expect("thread");
-    let cpu_t = GpuThread::spawn(cfg, Kernels::Unavailable("benchmark".into())).expect("thread");
+    let cfg = Config::new(16 * MIB as u64, Duration::ZERO, 1 << 30);
+    let gpu_t = GpuThread::spawn(cfg.clone(), Kernels::Ptx(ptx.clone())).expect("thread");
+    let cpu_t =
+        GpuThread::spawn(cfg.clone(), Kernels::Unavailable("benchmark".into())).expect("thread");
 
     let big = data(16 * MIB, 7);
     let want = *::blake3::hash(&big).as_bytes();

@@ -9,6 +9,8 @@ use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
+use std::sync::Arc;
+
 use crate::handler::gpu_content_handler;
 use crate::job::Fallback;
 use crate::ngx_http_gpu_module;
@@ -25,6 +27,9 @@ pub const MAX_BATCH_BYTES: usize = 1 << 30;
 const UNSET_SIZE: usize = usize::MAX;
 pub const DEFAULT_POLL_US: usize = 0;
 pub const MAX_POLL_US: usize = 10_000;
+pub const DEFAULT_PINNED_LIMIT: usize = 256 << 20;
+pub const MIN_PINNED_LIMIT: usize = 4 << 20;
+pub const MAX_PINNED_LIMIT: usize = 64 << 30;
 
 /// http-level settings; one per configuration, shared by every worker.
 #[repr(C)]
@@ -35,8 +40,17 @@ pub struct MainConf {
     pub batch_bytes: usize,
     /// `gpu_poll`, in microseconds.
     pub poll_us: usize,
+    /// `gpu_pinned_limit`: the most pinned host memory one worker's batches may hold.
+    pub pinned_limit: usize,
     /// Whether any location uses `gpu_process` (else no GPU thread is started).
     pub used: bool,
+    /// The largest `gpu_batch_size` of a `gpu_process` location (for the memory bound).
+    pub max_batch_size: usize,
+    /// This configuration's compiled kernels (PTX), or why there are none. Kept with the
+    /// configuration, not in a process-wide variable: a reload that fails after compiling
+    /// leaves the running configuration's kernels as they were, for workers the master
+    /// starts later.
+    pub kernels: Option<Result<Arc<str>, String>>,
 }
 
 #[repr(C)]
@@ -49,11 +63,21 @@ pub struct LocConf {
     pub batch_size: usize,
     /// `gpu_batch_delay`, in ms: how long the oldest request may wait for a fuller batch.
     pub batch_delay: ngx_msec_t,
+    /// `gpu_client_eof`: what a client's end of input means while its job waits.
+    pub client_eof: Option<ClientEof>,
+}
+
+/// `gpu_client_eof`: whether a client that closes its sending side (while its request's
+/// job waits) still gets the answer, or is taken as gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientEof {
+    Answer,
+    Cancel,
 }
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 9] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 11] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -75,7 +99,7 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 9] = [
         name: ngx_string!("gpu_timeout"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
             as ngx_uint_t,
-        set: Some(ngx_conf_set_msec_slot),
+        set: Some(cmd_gpu_timeout),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: offset_of!(LocConf, timeout),
         post: ptr::null_mut(),
@@ -115,6 +139,23 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 9] = [
         post: ptr::null_mut(),
     },
     ngx_command_t {
+        name: ngx_string!("gpu_pinned_limit"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_gpu_pinned_limit),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_client_eof"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(cmd_gpu_client_eof),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
         name: ngx_string!("gpu_poll"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(cmd_gpu_poll),
@@ -127,15 +168,25 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 9] = [
 
 /* configuration constructors */
 
-/// Allocates `value` in the configuration pool.
+/// Allocates `value` in the configuration pool; it is dropped when the pool is destroyed
+/// (the configuration's cycle ends).
 unsafe fn alloc_conf<T>(cf: *mut ngx_conf_t, value: T) -> *mut c_void {
     let p = ngx_pcalloc((*cf).pool, size_of::<T>()) as *mut T;
-    if !p.is_null() {
-        // SAFETY: p is fresh, aligned (pool allocations are NGX_ALIGNMENT-aligned) and
-        // large enough. The types stored here need no drop.
-        ptr::write(p, value);
+    let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+    if p.is_null() || cln.is_null() {
+        return ptr::null_mut();
     }
+    // SAFETY: p is fresh, aligned (pool allocations are NGX_ALIGNMENT-aligned) and large
+    // enough.
+    ptr::write(p, value);
+    (*cln).handler = Some(drop_conf::<T>);
+    (*cln).data = p.cast();
     p.cast()
+}
+
+unsafe extern "C" fn drop_conf<T>(data: *mut c_void) {
+    // SAFETY: written by alloc_conf; pool cleanups run once.
+    ptr::drop_in_place(data as *mut T);
 }
 
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
@@ -145,7 +196,10 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             queue_size: NGX_CONF_UNSET as ngx_int_t,
             batch_bytes: UNSET_SIZE,
             poll_us: UNSET_SIZE,
+            pinned_limit: UNSET_SIZE,
             used: false,
+            max_batch_size: 0,
+            kernels: None,
         },
     )
 }
@@ -161,6 +215,9 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
     if mcf.poll_us == UNSET_SIZE {
         mcf.poll_us = DEFAULT_POLL_US;
     }
+    if mcf.pinned_limit == UNSET_SIZE {
+        mcf.pinned_limit = DEFAULT_PINNED_LIMIT;
+    }
     NGX_CONF_OK
 }
 
@@ -173,12 +230,13 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             timeout: UNSET_MSEC,
             batch_size: UNSET_SIZE,
             batch_delay: UNSET_MSEC,
+            client_eof: None,
         },
     )
 }
 
 pub unsafe extern "C" fn merge_loc_conf(
-    _cf: *mut ngx_conf_t,
+    cf: *mut ngx_conf_t,
     prev: *mut c_void,
     conf: *mut c_void,
 ) -> *mut c_char {
@@ -200,6 +258,13 @@ pub unsafe extern "C" fn merge_loc_conf(
         } else {
             prev.batch_size
         };
+    }
+    if conf.client_eof.is_none() {
+        conf.client_eof = Some(prev.client_eof.unwrap_or(ClientEof::Answer));
+    }
+    if conf.op.is_some() {
+        let mcf = main_conf_of(cf);
+        mcf.max_batch_size = mcf.max_batch_size.max(conf.batch_size);
     }
     NGX_CONF_OK
 }
@@ -282,6 +347,117 @@ unsafe extern "C" fn cmd_gpu_fallback(
     NGX_CONF_OK
 }
 
+/// nginx's time syntax (`ngx_conf_set_msec_slot`), more than zero: a zero timeout would
+/// answer every request with 504.
+unsafe extern "C" fn cmd_gpu_timeout(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let rv = ngx_conf_set_msec_slot(cf, cmd, conf);
+    if rv != NGX_CONF_OK {
+        return rv;
+    }
+    if (*(conf as *mut LocConf)).timeout == 0 {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid value \"{}\" in \"gpu_timeout\" directive, it must be more than 0",
+            args(cf)[0]
+        );
+        return NGX_CONF_ERROR;
+    }
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_client_eof(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lcf = &mut *(conf as *mut LocConf);
+    if lcf.client_eof.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // NGX_CONF_TAKE1 ensures that there is exactly one argument.
+    lcf.client_eof = match args(cf)[0] {
+        "answer" => Some(ClientEof::Answer),
+        "cancel" => Some(ClientEof::Cancel),
+        other => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{other}\" in \"gpu_client_eof\" directive, it must be \"answer\" or \"cancel\""
+            );
+            return NGX_CONF_ERROR;
+        }
+    };
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_gpu_pinned_limit(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.pinned_limit != UNSET_SIZE {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // SAFETY: cf->args holds the directive's name and its one argument.
+    let value = &mut (*(*cf).args).as_slice_mut::<ngx_str_t>()[1];
+    let n = ngx_parse_offset(value);
+    if n < 0 || (n as usize) < MIN_PINNED_LIMIT || n as usize > MAX_PINNED_LIMIT {
+        let v = core::str::from_utf8(value.as_bytes()).unwrap_or("\u{fffd}");
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "invalid value \"{v}\" in \"gpu_pinned_limit\" directive, it must be a size from 4m to 64g"
+        );
+        return NGX_CONF_ERROR;
+    }
+    mcf.pinned_limit = n as usize;
+    NGX_CONF_OK
+}
+
+/// The most pinned host memory one worker's batches can take with these settings, over
+/// every op (see `gpu::buffers::pinned_worst_case`).
+pub fn pinned_worst_case(batch_bytes: usize, max_batch_size: usize) -> usize {
+    crate::gpu::buffers::pinned_worst_case(
+        crate::gpu::SLOTS,
+        batch_bytes,
+        max_batch_size.max(1),
+        |n| Op::ALL.iter().map(|op| op.desc_len(n)).max().unwrap_or(0),
+        |n, data| {
+            Op::ALL
+                .iter()
+                .map(|op| op.out_len(n, data as u64))
+                .max()
+                .unwrap_or(0)
+        },
+    )
+}
+
+/// The check that spans directives: the batches the configuration allows fit in
+/// `gpu_pinned_limit` (false, with an `[emerg]`, if not). Called from postconfiguration.
+pub unsafe fn check_pinned(cf: *mut ngx_conf_t) -> bool {
+    let mcf = main_conf_of(cf);
+    let need = pinned_worst_case(mcf.batch_bytes, mcf.max_batch_size);
+    if need > mcf.pinned_limit {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "gpu: \"gpu_batch_bytes\" {}k with \"gpu_batch_size\" up to {} needs up to {} MiB of pinned memory per worker, more than \"gpu_pinned_limit\" {} MiB: lower gpu_batch_bytes or raise gpu_pinned_limit",
+            mcf.batch_bytes >> 10,
+            mcf.max_batch_size,
+            need >> 20,
+            mcf.pinned_limit >> 20
+        );
+        return false;
+    }
+    true
+}
+
 unsafe extern "C" fn cmd_gpu_batch_size(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -317,7 +493,7 @@ unsafe extern "C" fn cmd_gpu_batch_bytes(
     }
     // SAFETY: cf->args holds the directive's name and its one argument.
     let value = &mut (*(*cf).args).as_slice_mut::<ngx_str_t>()[1];
-    let n = ngx_parse_size(value);
+    let n = ngx_parse_offset(value);
     let min = crate::batch::MIN_BATCH_BYTES as usize;
     if n < 0 || (n as usize) < min || n as usize > MAX_BATCH_BYTES {
         let v = core::str::from_utf8(value.as_bytes()).unwrap_or("\u{fffd}");

@@ -1,25 +1,39 @@
-//! The worker's GPU thread: takes jobs from a bounded channel, forms batches (`batch.rs`),
-//! runs them on the GPU with several batches in flight (or on the CPU when there is no
+//! The worker's GPU thread: takes jobs from a channel, forms batches (`batch.rs`), runs
+//! them on the device with several batches in flight (or on the CPU when there is no
 //! usable GPU and `gpu_fallback cpu`), and sends each request's result back over a
 //! channel, waking the event loop through the eventfd.
 //!
-//! The thread waits on one `select`: new jobs, GPU slots reported done by the driver, and
-//! the moment a held-back batch falls due (`gpu_batch_delay`). Whenever a slot is free and
-//! a batch is due, it packs the batch into the slot's pinned buffer and launches it without
-//! waiting, so it packs the next batch while the GPU runs the last one.
+//! The thread waits on one `select`: new jobs, slots reported done by the driver, and a
+//! timer (a held-back batch falling due, a batch's deadline, a retry of opening the
+//! device, trimming idle buffers). Whenever a slot is free and a batch is due, it packs the
+//! batch into the slot's pinned buffer and launches it without waiting, so it packs the
+//! next batch while the GPU runs the last one.
+//!
+//! Failures, and what each costs:
+//! - a transient CUDA failure (out of memory, a refused launch) fails that batch: its
+//!   requests take the CPU path (`gpu_fallback cpu`) or get 503 (`off`); the device stays;
+//! - a lost device (a sticky CUDA error, or a batch past its deadline: a kernel cannot be
+//!   stopped) fails the batches in flight the same way, gives the device up without
+//!   waiting for it, and asks for a fresh worker: CUDA documents these errors as leaving
+//!   the context unusable for the rest of the process;
+//! - a device that cannot be opened yet (busy, out of memory, MPS not ready) is retried
+//!   with backoff, serving meanwhile as `gpu_fallback` says;
+//! - a panic anywhere on the thread is caught by its supervisor: every request the thread
+//!   holds is answered (CPU path, or 500), its state starts afresh, and after repeated
+//!   panics it asks for a fresh worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, never, select, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{never, select, unbounded, Receiver, Sender, TrySendError};
 
 use crate::batch::{align, pieces_of, Batch, Piece, Queue};
-use crate::gpu::{no_panic, Gpu, GpuError};
-use crate::job::{Completion, Device, Event, Fallback, Job, JobError, Level};
+use crate::gpu::{no_panic, panic_message, Device, Gpu, GpuError, Memory};
+use crate::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
 use crate::notify::Notifier;
 use crate::ops::{Assembly, Output, Staged};
 use crate::stats::{self, Stats};
@@ -29,54 +43,106 @@ use crate::stats::{self, Stats};
 pub enum Kernels {
     Ptx(Arc<str>),
     Unavailable(String),
+    /// The test device of `gpu/fake.rs` (tests, fault-injection builds).
+    #[cfg(any(test, feature = "fault-injection"))]
+    Fake,
 }
 
 /// Per-worker settings of the thread.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Config {
-    /// `gpu_queue_size`: the channel's capacity.
-    pub queue_size: usize,
     /// `gpu_batch_bytes`: the most body bytes in one batch.
     pub batch_bytes: u64,
     /// `gpu_poll`: how long the thread spins on in-flight batches and new jobs before it
     /// sleeps (zero: it sleeps at once and the driver's callback wakes it).
     pub poll: Duration,
+    /// `gpu_pinned_limit`: the most pinned host memory the device's slots may hold.
+    pub pinned_limit: usize,
+    /// Buffers larger than what batches needed over this long are freed.
+    pub trim_after: Duration,
+    /// At exit, how long batches still running are waited for before the device is
+    /// abandoned.
+    pub exit_wait: Duration,
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub faults: crate::faults::Plan,
+}
+
+impl Config {
+    pub fn new(batch_bytes: u64, poll: Duration, pinned_limit: usize) -> Config {
+        Config {
+            batch_bytes,
+            poll,
+            pinned_limit,
+            trim_after: TRIM_AFTER,
+            exit_wait: EXIT_WAIT,
+            #[cfg(any(test, feature = "fault-injection"))]
+            faults: Default::default(),
+        }
+    }
 }
 
 /// How often the thread looks at in-flight batches when the driver has not reported them
 /// done: a failed device may never call back.
 const STALL_CHECK: Duration = Duration::from_secs(1);
+/// A batch's deadline is its requests' longest `gpu_timeout`, but never shorter than this:
+/// a request's own short timeout answers it with 504; it does not make a GPU "hung".
+pub const MIN_DEADLINE: Duration = Duration::from_secs(1);
+/// Default for `Config::trim_after`.
+pub const TRIM_AFTER: Duration = Duration::from_secs(30);
+/// Retries of opening the device wait 1 s, 2 s, 4 s ... up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// This many panics within `PANIC_WINDOW` ask for a fresh worker.
+const PANIC_LIMIT: usize = 3;
+const PANIC_WINDOW: Duration = Duration::from_secs(60);
+/// At exit, in-flight batches are waited for this long at most, then abandoned.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
 
 pub struct GpuThread {
     jobs: Option<Sender<Job>>,
     events: Receiver<Event>,
     notifier: Arc<Notifier>,
     stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
     stats: Arc<Stats>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl GpuThread {
     pub fn spawn(config: Config, kernels: Kernels) -> io::Result<GpuThread> {
-        let (job_tx, job_rx) = bounded::<Job>(config.queue_size.max(1));
+        // Unbounded: the event loop bounds what it holds (`gpu_queue_size`), so nothing is
+        // allocated up front for a bound that is rarely reached.
+        let (job_tx, job_rx) = unbounded::<Job>();
         let (ev_tx, ev_rx) = unbounded::<Event>();
         let notifier = Arc::new(Notifier::new()?);
         let stop = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
         let out = Outbox {
             tx: ev_tx,
             notifier: notifier.clone(),
         };
-        let stop2 = stop.clone();
         let stats = Arc::new(Stats::default());
-        let stats2 = stats.clone();
-        let handle = std::thread::Builder::new()
-            .name("nginx-gpu".into())
-            .spawn(move || run(job_rx, out, stop2, kernels, config, stats2))?;
+        let (stop2, alive2, stats2) = (stop.clone(), alive.clone(), stats.clone());
+        // Signals go to nginx's own thread only (nginx blocks them in its thread pools as
+        // well): this thread, and the CUDA driver threads it starts, inherit the mask.
+        let handle = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("nginx-gpu".into())
+                .spawn(move || {
+                    let guard = Alive {
+                        alive: alive2,
+                        out: out.clone(),
+                        stop: stop2.clone(),
+                    };
+                    supervise(job_rx, out, stop2, kernels, config, stats2);
+                    drop(guard);
+                })
+        })?;
         Ok(GpuThread {
             jobs: Some(job_tx),
             events: ev_rx,
             notifier,
             stop,
+            alive,
             stats,
             handle: Some(handle),
         })
@@ -86,16 +152,18 @@ impl GpuThread {
         &self.stats
     }
 
-    /// Queues a job without blocking; a full queue hands the job back.
+    /// Whether the thread is still running (it ends only when stopped, or if its
+    /// supervisor itself failed).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Queues a job without blocking; a stopped thread hands the job back.
     pub fn submit(&self, job: Job) -> Result<(), TrySendError<Job>> {
         match &self.jobs {
             Some(tx) => tx.try_send(job),
             None => Err(TrySendError::Disconnected(job)),
         }
-    }
-
-    pub fn queued(&self) -> usize {
-        self.jobs.as_ref().map_or(0, Sender::len)
     }
 
     pub fn wake_fd(&self) -> std::os::fd::RawFd {
@@ -125,6 +193,26 @@ impl Drop for GpuThread {
     }
 }
 
+/// Runs `f` (which starts a thread) with every asynchronous signal blocked, so that the
+/// new thread inherits that mask; the caller's mask is restored afterwards.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain signal-mask calls on sets this function owns.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        // Faults raised by the thread itself must still reach it.
+        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+            libc::sigdelset(&mut all, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        r
+    }
+}
+
+#[derive(Clone)]
 struct Outbox {
     tx: Sender<Event>,
     notifier: Arc<Notifier>,
@@ -142,6 +230,55 @@ impl Outbox {
     }
 }
 
+/// Clears `alive` when the thread ends, and tells the event loop if that was not asked for.
+struct Alive {
+    alive: Arc<AtomicBool>,
+    out: Outbox,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+        if !self.stop.load(Ordering::Acquire) {
+            self.out.send(Event::Stopped);
+        }
+    }
+}
+
+/// The thread's body: steps of the loop under a supervisor that catches panics.
+fn supervise(
+    jobs: Receiver<Job>,
+    out: Outbox,
+    stop: Arc<AtomicBool>,
+    kernels: Kernels,
+    config: Config,
+    stats: Arc<Stats>,
+) {
+    let mut st = State::new(out, config, stats, kernels);
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.open_device()));
+    if let Err(p) = started {
+        st.recover(panic_message(&*p));
+    }
+    while !stop.load(Ordering::Acquire) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.step(&jobs))) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(p) => {
+                let msg = panic_message(&*p).to_string();
+                let recovered =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.recover(&msg)));
+                if recovered.is_err() {
+                    // Nothing sensible is left to do here: the Alive guard tells the
+                    // event loop, which answers what it holds and asks for a fresh worker.
+                    return;
+                }
+            }
+        }
+    }
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.shutdown()));
+}
+
 /// A job the thread holds, from its arrival until its answer.
 struct Active {
     job: Job,
@@ -151,146 +288,306 @@ struct Active {
     assembly: Option<Assembly>,
 }
 
-/// A batch on a GPU slot.
+/// A batch on a GPU slot. A batch whose requests were answered elsewhere (the thread
+/// panicked while it ran) has no pieces: the slot stays busy until the device is done.
 struct InFlight {
     batch: Batch,
     staged: Vec<Staged>,
     launched: Instant,
+    deadline: Instant,
+}
+
+/// Whether and when to try opening the device again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Opener {
+    Open,
+    Retry { at: Instant, attempt: u32 },
+    Never,
 }
 
 struct State {
     queue: Queue,
     active: HashMap<u64, Active>,
-    gpu: Option<Gpu>,
+    device: Option<Box<dyn Device>>,
+    opener: Opener,
+    kernels: Kernels,
     done: Receiver<usize>,
     in_flight: Vec<Option<InFlight>>,
     out: Outbox,
     stats: Arc<Stats>,
-    poll: Duration,
+    config: Config,
+    next_trim: Instant,
+    /// Batches launched on a device so far (fault plans count them).
+    launches: u64,
+    panics: VecDeque<Instant>,
     /// Reused buffers of the CPU path.
     scratch_in: Vec<u8>,
     scratch_out: Vec<u8>,
 }
 
-fn run(
-    jobs: Receiver<Job>,
-    out: Outbox,
-    stop: Arc<AtomicBool>,
-    kernels: Kernels,
-    config: Config,
-    stats: Arc<Stats>,
-) {
-    let gpu = match kernels {
-        Kernels::Ptx(ptx) => match Gpu::open(&ptx) {
-            Ok(g) => {
-                out.log(Level::Notice, format!("gpu: using {}", g.info));
-                Some(g)
-            }
-            Err(e) => {
-                out.log(
-                    Level::Warn,
-                    format!("gpu: no usable GPU in this worker: {e}"),
-                );
-                None
-            }
-        },
-        Kernels::Unavailable(why) => {
-            out.log(
-                Level::Warn,
-                format!("gpu: no usable GPU in this worker: {why}"),
-            );
-            None
-        }
-    };
-    let mut st = State::new(gpu, out, config, stats);
-
-    loop {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        st.dispatch();
-        let busy = st.in_flight.iter().any(Option::is_some);
-        if busy && !st.poll.is_zero() && st.spin(&jobs) {
-            continue;
-        }
-        let free = st.in_flight.iter().any(Option::is_none);
-        let now = Instant::now();
-        let mut wait = if busy { Some(STALL_CHECK) } else { None };
-        if free {
-            if let Some(due) = st.queue.next_due() {
-                let d = due.saturating_duration_since(now);
-                wait = Some(wait.map_or(d, |w: Duration| w.min(d)));
-            }
-        }
-        let timeout = match wait {
-            Some(d) => crossbeam_channel::after(d),
-            None => never(),
-        };
-        let done = st.done.clone();
-        select! {
-            recv(jobs) -> msg => match msg {
-                Ok(job) => st.arrive(job),
-                Err(_) => break,
-            },
-            recv(done) -> msg => {
-                if let Ok(slot) = msg {
-                    st.retire(slot);
-                }
-            },
-            recv(timeout) -> _ => st.check_stalled(),
-        }
-        // Take everything else that is ready now, so that it joins the next batch.
-        while let Ok(job) = jobs.try_recv() {
-            st.arrive(job);
-        }
-        while let Ok(slot) = st.done.try_recv() {
-            st.retire(slot);
-        }
-    }
-
-    if let Some(g) = st.gpu.take() {
-        let _ = no_panic("releasing the GPU", || {
-            drop(g);
-            Ok(())
-        });
-    }
-}
-
 impl State {
-    fn new(gpu: Option<Gpu>, out: Outbox, config: Config, stats: Arc<Stats>) -> State {
+    fn new(out: Outbox, config: Config, stats: Arc<Stats>, kernels: Kernels) -> State {
         State {
             queue: Queue::new(config.batch_bytes),
             active: HashMap::new(),
-            done: gpu.as_ref().map_or_else(never, |g| g.done().clone()),
-            in_flight: (0..gpu.as_ref().map_or(1, Gpu::slots))
-                .map(|_| None)
-                .collect(),
-            gpu,
+            device: None,
+            opener: Opener::Retry {
+                at: Instant::now(),
+                attempt: 1,
+            },
+            kernels,
+            done: never(),
+            in_flight: vec![None],
             out,
             stats,
-            poll: config.poll,
+            next_trim: Instant::now() + config.trim_after,
+            config,
+            launches: 0,
+            panics: VecDeque::new(),
             scratch_in: Vec::new(),
             scratch_out: Vec::new(),
         }
     }
 
+    /// Tries to open the device, logging the outcome; schedules a retry when that may help.
+    fn open_device(&mut self) {
+        let Opener::Retry { attempt, .. } = self.opener else {
+            return;
+        };
+        let opened: Result<Box<dyn Device>, GpuError> = match &self.kernels {
+            Kernels::Unavailable(why) => Err(GpuError::Unavailable(why.clone())),
+            Kernels::Ptx(ptx) => {
+                if self.injected_open_failure(attempt) {
+                    Err(GpuError::Busy(
+                        "opening the device: injected failure".into(),
+                    ))
+                } else {
+                    Gpu::open(ptx, self.config.pinned_limit).map(|g| Box::new(g) as _)
+                }
+            }
+            #[cfg(any(test, feature = "fault-injection"))]
+            Kernels::Fake => {
+                if self.injected_open_failure(attempt) {
+                    Err(GpuError::Busy(
+                        "opening the device: injected failure".into(),
+                    ))
+                } else {
+                    Ok(Box::new(crate::gpu::fake::FakeDevice::new(
+                        self.config.pinned_limit,
+                    )))
+                }
+            }
+        };
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        match opened {
+            Ok(device) => {
+                let after = if attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                self.out.log(
+                    Level::Notice,
+                    format!("gpu: using {}{after}", device.info()),
+                );
+                self.done = device.done().clone();
+                self.in_flight = (0..device.slots()).map(|_| None).collect();
+                self.device = Some(device);
+                self.opener = Opener::Open;
+            }
+            Err(e @ GpuError::Busy(_)) => {
+                let wait = Duration::from_secs(1 << (attempt - 1).min(6)).min(MAX_BACKOFF);
+                // The first failure is worth a warning; the retries are routine.
+                let level = if attempt == 1 {
+                    Level::Warn
+                } else {
+                    Level::Info
+                };
+                self.out.log(
+                    level,
+                    format!(
+                        "gpu: no usable GPU in this worker yet: {e}; trying again in {}s \
+                         (gpu_fallback applies meanwhile)",
+                        wait.as_secs()
+                    ),
+                );
+                self.opener = Opener::Retry {
+                    at: Instant::now() + wait,
+                    attempt: attempt + 1,
+                };
+            }
+            Err(e) => {
+                self.out.log(
+                    Level::Warn,
+                    format!("gpu: no usable GPU in this worker: {e}"),
+                );
+                self.opener = Opener::Never;
+            }
+        }
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn injected_open_failure(&self, attempt: u32) -> bool {
+        attempt <= self.config.faults.open_failures
+    }
+
+    #[cfg(not(any(test, feature = "fault-injection")))]
+    fn injected_open_failure(&self, _attempt: u32) -> bool {
+        false
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn planned_fault(&self) -> Option<crate::faults::Fault> {
+        self.config.faults.at_batch(self.launches)
+    }
+
+    #[cfg(not(any(test, feature = "fault-injection")))]
+    fn planned_fault(&self) -> Option<std::convert::Infallible> {
+        None
+    }
+
+    /// One turn of the loop: launch what is due, then wait for something to happen.
+    /// False when the job channel is gone (the worker is stopping).
+    fn step(&mut self, jobs: &Receiver<Job>) -> bool {
+        if let Opener::Retry { at, .. } = self.opener {
+            if Instant::now() >= at {
+                self.open_device();
+            }
+        }
+        self.dispatch();
+        let busy = self.in_flight.iter().any(Option::is_some);
+        if busy && !self.config.poll.is_zero() && self.spin(jobs) {
+            return true;
+        }
+        let timeout = match self.next_wake() {
+            Some(at) => crossbeam_channel::at(at),
+            None => never(),
+        };
+        let done = self.done.clone();
+        select! {
+            recv(jobs) -> msg => match msg {
+                Ok(job) => self.arrive(job),
+                Err(_) => return false,
+            },
+            recv(done) -> msg => {
+                if let Ok(slot) = msg {
+                    self.retire(slot);
+                }
+            },
+            recv(timeout) -> _ => self.tick(),
+        }
+        // Take everything else that is ready now, so that it joins the next batch.
+        while let Ok(job) = jobs.try_recv() {
+            self.arrive(job);
+        }
+        while let Ok(slot) = self.done.try_recv() {
+            self.retire(slot);
+        }
+        true
+    }
+
+    /// When the thread must look again even if nothing arrives.
+    fn next_wake(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut at: Option<Instant> = None;
+        let mut consider = |t: Instant| at = Some(at.map_or(t, |a: Instant| a.min(t)));
+        for fl in self.in_flight.iter().flatten() {
+            consider(fl.deadline.min(now + STALL_CHECK));
+        }
+        if self.in_flight.iter().any(Option::is_none) {
+            if let Some(due) = self.queue.next_due() {
+                consider(due);
+            }
+        }
+        if let Opener::Retry { at: retry, .. } = self.opener {
+            consider(retry);
+        }
+        if self.device.is_some() {
+            consider(self.next_trim);
+        }
+        at
+    }
+
+    /// The timer: look at in-flight batches (a failed device may never call back; a hung
+    /// one never finishes), and trim idle buffers when it is time.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.in_flight.len() {
+            let Some(device) = self.device.as_ref() else {
+                return;
+            };
+            let Some(fl) = self.in_flight.get(slot).and_then(Option::as_ref) else {
+                continue;
+            };
+            match device.finished(slot) {
+                Ok(true) => self.retire(slot),
+                Ok(false) if now >= fl.deadline => {
+                    let e = GpuError::Hung {
+                        op: fl.batch.op.name(),
+                        secs: now.duration_since(fl.launched).as_secs_f64(),
+                    };
+                    self.gpu_failed(Some(slot), e);
+                }
+                Ok(false) => {}
+                Err(e) => self.gpu_failed(Some(slot), e),
+            }
+        }
+        if now >= self.next_trim {
+            self.next_trim = now + self.config.trim_after;
+            self.trim();
+        }
+    }
+
+    /// Frees the idle slots' buffers that were larger than batches needed lately.
+    fn trim(&mut self) {
+        let Some(device) = self.device.as_mut() else {
+            return;
+        };
+        let mut freed = 0;
+        for slot in 0..device.slots() {
+            if self.in_flight[slot].is_none() {
+                freed += device.trim(slot);
+            }
+        }
+        self.stats.set_memory(self.memory());
+        if freed > 0 {
+            self.stats
+                .trimmed
+                .fetch_add(freed as u64, Ordering::Relaxed);
+            self.out.log(
+                Level::Info,
+                format!("gpu: freed {} MiB of idle batch buffers", freed >> 20),
+            );
+        }
+    }
+
+    /// Memory the device holds for batches now.
+    fn memory(&self) -> Memory {
+        self.device
+            .as_ref()
+            .map_or_else(Memory::default, |d| d.memory())
+    }
+
     /// Spins for up to `gpu_poll` on new jobs and in-flight batches; true if either
     /// moved (then the caller dispatches again instead of sleeping).
     fn spin(&mut self, jobs: &Receiver<Job>) -> bool {
-        let until = Instant::now() + self.poll;
+        let until = Instant::now() + self.config.poll;
         loop {
             let mut moved = false;
             while let Ok(job) = jobs.try_recv() {
                 self.arrive(job);
                 moved = true;
             }
+            // The device may go (and the slots with it) while retiring: look it up anew
+            // for every slot.
             for slot in 0..self.in_flight.len() {
-                if self.in_flight[slot].is_some()
+                let busy = self.in_flight.get(slot).is_some_and(Option::is_some);
+                let ready = busy
                     && self
-                        .gpu
+                        .device
                         .as_ref()
-                        .is_some_and(|g| !matches!(g.finished(slot), Ok(false)))
-                {
+                        .is_some_and(|d| !matches!(d.finished(slot), Ok(false)));
+                if ready {
                     self.retire(slot);
                     moved = true;
                 }
@@ -310,14 +607,14 @@ impl State {
             // The request is gone: nobody is waiting for a result.
             return;
         }
-        if self.gpu.is_none() && job.fallback == Fallback::Off {
+        if self.device.is_none() && job.fallback == Fallback::Off {
             let now = Instant::now();
             self.answer(
                 job,
                 now,
                 now,
                 1,
-                Device::None,
+                Ran::None,
                 Err(JobError::Unavailable("no GPU available".into())),
             );
             return;
@@ -372,8 +669,9 @@ impl State {
             self.stats
                 .bytes
                 .fetch_add(batch.pieces.iter().map(|p| p.len).sum(), Ordering::Relaxed);
-            if self.gpu.is_some() {
+            if self.device.is_some() {
                 self.launch(slot, batch);
+                self.stats.set_memory(self.memory());
                 stats::add(&self.stats.pack_ns, started.elapsed());
             } else {
                 self.run_on_cpu(batch);
@@ -382,21 +680,55 @@ impl State {
         }
     }
 
+    /// A batch's deadline: its requests' longest `gpu_timeout`, at least `MIN_DEADLINE`.
+    fn deadline_of(&self, batch: &Batch, launched: Instant) -> Instant {
+        let longest = batch
+            .pieces
+            .iter()
+            .filter_map(|p| self.active.get(&p.id))
+            .map(|a| a.job.timeout)
+            .max()
+            .unwrap_or_default();
+        launched + longest.max(MIN_DEADLINE)
+    }
+
     /// Packs `batch` into `slot`'s pinned buffer and launches it, without waiting.
     fn launch(&mut self, slot: usize, batch: Batch) {
+        self.launches += 1;
         let op = batch.op;
-        let gpu = self.gpu.as_mut().expect("launch needs a GPU");
         let data_len = batch.staged_len();
         let mut staged = Vec::with_capacity(batch.pieces.len());
         let mut unreadable = Vec::new();
-        let res = no_panic("GPU launch", || {
-            let (desc, data) = gpu
-                .stage(slot, op.desc_len(batch.pieces.len()), data_len as usize)
-                .map_err(|e| e.0)?;
+        let fault = self.planned_fault();
+        let device = self.device.as_mut().expect("launch needs a device");
+        let active = &self.active;
+        let res = (|| {
+            #[cfg(any(test, feature = "fault-injection"))]
+            {
+                use crate::faults::Fault;
+                match fault {
+                    Some(Fault::Panic) => panic!("injected panic while packing a batch"),
+                    Some(Fault::OutOfMemory) => {
+                        return Err(GpuError::OutOfMemory("staging a batch: injected".into()))
+                    }
+                    Some(Fault::BadLaunch) => {
+                        return Err(GpuError::BadLaunch("launching a kernel: injected".into()))
+                    }
+                    Some(Fault::Lost) => {
+                        return Err(GpuError::Lost("launching a kernel: injected".into()))
+                    }
+                    Some(Fault::Kernel(k)) => device.inject(slot, k)?,
+                    Some(Fault::PanicInFlight) | None => {}
+                }
+            }
+            #[cfg(not(any(test, feature = "fault-injection")))]
+            let _ = fault;
+            let (desc, data) =
+                device.stage(slot, op.desc_len(batch.pieces.len()), data_len as usize)?;
             let mut at = 0u64;
             for p in &batch.pieces {
                 let dst = &mut data[at as usize..(at + p.len) as usize];
-                if let Some(a) = self.active.get(&p.id) {
+                if let Some(a) = active.get(&p.id) {
                     if let Err(e) = a.job.body.read_range_into(p.offset, dst) {
                         unreadable.push((p.id, e));
                     }
@@ -410,55 +742,56 @@ impl State {
                 at += align(p.len);
             }
             op.describe(&staged, desc);
-            let out_len = op.out_len(staged.len(), data_len);
-            gpu.launch(
-                slot,
-                data_len as usize,
-                out_len,
-                op.cv_words(&staged),
-                |k, l| op.gpu_launch(k, l, &staged, data_len),
-            )
-            .map_err(|e| e.0)
-        });
+            device.launch(slot, op, &staged, data_len)
+        })();
         for (id, e) in unreadable {
             self.fail(
                 id,
                 JobError::Internal(format!("reading the request body: {e}")),
             );
         }
+        let launched = Instant::now();
+        let deadline = self.deadline_of(&batch, launched);
+        let fl = InFlight {
+            batch,
+            staged,
+            launched,
+            deadline,
+        };
         match res {
             Ok(()) => {
-                self.in_flight[slot] = Some(InFlight {
-                    batch,
-                    staged,
-                    launched: Instant::now(),
-                })
+                self.in_flight[slot] = Some(fl);
+                #[cfg(any(test, feature = "fault-injection"))]
+                if fault == Some(crate::faults::Fault::PanicInFlight) {
+                    panic!("injected panic with a batch in flight");
+                }
+            }
+            Err(e) if e.is_lost() => {
+                self.in_flight[slot] = Some(fl);
+                self.gpu_failed(Some(slot), e);
             }
             Err(e) => {
-                self.in_flight[slot] = Some(InFlight {
-                    batch,
-                    staged,
-                    launched: Instant::now(),
-                });
-                self.gpu_lost(&GpuError(e));
+                // Nothing of this batch runs: its slot is free again.
+                self.transient_failure(&e, fl.batch.pieces.iter().map(|p| p.id).collect());
             }
         }
     }
 
     /// A slot's batch is done: hand each piece's result to its request.
     fn retire(&mut self, slot: usize) {
-        let Some(fl) = self.in_flight[slot].take() else {
+        let Some(fl) = self.in_flight.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        let Some(gpu) = self.gpu.as_ref() else { return };
-        let ordinal = gpu.info.ordinal;
+        let Some(device) = self.device.as_ref() else {
+            return;
+        };
         // The callback also runs after a failure: the event says which it was. A done
         // message for a batch the spin loop already retired finds the slot busy with the
         // next batch: not finished yet, so it is ignored (its own callback follows).
-        match gpu.finished(slot) {
+        match device.finished(slot) {
             Err(e) => {
                 self.in_flight[slot] = Some(fl);
-                self.gpu_lost(&e);
+                self.gpu_failed(Some(slot), e);
                 return;
             }
             Ok(false) => {
@@ -467,37 +800,195 @@ impl State {
             }
             Ok(true) => {}
         }
+        if fl.batch.pieces.is_empty() {
+            return;
+        }
         let seen = Instant::now();
         stats::add(
             &self.stats.gpu_ns,
             seen.saturating_duration_since(fl.launched),
         );
+        let ordinal = device.info().ordinal;
         let op = fl.batch.op;
         let n = fl.batch.pieces.len();
-        let gpu = self.gpu.take().expect("checked above");
-        let res = gpu.output(slot).map(|out| {
+        let device = self.device.take().expect("checked above");
+        let res = device.output(slot).map(|out| {
             for (i, (p, s)) in fl.batch.pieces.iter().zip(&fl.staged).enumerate() {
-                self.deliver(p, op.result(out, i, s), n, Device::Gpu(ordinal));
+                self.deliver(p, op.result(out, i, s), n, Ran::Gpu(ordinal));
             }
         });
-        self.gpu = Some(gpu);
+        self.device = Some(device);
         stats::add(&self.stats.finish_ns, seen.elapsed());
         if let Err(e) = res {
-            self.gpu_lost(&e);
+            // Nothing was delivered: the batch is still the slot's, for the failure path.
+            self.in_flight[slot] = Some(fl);
+            self.gpu_failed(Some(slot), e);
         }
     }
 
-    /// No done signal for a while: a failed device may never call back.
-    fn check_stalled(&mut self) {
-        let Some(gpu) = self.gpu.as_ref() else { return };
-        for slot in 0..self.in_flight.len() {
-            if self.in_flight[slot].is_some() {
-                if let Err(e) = gpu.finished(slot) {
-                    self.gpu_lost(&e);
-                    return;
-                }
-            }
+    /// A CUDA failure at `slot` (or outside any slot).
+    fn gpu_failed(&mut self, slot: Option<usize>, e: GpuError) {
+        if e.is_lost() {
+            self.lose_device(e);
+            return;
         }
+        let ids = slot
+            .and_then(|s| self.in_flight.get_mut(s).and_then(Option::take))
+            .map(|fl| fl.batch.pieces.iter().map(|p| p.id).collect())
+            .unwrap_or_default();
+        self.transient_failure(&e, ids);
+    }
+
+    /// A failure that costs one batch: its requests fall back, the device stays. After
+    /// running out of memory the idle slots' buffers are trimmed, to make room.
+    fn transient_failure(&mut self, e: &GpuError, ids: Vec<u64>) {
+        self.stats.gpu_errors.fetch_add(1, Ordering::Relaxed);
+        self.out.log(
+            Level::Warn,
+            format!(
+                "gpu: {e}; the batch's {} requests fall back (gpu_fallback), the GPU stays in use",
+                ids.len()
+            ),
+        );
+        if matches!(e, GpuError::OutOfMemory(_)) {
+            self.trim();
+        }
+        self.fall_back(ids, "the GPU failed this batch", JobError::Unavailable);
+    }
+
+    /// The device is lost: stop using it in this worker, ask for a fresh worker, and answer
+    /// every request that had a batch in flight from the CPU path (or 503 with
+    /// `gpu_fallback off`). Requests still queued go through the CPU path as usual.
+    fn lose_device(&mut self, e: GpuError) {
+        let Some(device) = self.device.take() else {
+            return;
+        };
+        self.stats.gpu_errors.fetch_add(1, Ordering::Relaxed);
+        let info = device.info().clone();
+        let hit: Vec<u64> = self
+            .in_flight
+            .iter_mut()
+            .filter_map(Option::take)
+            .flat_map(|fl| fl.batch.pieces.into_iter().map(|p| p.id))
+            .collect();
+        self.out.log(
+            Level::Alert,
+            format!(
+                "gpu: gpu{} failed: {e}; {} requests in flight fall back (gpu_fallback); \
+                 the GPU is given up in this worker (its CUDA context cannot be used again)",
+                info.ordinal,
+                hit.len()
+            ),
+        );
+        self.out
+            .send(Event::Restart(format!("gpu{} failed: {e}", info.ordinal)));
+        // No waiting for streams that may never finish: leak the context, the process is
+        // replaced.
+        let _ = no_panic("releasing the GPU", || {
+            device.abandon();
+            Ok(())
+        });
+        self.done = never();
+        self.in_flight = vec![None];
+        self.opener = Opener::Never;
+        self.fall_back(hit, "the GPU failed", JobError::Unavailable);
+        // Jobs still queued with `gpu_fallback off` get their 503 now.
+        let off: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.fallback == Fallback::Off)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in off {
+            self.fail(id, JobError::Unavailable("the GPU failed".into()));
+        }
+    }
+
+    /// Answers each of `ids` from the CPU path (`gpu_fallback cpu`), or with `off(why)`.
+    fn fall_back(&mut self, mut ids: Vec<u64>, why: &str, off: fn(String) -> JobError) {
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let Some(a) = self.active.remove(&id) else {
+                continue;
+            };
+            self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+            let started = a.started.unwrap_or_else(Instant::now);
+            let (res, ran) = match a.job.fallback {
+                Fallback::Cpu => match cpu_whole(&a.job) {
+                    Ok(out) => (Ok(out), Ran::Cpu),
+                    Err(e) => (Err(e), Ran::None),
+                },
+                Fallback::Off => (Err(off(why.to_string())), Ran::None),
+            };
+            self.answer(a.job, started, Instant::now(), 1, ran, res);
+        }
+    }
+
+    /// After a panic: answer every request held (CPU path, or 500), start the queue
+    /// afresh, and keep in-flight slots busy until the device is done with them. Repeated
+    /// panics ask for a fresh worker.
+    fn recover(&mut self, msg: &str) {
+        self.stats.panics.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        self.panics.push_back(now);
+        while self
+            .panics
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > PANIC_WINDOW)
+        {
+            self.panics.pop_front();
+        }
+        let ids: Vec<u64> = self.active.keys().copied().collect();
+        self.out.log(
+            Level::Alert,
+            format!(
+                "gpu: the GPU thread panicked: {msg}; its {} requests are answered from the \
+                 CPU path or with 500, and it carries on",
+                ids.len()
+            ),
+        );
+        for fl in self.in_flight.iter_mut().flatten() {
+            fl.batch.pieces.clear();
+        }
+        self.queue = Queue::new(self.config.batch_bytes);
+        self.fall_back(ids, "the GPU thread failed", JobError::Internal);
+        if self.panics.len() >= PANIC_LIMIT {
+            self.panics.clear();
+            self.out.send(Event::Restart(format!(
+                "the GPU thread panicked {PANIC_LIMIT} times within {}s",
+                PANIC_WINDOW.as_secs()
+            )));
+        }
+    }
+
+    /// At exit: wait a little for batches in flight, then release the device, or abandon it
+    /// if a batch is still running (a hung kernel must not hang the worker's exit).
+    fn shutdown(&mut self) {
+        let Some(device) = self.device.take() else {
+            return;
+        };
+        let limit = Instant::now() + self.config.exit_wait;
+        let finished = loop {
+            let running = (0..self.in_flight.len())
+                .filter(|&s| self.in_flight[s].is_some())
+                .any(|s| matches!(device.finished(s), Ok(false)));
+            if !running {
+                break true;
+            }
+            if Instant::now() >= limit {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let _ = no_panic("releasing the GPU", || {
+            if finished {
+                drop(device);
+            } else {
+                device.abandon();
+            }
+            Ok(())
+        });
     }
 
     fn run_on_cpu(&mut self, batch: Batch) {
@@ -511,7 +1002,7 @@ impl State {
                 let res = cpu_whole(&a.job);
                 let a = self.active.remove(&p.id).expect("present");
                 let started = a.started.unwrap_or_else(Instant::now);
-                self.answer(a.job, started, Instant::now(), n, Device::Cpu, res);
+                self.answer(a.job, started, Instant::now(), n, Ran::Cpu, res);
                 continue;
             }
             self.scratch_in.resize(p.len as usize, 0);
@@ -531,7 +1022,7 @@ impl State {
                 Ok(())
             });
             match res {
-                Ok(()) => self.deliver(p, &output, n, Device::Cpu),
+                Ok(()) => self.deliver(p, &output, n, Ran::Cpu),
                 Err(e) => self.fail(p.id, JobError::Internal(e)),
             }
             (self.scratch_in, self.scratch_out) = (input, output);
@@ -539,7 +1030,7 @@ impl State {
     }
 
     /// One piece's result: answers a whole body at once, else adds it to the assembly.
-    fn deliver(&mut self, p: &Piece, result: &[u8], batch_size: usize, device: Device) {
+    fn deliver(&mut self, p: &Piece, result: &[u8], batch_size: usize, device: Ran) {
         let Some(a) = self.active.get_mut(&p.id) else {
             return;
         };
@@ -580,14 +1071,7 @@ impl State {
     fn fail(&mut self, id: u64, err: JobError) {
         if let Some(a) = self.active.remove(&id) {
             let now = Instant::now();
-            self.answer(
-                a.job,
-                a.started.unwrap_or(now),
-                now,
-                1,
-                Device::None,
-                Err(err),
-            );
+            self.answer(a.job, a.started.unwrap_or(now), now, 1, Ran::None, Err(err));
         }
     }
 
@@ -597,7 +1081,7 @@ impl State {
         started: Instant,
         end: Instant,
         batch_size: usize,
-        device: Device,
+        device: Ran,
         result: Result<Output, JobError>,
     ) {
         if job.is_cancelled() {
@@ -613,60 +1097,9 @@ impl State {
             exec_time: end.saturating_duration_since(started),
         }));
     }
-
-    /// The device failed: stop using it in this worker, ask for a fresh worker, and answer
-    /// every request that had a batch in flight from the CPU path (or 503 with
-    /// `gpu_fallback off`). Requests still queued go through the CPU path as usual.
-    fn gpu_lost(&mut self, e: &GpuError) {
-        let Some(gpu) = self.gpu.take() else { return };
-        let ordinal = gpu.info.ordinal;
-        self.out.log(
-            Level::Alert,
-            format!("gpu: gpu{ordinal} failed, GPU disabled in this worker: {e}"),
-        );
-        self.out.send(Event::GpuLost);
-        let _ = no_panic("releasing the GPU", || {
-            drop(gpu);
-            Ok(())
-        });
-        self.done = never();
-        let hit: Vec<u64> = self
-            .in_flight
-            .iter_mut()
-            .filter_map(Option::take)
-            .flat_map(|fl| fl.batch.pieces.into_iter().map(|p| p.id))
-            .collect();
-        self.in_flight.truncate(1);
-        for id in hit {
-            let Some(a) = self.active.remove(&id) else {
-                continue;
-            };
-            let started = a.started.unwrap_or_else(Instant::now);
-            let res = match a.job.fallback {
-                Fallback::Off => Err(JobError::Unavailable("the GPU failed".into())),
-                Fallback::Cpu => cpu_whole(&a.job),
-            };
-            let device = if res.is_ok() {
-                Device::Cpu
-            } else {
-                Device::None
-            };
-            self.answer(a.job, started, Instant::now(), 1, device, res);
-        }
-        // Jobs still queued with `gpu_fallback off` get their 503 now.
-        let off: Vec<u64> = self
-            .active
-            .iter()
-            .filter(|(_, a)| a.job.fallback == Fallback::Off)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in off {
-            self.fail(id, JobError::Unavailable("the GPU failed".into()));
-        }
-    }
 }
 
-/// The CPU path over a whole body (the fallback, and what replaces a lost GPU batch).
+/// The CPU path over a whole body (the fallback, and what replaces a failed GPU batch).
 fn cpu_whole(job: &Job) -> Result<Output, JobError> {
     let input = job
         .body

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
-use crate::conf::LocConf;
+use crate::conf::{ClientEof, LocConf};
 use crate::job::{Batching, Completion, Device, Job, JobError};
 use crate::response::{send, send_error};
+use crate::worker::{log_repeated, Repeated};
 use crate::{body, ngx_http_gpu_module, worker};
 
 /// Per-request state, in the request pool; dropped by its pool cleanup.
@@ -168,12 +169,17 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             delay: Duration::from_millis(lcf.batch_delay as u64),
         },
         body,
+        timeout: Duration::from_millis(lcf.timeout as u64),
         cancelled: ctx.cancelled.clone(),
         queued_at: Instant::now(),
     };
     let id = job.id;
     if let Err(e) = worker::submit(job) {
-        ngx_log_error!(NGX_LOG_WARN, log, "gpu: {e}, answering 503");
+        log_repeated(
+            Repeated::QueueFull,
+            log,
+            &format!("gpu: {e}, answering 503"),
+        );
         return send_error(r, 503, &e, &[("Retry-After", "1")]);
     }
     ctx.id = id;
@@ -187,31 +193,57 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     NGX_DONE as ngx_int_t
 }
 
-/// Notices a client that goes away while its job waits (HTTP/1 over edge-triggered
-/// events, as nginx's upstream module does), so its job is skipped.
+/// Notices a client that goes away while its job waits, so that its job is skipped: over
+/// HTTP/1 a reset or closed connection (edge-triggered events, as nginx's upstream module
+/// watches them), over HTTP/2 a reset stream or a lost connection.
 unsafe fn watch_client(r: *mut ngx_http_request_t) {
-    if (*r).http_version < NGX_HTTP_VERSION_20 as ngx_uint_t
-        && ngx_event_flags & NGX_USE_CLEAR_EVENT as ngx_uint_t != 0
-    {
+    if !(*r).stream.is_null() {
         (*r).read_event_handler = Some(check_client);
+    } else if ngx_event_flags & NGX_USE_CLEAR_EVENT as ngx_uint_t != 0 {
+        (*r).read_event_handler = Some(check_client);
+        // An end of input (or reset) that came with the body was reported before this
+        // handler was set, and an edge-triggered event does not come again: look once from
+        // the event loop.
+        let rev = (*(*r).connection).read;
+        if (*rev).pending_eof() != 0 || (*rev).ready() != 0 {
+            ngx_post_event(rev, core::ptr::addr_of_mut!(ngx_posted_events));
+        }
     }
 }
 
 unsafe extern "C" fn check_client(r: *mut ngx_http_request_t) {
     guard((), || {
         let c = (*r).connection;
-        let mut byte = 0u8;
-        let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
-        let err = std::io::Error::last_os_error().raw_os_error();
-        if n > 0 || (n < 0 && err == Some(libc::EAGAIN)) {
+        // HTTP/2 marks a stream's connection on RST_STREAM or when the connection goes;
+        // its descriptor is the whole connection's, not to be read here.
+        let gone = if (*c).error() != 0 {
+            true
+        } else if !(*r).stream.is_null() {
+            false
+        } else {
+            let mut byte = 0u8;
+            let n = libc::recv((*c).fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK);
+            let err = std::io::Error::last_os_error().raw_os_error();
+            if n > 0 || (n < 0 && err == Some(libc::EAGAIN)) {
+                false
+            } else if n == 0 {
+                // End of input: a client that half-closed after its request (shutdown
+                // SHUT_WR) is still waiting for the answer, and looks the same as one that
+                // closed completely until the answer is written.
+                loc_conf(r).client_eof == Some(ClientEof::Cancel)
+            } else {
+                true
+            }
+        };
+        if !gone {
             return;
         }
         (*(*c).read).set_eof(1);
         (*c).set_error(1);
-        ngx_log_error!(
-            NGX_LOG_INFO,
+        log_repeated(
+            Repeated::ClientClosed,
             (*c).log,
-            "gpu: client closed the connection while waiting for the result"
+            "gpu: client closed the connection while waiting for the result",
         );
         ngx_http_finalize_request(r, NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t);
     });
@@ -227,10 +259,10 @@ unsafe extern "C" fn timeout_handler(ev: *mut ngx_event_t) {
             worker::forget(ctx.id);
             ctx.queued = false;
         }
-        ngx_log_error!(
-            NGX_LOG_ERR,
+        log_repeated(
+            Repeated::TimedOut,
             (*c).log,
-            "gpu: timed out waiting for the GPU thread"
+            "gpu: timed out waiting for the GPU thread",
         );
         let rc = send_error(
             r,

@@ -195,6 +195,9 @@ pub struct Job {
     pub fallback: Fallback,
     pub batching: Batching,
     pub body: Body,
+    /// The request's `gpu_timeout`: it gets 504 after that, and a batch holding it is taken
+    /// as hung once it has run longer than the longest of its requests' timeouts.
+    pub timeout: Duration,
     /// Set by the event loop when the request goes away (client gone, timed out).
     pub cancelled: Arc<AtomicBool>,
     pub queued_at: Instant,
@@ -250,8 +253,11 @@ pub enum Level {
 pub enum Event {
     Done(Completion),
     Log(Level, String),
-    /// The GPU failed at run time; the worker should be replaced.
-    GpuLost,
+    /// The worker should be replaced (its GPU failed for good, or its thread keeps
+    /// panicking): the reason.
+    Restart(String),
+    /// The thread ended without being asked to: nothing will answer what it held.
+    Stopped,
 }
 
 #[cfg(test)]

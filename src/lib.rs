@@ -5,26 +5,28 @@
 
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
 pub mod batch;
-pub mod body;
-pub mod conf;
+mod body;
+mod conf;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod faults;
 pub mod gpu;
 pub mod gpu_thread;
-pub mod handler;
+mod handler;
 pub mod job;
 pub mod notify;
 pub mod ops;
-pub mod response;
+mod response;
 pub mod stats;
 #[cfg(test)]
 mod testing;
-pub mod variables;
-pub mod worker;
+mod variables;
+mod worker;
 
 use gpu_thread::Kernels;
 
@@ -55,20 +57,21 @@ pub static mut ngx_http_gpu_module: ngx_module_t = ngx_module_t {
 #[cfg(all(feature = "export-modules", not(test)))]
 ngx::ngx_modules!(ngx_http_gpu_module);
 
-/// PTX compiled by the last configuration load, or why there is none. Set in the
-/// master (or the single process) and inherited by the workers it forks.
-static KERNELS: Mutex<Option<Result<Arc<str>, String>>> = Mutex::new(None);
-
 unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     variables::add(cf)
 }
 
-/// Compiles the kernels once per configuration load, before any worker starts (in a
-/// child process: see gpu::compile_isolated): a kernel that does not compile stops
-/// nginx here, with NVRTC's log.
+/// Checks what spans directives, and compiles the kernels once per configuration load,
+/// before any worker starts (in a child process: see gpu::compile_isolated): a kernel that
+/// does not compile stops nginx here, with NVRTC's log. The result is kept with this
+/// configuration. `nginx -s` parses the configuration too, but starts no worker: no compile.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    if !conf::main_conf_of(cf).used {
+    let mcf = conf::main_conf_of(cf);
+    if !mcf.used || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
+    }
+    if !conf::check_pinned(cf) {
+        return NGX_ERROR as ngx_int_t;
     }
     let kernels = match gpu::compile_isolated(gpu::KERNEL_SOURCE) {
         gpu::Compiled::Ptx(ptx) => Ok(Arc::from(ptx)),
@@ -82,9 +85,7 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
     };
-    if let Ok(mut k) = KERNELS.lock() {
-        *k = Some(kernels);
-    }
+    mcf.kernels = Some(kernels);
     NGX_OK as ngx_int_t
 }
 
@@ -102,18 +103,33 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if !mcf.used {
         return NGX_OK as ngx_int_t;
     }
-    let kernels = match KERNELS.lock().ok().and_then(|k| k.clone()) {
-        Some(Ok(ptx)) => Kernels::Ptx(ptx),
-        Some(Err(why)) => Kernels::Unavailable(why),
+    let kernels = match &mcf.kernels {
+        Some(Ok(ptx)) => Kernels::Ptx(ptx.clone()),
+        Some(Err(why)) => Kernels::Unavailable(why.clone()),
         None => Kernels::Unavailable("kernels were not compiled".into()),
     };
     let started = std::panic::catch_unwind(|| {
-        let config = gpu_thread::Config {
-            queue_size: mcf.queue_size as usize,
-            batch_bytes: mcf.batch_bytes as u64,
-            poll: std::time::Duration::from_micros(mcf.poll_us as u64),
+        #[allow(unused_mut)]
+        let mut config = gpu_thread::Config::new(
+            mcf.batch_bytes as u64,
+            std::time::Duration::from_micros(mcf.poll_us as u64),
+            mcf.pinned_limit,
+        );
+        #[cfg(feature = "fault-injection")]
+        let kernels = match fault_plan(cycle) {
+            Ok(Some(plan)) => {
+                let fake = plan.fake_device;
+                config.faults = plan;
+                if fake {
+                    Kernels::Fake
+                } else {
+                    kernels
+                }
+            }
+            Ok(None) => kernels,
+            Err(e) => return Err(format!("NGX_GPU_FAULTS: {e}")),
         };
-        worker::start(cycle, config, kernels)
+        worker::start(cycle, config, mcf.queue_size as usize, kernels)
     });
     match started {
         Ok(Ok(())) => NGX_OK as ngx_int_t,
@@ -130,6 +146,21 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             NGX_ERROR as ngx_int_t
         }
     }
+}
+
+/// The fault plan of a fault-injection build, from `NGX_GPU_FAULTS` (kept with `env`).
+#[cfg(feature = "fault-injection")]
+unsafe fn fault_plan(cycle: *mut ngx_cycle_t) -> Result<Option<faults::Plan>, String> {
+    let Ok(text) = std::env::var("NGX_GPU_FAULTS") else {
+        return Ok(None);
+    };
+    let plan = faults::Plan::parse(&text)?;
+    ngx_log_error!(
+        NGX_LOG_WARN,
+        (*cycle).log,
+        "gpu: fault injection build, faults planned: {text}"
+    );
+    Ok(Some(plan))
 }
 
 unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {

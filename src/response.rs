@@ -25,12 +25,9 @@ pub unsafe fn send(
     out.content_type_len = content_type.len();
     out.content_type_lowcase = ptr::null_mut();
     for (k, v) in headers {
-        let h = ngx_list_push(&mut out.headers) as *mut ngx_table_elt_t;
-        if h.is_null() || add_to_ngx_table(h, pool, k, v).is_none() {
+        if push_header(r, k, v).is_none() {
             return NGX_ERROR as ngx_int_t;
         }
-        (*h).hash = 1;
-        (*h).next = ptr::null_mut();
     }
 
     let rc = ngx_http_send_header(r);
@@ -60,13 +57,23 @@ pub unsafe fn send(
     ngx_http_output_filter(r, cl)
 }
 
-/// Sends `{"error": message}` as application/json.
+/// Sends `{"error": message}` as application/json, unless the location has an
+/// `error_page` for `status`: then `headers` are set and `status` is returned, for nginx to
+/// answer with that page when the request is finalized with it.
 pub unsafe fn send_error(
     r: *mut ngx_http_request_t,
     status: ngx_uint_t,
     message: &str,
     headers: &[(&str, &str)],
 ) -> ngx_int_t {
+    if has_error_page(r, status) {
+        for (k, v) in headers {
+            if push_header(r, k, v).is_none() {
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+        return status as ngx_int_t;
+    }
     send(
         r,
         status,
@@ -74,6 +81,30 @@ pub unsafe fn send_error(
         json_error(message).into_bytes(),
         headers,
     )
+}
+
+/// Whether an `error_page` of the request's location covers `status`.
+unsafe fn has_error_page(r: *mut ngx_http_request_t, status: ngx_uint_t) -> bool {
+    let clcf =
+        *(*r).loc_conf.add(ngx_http_core_module.ctx_index) as *const ngx_http_core_loc_conf_t;
+    if clcf.is_null() || (*clcf).error_pages.is_null() || (*r).uri_changes() == 0 {
+        return false;
+    }
+    // SAFETY: error_pages is an array of ngx_http_err_page_t (ngx_http_core_error_page).
+    let pages = (*(*clcf).error_pages).as_slice::<ngx_http_err_page_t>();
+    pages.iter().any(|p| p.status == status as ngx_int_t)
+}
+
+unsafe fn push_header(r: *mut ngx_http_request_t, k: &str, v: &str) -> Option<()> {
+    let out = &mut (*r).headers_out;
+    let h = ngx_list_push(&mut out.headers) as *mut ngx_table_elt_t;
+    if h.is_null() {
+        return None;
+    }
+    add_to_ngx_table(h, (*r).pool, k, v)?;
+    (*h).hash = 1;
+    (*h).next = ptr::null_mut();
+    Some(())
 }
 
 pub fn json_error(message: &str) -> String {

@@ -56,6 +56,7 @@ pub fn job(id: u64, op: Op, data: &[u8], batching: Batching) -> Job {
         fallback: Fallback::Cpu,
         batching,
         body,
+        timeout: Duration::from_secs(60),
         cancelled: Default::default(),
         queued_at: Instant::now(),
     }
@@ -84,6 +85,39 @@ pub fn wait_done(t: &GpuThread, n: usize, limit: Duration) -> Vec<Completion> {
     done
 }
 
+/// Collects every event until `enough` holds for what came (or `limit` passes).
+pub fn collect(t: &GpuThread, limit: Duration, enough: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + limit;
+    while !enough(&got) && Instant::now() < deadline {
+        got.extend(t.drain());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    got
+}
+
+/// The completions among `events`.
+pub fn completions(events: &[Event]) -> Vec<&Completion> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Done(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The log lines among `events`.
+pub fn log_lines(events: &[Event]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Log(_, m) => Some(m.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Submits one job per input (ops alternating) from four threads at once, cancels the
 /// ids for which `cancel(id)` holds right after submitting them, and checks that every
 /// other job gets exactly its own correct answer from `device`, and the cancelled ones
@@ -95,7 +129,13 @@ pub fn run_mixed(
     device: Device,
     cancel: impl Fn(u64) -> bool + Sync,
 ) -> usize {
-    let op_of = |id: u64| if id % 2 == 0 { Op::Echo } else { Op::Blake3 };
+    let op_of = |id: u64| {
+        if id.is_multiple_of(2) {
+            Op::Echo
+        } else {
+            Op::Blake3
+        }
+    };
     std::thread::scope(|s| {
         for part in 0..4u64 {
             let cancel = &cancel;

@@ -1,11 +1,13 @@
 //! The event-loop side of one worker: its GPU thread, the eventfd registered as a
-//! connection in the worker's event loop, and the map from job id to waiting request.
+//! connection in the worker's event loop, the map from job id to waiting request, and the
+//! summary of log lines that overload would repeat for every request.
 //!
 //! Only the event-loop thread touches this state (it is thread-local).
 
 use core::ptr;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::TrySendError;
 use ngx::ffi::*;
@@ -13,7 +15,7 @@ use ngx::ngx_log_error;
 
 use crate::gpu_thread::{Config, GpuThread, Kernels};
 use crate::handler::{self, RequestCtx};
-use crate::job::{Event, Job, Level};
+use crate::job::{Completion, Device, Event, Job, JobError, Level};
 
 struct Worker {
     thread: GpuThread,
@@ -23,6 +25,9 @@ struct Worker {
     queue_size: usize,
     next_id: u64,
     log: *mut ngx_log_t,
+    /// A fresh worker has been asked for.
+    restarting: bool,
+    noisy: Noisy,
 }
 
 thread_local! {
@@ -33,10 +38,10 @@ thread_local! {
 pub unsafe fn start(
     cycle: *mut ngx_cycle_t,
     config: Config,
+    queue_size: usize,
     kernels: Kernels,
 ) -> Result<(), String> {
     let log = (*cycle).log;
-    let queue_size = config.queue_size;
     let thread =
         GpuThread::spawn(config, kernels).map_err(|e| format!("starting the GPU thread: {e}"))?;
     // The connection owns a duplicate of the eventfd, so ngx_close_connection can close it
@@ -69,6 +74,8 @@ pub unsafe fn start(
             queue_size,
             next_id: 1,
             log,
+            restarting: false,
+            noisy: Noisy::new(log),
         });
     });
     Ok(())
@@ -79,13 +86,16 @@ pub unsafe fn stop() {
     let Some(mut w) = WORKER.with_borrow_mut(Option::take) else {
         return;
     };
+    w.noisy.flush();
+    w.noisy.disarm();
     ngx_close_connection(w.conn);
     w.thread.stop();
     ngx_log_error!(NGX_LOG_NOTICE, w.log, "{}", w.thread.stats().summary());
 }
 
+/// Whether requests can be handed to a GPU thread in this process.
 pub fn running() -> bool {
-    WORKER.with_borrow(Option::is_some)
+    WORKER.with_borrow(|w| w.as_ref().is_some_and(|w| w.thread.alive()))
 }
 
 pub fn next_id() -> u64 {
@@ -107,10 +117,7 @@ pub fn submit(job: Job) -> Result<(), String> {
         )),
         Some(w) => match w.thread.submit(job) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(format!(
-                "GPU queue is full ({} requests waiting)",
-                w.thread.queued()
-            )),
+            Err(TrySendError::Full(_)) => Err("GPU queue is full".into()),
             Err(TrySendError::Disconnected(_)) => Err("the GPU thread has stopped".into()),
         },
     })
@@ -153,11 +160,15 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
                     }
                 }
                 Event::Log(level, msg) => log_line(log, level, &msg),
-                Event::GpuLost => {
-                    if ngx_process == NGX_PROCESS_WORKER as ngx_uint_t {
-                        ngx_log_error!(NGX_LOG_ALERT, log, "gpu: the GPU failed; this worker exits gracefully and the master starts a fresh one");
-                        request_quit();
-                    }
+                Event::Restart(why) => restart(log, &why),
+                Event::Stopped => {
+                    ngx_log_error!(
+                        NGX_LOG_ALERT,
+                        log,
+                        "gpu: the GPU thread stopped unexpectedly; its requests get 500"
+                    );
+                    fail_pending("the GPU thread stopped");
+                    restart(log, "the GPU thread stopped");
                 }
             }
         }
@@ -169,6 +180,54 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
             );
         }
     });
+}
+
+/// Answers every waiting request with 500 (nothing else will answer them).
+unsafe fn fail_pending(why: &str) {
+    let pending: Vec<(u64, *mut RequestCtx)> = WORKER.with_borrow_mut(|w| {
+        w.as_mut()
+            .map_or_else(Vec::new, |w| w.pending.drain().collect())
+    });
+    for (id, ctx) in pending {
+        handler::complete(
+            ctx,
+            Completion {
+                id,
+                result: Err(JobError::Internal(why.into())),
+                device: Device::None,
+                batch_size: 0,
+                queue_time: Duration::ZERO,
+                exec_time: Duration::ZERO,
+            },
+        );
+    }
+}
+
+/// Asks the master for a fresh worker (once): this one exits gracefully, answering what
+/// it holds on the fallback. A single-process nginx has no master to ask: it keeps serving
+/// on the fallback.
+unsafe fn restart(log: *mut ngx_log_t, why: &str) {
+    let first = WORKER.with_borrow_mut(|w| {
+        w.as_mut()
+            .is_some_and(|w| !std::mem::replace(&mut w.restarting, true))
+    });
+    if !first {
+        return;
+    }
+    if ngx_process == NGX_PROCESS_WORKER as ngx_uint_t {
+        ngx_log_error!(
+            NGX_LOG_ALERT,
+            log,
+            "gpu: {why}: this worker exits gracefully and the master starts a fresh one"
+        );
+        request_quit();
+    } else {
+        ngx_log_error!(
+            NGX_LOG_ALERT,
+            log,
+            "gpu: {why}: serving on the fallback until nginx is restarted"
+        );
+    }
 }
 
 /// Sets nginx's `ngx_quit` so this worker shuts down gracefully (the master respawns it).
@@ -190,4 +249,134 @@ unsafe fn log_line(log: *mut ngx_log_t, level: Level, msg: &str) {
         Level::Info => NGX_LOG_INFO,
     };
     ngx_log_error!(level, log, "{msg}");
+}
+
+/* lines that overload repeats */
+
+/// Log lines that come once per request under overload (503 queue full, 504 timeouts,
+/// clients gone). The first of each kind in a second is written as it comes; the others
+/// are counted and summed up in one line when the second is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repeated {
+    QueueFull,
+    TimedOut,
+    ClientClosed,
+}
+
+const REPEATED: [(Repeated, ngx_uint_t, &str); 3] = [
+    (
+        Repeated::QueueFull,
+        NGX_LOG_WARN as ngx_uint_t,
+        "answered 503 (GPU queue full)",
+    ),
+    (
+        Repeated::TimedOut,
+        NGX_LOG_ERR as ngx_uint_t,
+        "answered 504 (gpu_timeout)",
+    ),
+    (
+        Repeated::ClientClosed,
+        NGX_LOG_INFO as ngx_uint_t,
+        "closed by their clients while waiting",
+    ),
+];
+
+/// How often each repeated kind is written at most.
+const SUMMARY_EVERY: Duration = Duration::from_secs(1);
+
+struct Noisy {
+    /// Per kind: when its last line was written, and how many were held back since.
+    kinds: [(Option<Instant>, u64); 3],
+    /// Fires when held-back lines are due for their summary. Boxed: nginx's timer tree
+    /// points at it.
+    timer: Box<ngx_event_t>,
+    log: *mut ngx_log_t,
+}
+
+impl Noisy {
+    unsafe fn new(log: *mut ngx_log_t) -> Noisy {
+        // SAFETY: a zeroed ngx_event_t is a valid idle event.
+        let mut timer: Box<ngx_event_t> = Box::new(core::mem::zeroed());
+        timer.handler = Some(summary_timer);
+        timer.log = log;
+        // A pending summary must not keep a gracefully exiting worker alive.
+        timer.set_cancelable(1);
+        Noisy {
+            kinds: [(None, 0); 3],
+            timer,
+            log,
+        }
+    }
+
+    /// Writes `msg` now, or counts it for the summary; true if written.
+    fn admit(&mut self, kind: Repeated) -> bool {
+        let i = REPEATED
+            .iter()
+            .position(|(k, ..)| *k == kind)
+            .expect("listed");
+        let now = Instant::now();
+        let (last, held) = &mut self.kinds[i];
+        if last.is_none_or(|t| now.duration_since(t) >= SUMMARY_EVERY) && *held == 0 {
+            *last = Some(now);
+            return true;
+        }
+        *held += 1;
+        if self.timer.timer_set() == 0 {
+            let due = last.map_or(Duration::ZERO, |t| {
+                (t + SUMMARY_EVERY).saturating_duration_since(now)
+            });
+            // SAFETY: the timer lives in a Box owned by the worker and is removed in stop().
+            unsafe { ngx_add_timer(&mut *self.timer, due.as_millis() as ngx_msec_t + 1) };
+        }
+        false
+    }
+
+    /// Writes the summary line of every kind with held-back lines.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        for (i, (last, held)) in self.kinds.iter_mut().enumerate() {
+            if *held == 0 {
+                continue;
+            }
+            let (_, level, what) = REPEATED[i];
+            let secs = last.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+            ngx_log_error!(
+                level,
+                self.log,
+                "gpu: {held} more requests {what} in the last {secs:.1}s"
+            );
+            *held = 0;
+            *last = Some(now);
+        }
+    }
+
+    fn disarm(&mut self) {
+        if self.timer.timer_set() != 0 {
+            // SAFETY: the timer was added by admit().
+            unsafe { ngx_del_timer(&mut *self.timer) };
+        }
+    }
+}
+
+unsafe extern "C" fn summary_timer(_ev: *mut ngx_event_t) {
+    let _ = std::panic::catch_unwind(|| {
+        WORKER.with_borrow_mut(|w| {
+            if let Some(w) = w.as_mut() {
+                w.noisy.flush();
+            }
+        })
+    });
+}
+
+/// Logs `msg` at the kind's level on `log`, unless lines of this kind come faster than one
+/// a second (then they are summed up).
+pub unsafe fn log_repeated(kind: Repeated, log: *mut ngx_log_t, msg: &str) {
+    let write = WORKER.with_borrow_mut(|w| w.as_mut().is_none_or(|w| w.noisy.admit(kind)));
+    if write {
+        let level = REPEATED
+            .iter()
+            .find(|(k, ..)| *k == kind)
+            .map_or(NGX_LOG_ERR as ngx_uint_t, |(_, l, _)| *l);
+        ngx_log_error!(level, log, "{msg}");
+    }
 }

@@ -183,7 +183,8 @@ fn clients_leaving_a_waiting_batch_harm_no_one_else() {
             let addr = addr.clone();
             stay.push(thread::spawn(move || (post(&addr, "/h", &data), data)));
         } else {
-            // Sends the whole request, then goes away while its job waits in the batch.
+            // Sends the whole request, then aborts (a reset) while its job waits in the
+            // batch.
             let mut s = TcpStream::connect(&addr).unwrap();
             let head = format!(
                 "POST /h HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
@@ -192,7 +193,7 @@ fn clients_leaving_a_waiting_batch_harm_no_one_else() {
             s.write_all(head.as_bytes()).unwrap();
             s.write_all(&data).unwrap();
             thread::sleep(Duration::from_millis(20));
-            drop(s);
+            reset(s);
         }
     }
     for t in stay {
@@ -208,5 +209,58 @@ fn clients_leaving_a_waiting_batch_harm_no_one_else() {
     assert!(ngx
         .error_log()
         .contains("client closed the connection while waiting"));
+    ngx.assert_healthy();
+}
+
+/// A client that sends its whole request and then closes its sending side (as `nc -N`
+/// does) still gets its answer; with `gpu_client_eof cancel` its end of input counts as
+/// leaving (as does a plain close, which looks the same until the answer is written).
+#[test]
+fn half_closed_clients_get_their_answer_unless_told_otherwise() {
+    let ngx = Nginx::start(&one_worker(
+        "server { listen 127.0.0.1:{PORT}; add_header X-Batch $gpu_batch_size;\n\
+           location /answer { gpu_process blake3; gpu_batch_size 64; gpu_batch_delay 300ms; }\n\
+           location /cancel { gpu_process blake3; gpu_batch_size 64; gpu_batch_delay 300ms;\n\
+                              gpu_client_eof cancel; } }",
+    ));
+    let addr = ngx.addr();
+    let mut rng = Rng::fresh();
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = addr.clone();
+            let data = rng.bytes(1 + i * 977);
+            thread::spawn(move || (post_then_half_close(&addr, "/answer", &data), data))
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let (r, data) = c.join().unwrap();
+        let r = r.unwrap_or_else(|| panic!("half-closed client {i} got no answer"));
+        assert_eq!((r.status, r.text()), (200, b3(&data)), "client {i}");
+    }
+    // With cancel, the half-closed clients are taken as gone: the one that stays is
+    // alone in its batch.
+    let stay = {
+        let addr = addr.clone();
+        thread::spawn(move || post(&addr, "/cancel", b"stays"))
+    };
+    let leavers: Vec<_> = (0..5)
+        .map(|i| {
+            let addr = addr.clone();
+            thread::spawn(move || post_then_half_close(&addr, "/cancel", &[i as u8; 10]))
+        })
+        .collect();
+    for l in leavers {
+        assert!(
+            l.join().unwrap().is_none(),
+            "a cancelled client got an answer"
+        );
+    }
+    let r = stay.join().unwrap();
+    assert_eq!((r.status, r.text()), (200, b3(b"stays")));
+    assert_eq!(
+        batch_of(&r),
+        1,
+        "the half-closed clients were dropped from the batch"
+    );
     ngx.assert_healthy();
 }

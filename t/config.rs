@@ -147,8 +147,8 @@ fn bad_batch_settings() {
 fn valid_settings_at_every_level_test_clean() {
     let out = nginx_t(&config(
         "gpu_fallback off; gpu_timeout 5s; gpu_queue_size 64; gpu_batch_size 16; gpu_batch_delay 2ms;\n\
-         gpu_batch_bytes 4m; gpu_poll 150us;\n\
-         server { listen 127.0.0.1:{PORT}; gpu_fallback cpu; gpu_batch_size 1;\n\
+         gpu_batch_bytes 4m; gpu_poll 150us; gpu_pinned_limit 64m; gpu_client_eof cancel;\n\
+         server { listen 127.0.0.1:{PORT}; gpu_fallback cpu; gpu_batch_size 1; gpu_client_eof answer;\n\
            location /a { gpu_process echo; gpu_timeout 100ms; gpu_batch_delay 0; gpu_batch_size 65536; }\n\
            location /b { gpu_process blake3; gpu_fallback off; } }",
     ));
@@ -157,4 +157,83 @@ fn valid_settings_at_every_level_test_clean() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The largest batch bound, with the pinned memory it needs (4 x 1 GiB and a little).
+    let out = nginx_t(&config(
+        "gpu_batch_bytes 1g; gpu_pinned_limit 5g;\n\
+         server { listen 127.0.0.1:{PORT}; location /a { gpu_process echo; } }",
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn gpu_timeout_must_be_more_than_zero() {
+    for v in ["0", "0s", "0ms"] {
+        let e = emerg(&server(&format!("gpu_process echo; gpu_timeout {v};")));
+        let want = format!(
+            "[emerg] invalid value \"{v}\" in \"gpu_timeout\" directive, it must be more than 0"
+        );
+        assert!(e.contains(&want), "{e}");
+    }
+}
+
+#[test]
+fn batches_that_would_pass_the_pinned_limit_are_refused_at_start() {
+    // 2 slots x (17 MiB in + 16 MiB out) = 66 MiB at the default 16m.
+    let e = emerg(&format!(
+        "gpu_pinned_limit 64m; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains(
+            "[emerg] gpu: \"gpu_batch_bytes\" 16384k with \"gpu_batch_size\" up to 128 needs up to 66 MiB of pinned memory per worker, more than \"gpu_pinned_limit\" 64 MiB"
+        ),
+        "{e}"
+    );
+    let e = emerg(&format!(
+        "gpu_batch_bytes 1g; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("needs up to 4098 MiB of pinned memory per worker"),
+        "{e}"
+    );
+    for v in ["1m", "65g", "lots"] {
+        let e = emerg(&format!(
+            "gpu_pinned_limit {v}; {}",
+            server("gpu_process echo;")
+        ));
+        let want = format!("[emerg] invalid value \"{v}\" in \"gpu_pinned_limit\" directive, it must be a size from 4m to 64g");
+        assert!(e.contains(&want), "{e}");
+    }
+    let e = emerg(&server("gpu_process echo; gpu_pinned_limit 1g;"));
+    assert!(
+        e.contains("\"gpu_pinned_limit\" directive is not allowed here"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_client_eof_value() {
+    let e = emerg(&server("gpu_process echo; gpu_client_eof ignore;"));
+    assert!(
+        e.contains("[emerg] invalid value \"ignore\" in \"gpu_client_eof\" directive, it must be \"answer\" or \"cancel\""),
+        "{e}"
+    );
+}
+
+/// `nginx -s reload` reads the configuration too, but starts no worker: it must not fork
+/// the kernel compiler (where NVRTC is missing that printed a warning on every signal).
+#[test]
+fn signalling_nginx_does_not_compile_kernels() {
+    let ngx = Nginx::start(&config(
+        "server { listen 127.0.0.1:{PORT}; location /x { gpu_process echo; } }",
+    ));
+    let out = ngx.signal("reopen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("gpu:"), "nginx -s printed: {stderr}");
 }

@@ -293,3 +293,57 @@ fn variables_describe_where_the_job_ran() {
     }
     assert_eq!(r.header("X-B"), Some("1"));
 }
+
+/// Where the location has an `error_page` for the module's own 405, 503 or 504, nginx
+/// answers with that page, as for its own errors; without one the answer is the JSON error.
+#[test]
+fn error_page_applies_to_the_modules_own_errors() {
+    let ngx = Nginx::start(
+        &config(
+            "gpu_queue_size 1;\n\
+             server { listen 127.0.0.1:{PORT};\n\
+               error_page 405 /custom-405; error_page 503 /custom-503; error_page 504 /custom-504;\n\
+               location = /custom-405 { internal; return 405 \"custom 405\\n\"; }\n\
+               location = /custom-503 { internal; return 503 \"custom 503\\n\"; }\n\
+               location = /custom-504 { internal; return 504 \"custom 504\\n\"; }\n\
+               location /h { gpu_process echo; gpu_batch_size 10; gpu_batch_delay 1500ms; }\n\
+               location /slow { gpu_process echo; gpu_timeout 100ms; gpu_batch_size 10;\n\
+                                gpu_batch_delay 1000ms; }\n\
+               location /plain { gpu_process echo; error_page 404 /nowhere; } }",
+        )
+        .replace("worker_processes 2;", "worker_processes 1;"),
+    );
+    let addr = ngx.addr();
+    let r = request(&addr, "GET", "/h", Send::None);
+    assert_eq!((r.status, r.text().as_str()), (405, "custom 405\n"));
+    let held = {
+        let addr = addr.clone();
+        std::thread::spawn(move || post(&addr, "/h", b"held"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = post(&addr, "/h", b"one too many");
+    assert_eq!((r.status, r.text().as_str()), (503, "custom 503\n"));
+    assert_eq!(held.join().unwrap().body, b"held");
+    let r = post(&addr, "/slow", b"late");
+    assert_eq!((r.status, r.text().as_str()), (504, "custom 504\n"));
+    // A location whose error pages do not cover the status: the JSON error.
+    let r = request(&addr, "GET", "/plain", Send::None);
+    assert_eq!(r.status, 405);
+    assert!(r.text().starts_with("{\"error\": "), "{}", r.text());
+    ngx.assert_healthy();
+}
+
+/// The bound of the queue is counted, not allocated: the largest `gpu_queue_size` costs
+/// a worker nothing up front (a channel of that capacity took 1.6 GiB before).
+#[test]
+fn the_largest_queue_size_allocates_nothing_up_front() {
+    let ngx = Nginx::start(&config(
+        "gpu_queue_size 16777216;\n\
+         server { listen 127.0.0.1:{PORT}; location /h { gpu_process blake3; } }",
+    ));
+    assert_eq!(post(&ngx.addr(), "/h", b"abc").text(), b3(b"abc"));
+    for pid in ngx.worker_pids() {
+        let rss = rss_kib(pid);
+        assert!(rss < 200 * 1024, "worker {pid} holds {rss} KiB");
+    }
+}

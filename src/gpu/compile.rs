@@ -1,19 +1,31 @@
-//! NVRTC compilation of the embedded kernels, done once per configuration load.
-//!
-//! NVRTC does not touch the CUDA driver, so this is safe in the master process; each
-//! worker then loads the PTX into its own context.
+//! NVRTC compilation of the embedded kernels, done once per configuration load, in a
+//! short-lived child of the master (see `compile_isolated`); each worker then loads the PTX
+//! into its own context.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
 use super::no_panic;
 
 /// All kernels as one NVRTC program: the shared header first, then one file per op.
+#[cfg(not(any(test, feature = "fault-injection")))]
 pub const KERNEL_SOURCE: &str = concat!(
     include_str!("../kernels/common.cuh"),
     "\n",
     include_str!("../kernels/echo.cu"),
     "\n",
     include_str!("../kernels/blake3.cu"),
+);
+
+/// Test and fault-injection builds add kernels that fail on purpose (`faults.rs`).
+#[cfg(any(test, feature = "fault-injection"))]
+pub const KERNEL_SOURCE: &str = concat!(
+    include_str!("../kernels/common.cuh"),
+    "\n",
+    include_str!("../kernels/echo.cu"),
+    "\n",
+    include_str!("../kernels/blake3.cu"),
+    "\n",
+    include_str!("../kernels/faults.cu"),
 );
 
 /// Whether libnvrtc can be loaded; never panics.

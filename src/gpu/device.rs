@@ -2,10 +2,11 @@
 //! several batches be in flight at once.
 //!
 //! A slot is one stream with its own pinned staging buffers (write-combined in, plain out)
-//! and device buffers, all grow-only and reused batch after batch. A batch on a slot is one
-//! host->device copy, the op's kernels, one device->host copy and a host function that tells
-//! the GPU thread the slot is done (over a channel, so the thread can wait for new jobs and
-//! finished slots at once). While the GPU works on one slot the thread packs the next.
+//! and device buffers, sized to what batches need (see `buffers.rs`) and reused batch after
+//! batch. A batch on a slot is one host->device copy, the op's kernels, one device->host
+//! copy and a host function that tells the GPU thread the slot is done (over a channel, so
+//! the thread can wait for new jobs and finished slots at once). While the GPU works on one
+//! slot the thread packs the next.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -13,17 +14,17 @@ use std::sync::Arc;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PinnedHostSlice,
+    DriverError, LaunchConfig, PinnedHostSlice,
 };
 use cudarc::nvrtc::Ptx;
 
+use super::buffers::Held;
 use super::{no_panic, GpuError};
+use crate::ops::{Op, Staged};
 
 /// Batches in flight per worker.
 pub const SLOTS: usize = 2;
 pub const THREADS: u32 = 256;
-/// Buffers grow in steps of at least this, so small batches never reallocate.
-const MIN_BUFFER: usize = 1 << 20;
 /// Device buffers start at a multiple of this; the staged data follows the descriptors at it.
 pub const DESC_ALIGN: usize = 256;
 
@@ -50,6 +51,55 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
+/// Memory a device holds for the worker's batches now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub pinned: usize,
+    pub device: usize,
+}
+
+/// What the GPU thread needs of a device: the real one (`Gpu`), or in tests the one in
+/// `fake.rs`. Only the GPU thread calls it.
+pub trait Device {
+    fn info(&self) -> &DeviceInfo;
+    fn slots(&self) -> usize;
+    /// Slot numbers whose batches are done, as the device reports them.
+    fn done(&self) -> &Receiver<usize>;
+    /// Makes `slot`'s input hold `desc_len` bytes of descriptors and `data_len` bytes of
+    /// data, and returns both regions for the caller to fill.
+    fn stage(
+        &mut self,
+        slot: usize,
+        desc_len: usize,
+        data_len: usize,
+    ) -> Result<(&mut [u8], &mut [u8]), GpuError>;
+    /// Queues the staged batch of `op` on `slot`: input copy, kernels, output copy, done
+    /// signal. Returns without waiting.
+    fn launch(
+        &mut self,
+        slot: usize,
+        op: Op,
+        pieces: &[Staged],
+        data_len: u64,
+    ) -> Result<(), GpuError>;
+    /// Whether `slot`'s batch has finished; an error if the device failed.
+    fn finished(&self, slot: usize) -> Result<bool, GpuError>;
+    /// The result bytes of `slot`'s last batch; valid once it finished.
+    fn output(&self, slot: usize) -> Result<&[u8], GpuError>;
+    /// Frees `slot`'s buffers that were larger than needed since the last trim (the slot
+    /// is idle); returns the bytes freed.
+    fn trim(&mut self, slot: usize) -> usize;
+    fn memory(&self) -> Memory;
+    /// Gives the device up without waiting for it: a hung kernel never finishes, and a
+    /// failed context need not be cleaned up by a process that is about to be replaced.
+    /// Everything is leaked.
+    fn abandon(self: Box<Self>);
+    /// Queues a real fault (an illegal address, a kernel that never ends) on `slot`'s
+    /// stream, ahead of its next batch.
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn inject(&mut self, slot: usize, fault: crate::faults::KernelFault) -> Result<(), GpuError>;
+}
+
 /// The kernels of every op, loaded from the configuration-time PTX.
 pub struct Functions {
     pub echo_copy: CudaFunction,
@@ -69,23 +119,36 @@ unsafe extern "C" fn slot_done(data: *mut c_void) {
     let _ = signal.tx.send(signal.slot);
 }
 
-pub struct Slot {
-    pub stream: Arc<CudaStream>,
+struct Slot {
+    stream: Arc<CudaStream>,
     event: CudaEvent,
     /// Pinned host input: descriptors, then the packed bodies. Write-combined: fast to
     /// fill and to copy to the device.
-    host_in: Option<PinnedHostSlice<u8>>,
+    host_in: Held<PinnedHostSlice<u8>>,
     /// Pinned host output, without write-combining so the CPU reads it fast.
-    host_out: Option<PinnedHostSlice<u8>>,
-    dev_in: Option<CudaSlice<u8>>,
-    dev_out: Option<CudaSlice<u8>>,
-    cv_a: Option<CudaSlice<u32>>,
-    cv_b: Option<CudaSlice<u32>>,
+    host_out: Held<PinnedHostSlice<u8>>,
+    dev_in: Held<CudaSlice<u8>>,
+    dev_out: Held<CudaSlice<u8>>,
+    cv_a: Held<CudaSlice<u8>>,
+    cv_b: Held<CudaSlice<u8>>,
     signal: Box<DoneSignal>,
     /// Bytes of descriptors before the data in `host_in`/`dev_in` for the staged batch.
     desc_len: usize,
     /// Bytes the batch's result takes in `host_out`.
     out_len: usize,
+}
+
+impl Slot {
+    fn pinned(&self) -> usize {
+        self.host_in.capacity() + self.host_out.capacity()
+    }
+
+    fn device(&self) -> usize {
+        [&self.dev_in, &self.dev_out, &self.cv_a, &self.cv_b]
+            .iter()
+            .map(|h| h.capacity())
+            .sum()
+    }
 }
 
 /// Device addresses of one launch's buffers, for the op's kernels.
@@ -100,16 +163,27 @@ pub struct Launch<'a> {
     pub cv_b: u64,
 }
 
-pub struct Gpu {
-    pub info: DeviceInfo,
-    pub functions: Functions,
-    slots: Vec<Slot>,
-    done: Receiver<usize>,
-    ctx: Arc<CudaContext>,
+/// Kernels that fail on purpose, for the fault-injection build.
+#[cfg(any(test, feature = "fault-injection"))]
+struct FaultKernels {
+    illegal_address: CudaFunction,
+    hang: CudaFunction,
+    flag: CudaSlice<u32>,
 }
 
-fn grow(len: usize) -> usize {
-    len.max(MIN_BUFFER).next_power_of_two()
+pub struct Gpu {
+    // Fields drop in order, after Drop::drop has waited for every stream: the slots
+    // (streams, buffers, the callbacks' signals), then the kernels' module, then the
+    // context. A module must not be unloaded while a stream may still run its kernels.
+    slots: Vec<Slot>,
+    pub functions: Functions,
+    #[cfg(any(test, feature = "fault-injection"))]
+    faults: Option<FaultKernels>,
+    pub info: DeviceInfo,
+    done: Receiver<usize>,
+    /// `gpu_pinned_limit`: the most pinned host memory the slots may hold together.
+    pinned_limit: usize,
+    ctx: Arc<CudaContext>,
 }
 
 pub fn launch_config(n: u64) -> LaunchConfig {
@@ -125,132 +199,215 @@ pub fn align_desc(n: usize) -> usize {
     n.div_ceil(DESC_ALIGN) * DESC_ALIGN
 }
 
+impl From<DriverError> for GpuError {
+    /// For an op's launches: the driver's error while queueing its kernels.
+    fn from(e: DriverError) -> Self {
+        GpuError::from_driver(e, "launching a kernel")
+    }
+}
+
 impl Gpu {
     /// Opens device 0 (as `CUDA_VISIBLE_DEVICES` shows it) and loads `ptx`.
     /// Must run on the thread that will use the device; never panics.
-    pub fn open(ptx: &str) -> Result<Gpu, String> {
-        no_panic("CUDA initialization", || {
-            // SAFETY: only tries dlopen on candidate names.
-            if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return Err("libcuda.so not found (no NVIDIA driver visible)".into());
-            }
-            let count = CudaContext::device_count().map_err(|e| format!("cuInit: {e}"))?;
-            if count < 1 {
-                return Err("no CUDA device visible".into());
-            }
-            let ctx = CudaContext::new(0).map_err(|e| format!("creating context: {e}"))?;
-            ctx.set_blocking_synchronize()
-                .map_err(|e| format!("context flags: {e}"))?;
-            // Each slot's buffers are used only on its own stream, ordered explicitly:
-            // cudarc's per-buffer events are not needed.
-            // SAFETY: see above.
-            unsafe { ctx.disable_event_tracking() };
-            let info = DeviceInfo {
-                ordinal: 0,
-                name: ctx.name().map_err(|e| e.to_string())?,
-                compute_capability: ctx.compute_capability().map_err(|e| e.to_string())?,
-                total_mem: ctx.total_mem().map_err(|e| e.to_string())?,
-            };
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(|e| format!("loading kernels: {e}"))?;
-            let f = |name: &str| {
-                module
-                    .load_function(name)
-                    .map_err(|e| format!("kernel \"{name}\": {e}"))
-            };
-            let kernels = Functions {
-                echo_copy: f("echo_copy")?,
-                blake3_chunks: f("blake3_chunks")?,
-                blake3_parents: f("blake3_parents")?,
-            };
-            let (tx, done) = unbounded();
-            let mut slots = Vec::with_capacity(SLOTS);
-            for slot in 0..SLOTS {
-                slots.push(Slot {
-                    stream: ctx
-                        .new_stream()
-                        .map_err(|e| format!("creating stream: {e}"))?,
-                    event: ctx
-                        .new_event(None)
-                        .map_err(|e| format!("creating event: {e}"))?,
-                    host_in: None,
-                    host_out: None,
-                    dev_in: None,
-                    dev_out: None,
-                    cv_a: None,
-                    cv_b: None,
-                    signal: Box::new(DoneSignal {
-                        tx: tx.clone(),
-                        slot,
-                    }),
-                    desc_len: 0,
-                    out_len: 0,
-                });
-            }
-            Ok(Gpu {
-                info,
-                functions: kernels,
-                slots,
-                done,
-                ctx,
-            })
+    pub fn open(ptx: &str, pinned_limit: usize) -> Result<Gpu, GpuError> {
+        let opened = no_panic("CUDA initialization", || {
+            Ok(Self::open_inner(ptx, pinned_limit))
+        });
+        opened.unwrap_or_else(|panic| Err(GpuError::Unavailable(panic)))
+    }
+
+    fn open_inner(ptx: &str, pinned_limit: usize) -> Result<Gpu, GpuError> {
+        // SAFETY: only tries dlopen on candidate names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(GpuError::Unavailable(
+                "libcuda.so not found (no NVIDIA driver visible)".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| GpuError::opening(e, "cuInit"))?;
+        if count < 1 {
+            return Err(GpuError::Unavailable("no CUDA device visible".into()));
+        }
+        let ctx = CudaContext::new(0).map_err(|e| GpuError::opening(e, "creating a context"))?;
+        ctx.set_blocking_synchronize()
+            .map_err(|e| GpuError::opening(e, "setting context flags"))?;
+        // Each slot's buffers are used only on its own stream, ordered explicitly:
+        // cudarc's per-buffer events are not needed.
+        // SAFETY: see above.
+        unsafe { ctx.disable_event_tracking() };
+        let query = |e| GpuError::opening(e, "querying the device");
+        let info = DeviceInfo {
+            ordinal: 0,
+            name: ctx.name().map_err(query)?,
+            compute_capability: ctx.compute_capability().map_err(query)?,
+            total_mem: ctx.total_mem().map_err(query)?,
+        };
+        let module = ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| GpuError::opening(e, "loading the kernels"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| GpuError::opening(e, &format!("kernel \"{name}\"")))
+        };
+        let functions = Functions {
+            echo_copy: f("echo_copy")?,
+            blake3_chunks: f("blake3_chunks")?,
+            blake3_parents: f("blake3_parents")?,
+        };
+        #[cfg(any(test, feature = "fault-injection"))]
+        let faults = match (f("ngx_gpu_fault_illegal_address"), f("ngx_gpu_fault_hang")) {
+            (Ok(illegal_address), Ok(hang)) => Some(FaultKernels {
+                illegal_address,
+                hang,
+                flag: ctx
+                    .default_stream()
+                    .alloc_zeros::<u32>(1)
+                    .map_err(|e| GpuError::opening(e, "allocating"))?,
+            }),
+            _ => None,
+        };
+        let (tx, done) = unbounded();
+        let mut slots = Vec::with_capacity(SLOTS);
+        for slot in 0..SLOTS {
+            slots.push(Slot {
+                stream: ctx
+                    .new_stream()
+                    .map_err(|e| GpuError::opening(e, "creating a stream"))?,
+                event: ctx
+                    .new_event(None)
+                    .map_err(|e| GpuError::opening(e, "creating an event"))?,
+                host_in: Held::default(),
+                host_out: Held::default(),
+                dev_in: Held::default(),
+                dev_out: Held::default(),
+                cv_a: Held::default(),
+                cv_b: Held::default(),
+                signal: Box::new(DoneSignal {
+                    tx: tx.clone(),
+                    slot,
+                }),
+                desc_len: 0,
+                out_len: 0,
+            });
+        }
+        Ok(Gpu {
+            slots,
+            functions,
+            #[cfg(any(test, feature = "fault-injection"))]
+            faults,
+            info,
+            done,
+            pinned_limit,
+            ctx,
         })
     }
 
-    pub fn slots(&self) -> usize {
+    /// Pinned bytes that may still be allocated under the limit.
+    fn pinned_budget(&self) -> usize {
+        let held: usize = self.slots.iter().map(Slot::pinned).sum();
+        self.pinned_limit.saturating_sub(held)
+    }
+
+    /// Plain pinned copies of `len` bytes, `reps` times each way, for the benchmark's
+    /// PCIe reference: returns (host->device, device->host) seconds per copy (medians).
+    pub fn memcpy_reference(&mut self, len: usize, reps: usize) -> Result<(f64, f64), GpuError> {
+        let (_, data) = self.stage(0, 0, len)?;
+        data.fill(0x5a);
+        let ctx = self.ctx.clone();
+        let budget = self.pinned_budget();
+        let s = &mut self.slots[0];
+        let stream = s.stream.clone();
+        let d = |e| GpuError::from_driver(e, "copying");
+        let dev = ptr_of(&stream, device(&stream, &mut s.dev_in, len)?);
+        let out = pinned(&ctx, &mut s.host_out, len, true, budget)?;
+        let src = &s
+            .host_in
+            .buf
+            .as_ref()
+            .expect("staged")
+            .as_slice()
+            .map_err(d)?[..len];
+        let mut h2d = Vec::new();
+        let mut d2h = Vec::new();
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            // SAFETY: both buffers hold len bytes; synchronized before the next use.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev, src, stream.cu_stream()) }
+                .map_err(d)?;
+            stream.synchronize().map_err(d)?;
+            h2d.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let dst = &mut out.as_mut_slice().map_err(d)?[..len];
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev, stream.cu_stream()) }
+                .map_err(d)?;
+            stream.synchronize().map_err(d)?;
+            d2h.push(t.elapsed().as_secs_f64());
+        }
+        Ok((median(&mut h2d), median(&mut d2h)))
+    }
+}
+
+impl Device for Gpu {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn slots(&self) -> usize {
         self.slots.len()
     }
 
-    /// Slot numbers whose batches are done, as the driver reports them.
-    pub fn done(&self) -> &Receiver<usize> {
+    fn done(&self) -> &Receiver<usize> {
         &self.done
     }
 
-    /// Makes `slot`'s input hold `desc_len` bytes of descriptors and `data_len` bytes of
-    /// data, and returns both regions for the caller to fill.
-    pub fn stage(
+    fn stage(
         &mut self,
         slot: usize,
         desc_len: usize,
         data_len: usize,
     ) -> Result<(&mut [u8], &mut [u8]), GpuError> {
         let ctx = self.ctx.clone();
+        let budget = self.pinned_budget();
         let s = &mut self.slots[slot];
         s.desc_len = align_desc(desc_len);
         let total = s.desc_len + data_len;
-        let buf = pinned(&ctx, &mut s.host_in, total, false)?;
-        let (desc, data) = buf.as_mut_slice()?[..total].split_at_mut(s.desc_len);
+        let buf = pinned(&ctx, &mut s.host_in, total, false, budget)?;
+        let all = buf
+            .as_mut_slice()
+            .map_err(|e| GpuError::from_driver(e, "staging"))?;
+        let (desc, data) = all[..total].split_at_mut(s.desc_len);
         Ok((&mut desc[..desc_len], data))
     }
 
-    /// Copies the staged input of `slot` to the device (one copy), sizes the output and the
-    /// work buffers, and hands their addresses to `kernels`, which queues the op's
-    /// launches on the slot's stream. Then queues the copy of `out_len` result bytes back
-    /// and the done signal. Returns without waiting.
-    pub fn launch(
+    fn launch(
         &mut self,
         slot: usize,
-        data_len: usize,
-        out_len: usize,
-        cv_words: usize,
-        kernels: impl FnOnce(&Functions, &Launch) -> Result<(), GpuError>,
+        op: Op,
+        pieces: &[Staged],
+        data_len: u64,
     ) -> Result<(), GpuError> {
         let ctx = self.ctx.clone();
+        let budget = self.pinned_budget();
+        let out_len = op.out_len(pieces.len(), data_len);
+        let cv_bytes = 4 * op.cv_words(pieces);
         let s = &mut self.slots[slot];
-        let in_len = s.desc_len + data_len;
+        let in_len = s.desc_len + data_len as usize;
         s.out_len = out_len;
         let stream = s.stream.clone();
         let dev_in = ptr_of(&stream, device(&stream, &mut s.dev_in, in_len.max(16))?);
         let dev_out = ptr_of(&stream, device(&stream, &mut s.dev_out, out_len.max(16))?);
-        let cv_a = ptr_of(&stream, device(&stream, &mut s.cv_a, cv_words.max(8))?);
-        let cv_b = ptr_of(&stream, device(&stream, &mut s.cv_b, cv_words.max(8))?);
-        pinned(&ctx, &mut s.host_out, out_len.max(16), true)?;
+        let cv_a = ptr_of(&stream, device(&stream, &mut s.cv_a, cv_bytes.max(32))?);
+        let cv_b = ptr_of(&stream, device(&stream, &mut s.cv_b, cv_bytes.max(32))?);
+        pinned(&ctx, &mut s.host_out, out_len.max(16), true, budget)?;
+        let d = |what: &'static str| move |e| GpuError::from_driver(e, what);
         if in_len > 0 {
-            let src = &s.host_in.as_ref().expect("staged").as_slice()?[..in_len];
+            let host_in = s.host_in.buf.as_ref().expect("staged");
+            let src = &host_in.as_slice().map_err(d("copying the batch in"))?[..in_len];
             // SAFETY: dev_in holds at least in_len bytes; src is pinned and stays untouched
             // until the slot's done signal (the thread does not stage a busy slot).
-            unsafe { cudarc::driver::result::memcpy_htod_async(dev_in, src, stream.cu_stream()) }?;
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev_in, src, stream.cu_stream()) }
+                .map_err(d("copying the batch in"))?;
         }
         let launch = Launch {
             stream: &stream,
@@ -260,76 +417,102 @@ impl Gpu {
             cv_a,
             cv_b,
         };
-        kernels(&self.functions, &launch)?;
+        op.gpu_launch(&self.functions, &launch, pieces, data_len)?;
         if out_len > 0 {
-            let dst = &mut s.host_out.as_mut().expect("allocated").as_mut_slice()?[..out_len];
+            let host_out = s.host_out.buf.as_mut().expect("allocated");
+            let dst = &mut host_out
+                .as_mut_slice()
+                .map_err(d("copying the results out"))?[..out_len];
             // SAFETY: dev_out holds out_len bytes written by the kernels queued before; dst
             // is pinned and not read until the done signal.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev_out, stream.cu_stream()) }?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev_out, stream.cu_stream()) }
+                .map_err(d("copying the results out"))?;
         }
-        s.event.record(&stream)?;
+        s.event.record(&stream).map_err(d("recording an event"))?;
         let signal = &*s.signal as *const DoneSignal as *mut c_void;
-        // SAFETY: the signal outlives every queued callback (Slot::drop synchronizes the
-        // stream first); slot_done makes no CUDA call.
-        unsafe { sys::cuLaunchHostFunc(stream.cu_stream(), Some(slot_done), signal) }.result()?;
+        // SAFETY: the signal outlives every queued callback (Gpu::drop waits for the
+        // streams first, and an abandoned Gpu is never freed); slot_done makes no CUDA call.
+        unsafe { sys::cuLaunchHostFunc(stream.cu_stream(), Some(slot_done), signal) }
+            .result()
+            .map_err(d("queueing the done callback"))?;
         Ok(())
     }
 
-    /// The result bytes of `slot`'s last batch; valid once the slot was reported done.
-    pub fn output(&self, slot: usize) -> Result<&[u8], GpuError> {
+    fn finished(&self, slot: usize) -> Result<bool, GpuError> {
+        self.slots[slot]
+            .event
+            .try_is_complete()
+            .map_err(|e| GpuError::from_driver(e, "waiting for a batch"))
+    }
+
+    fn output(&self, slot: usize) -> Result<&[u8], GpuError> {
         let s = &self.slots[slot];
-        match &s.host_out {
-            Some(h) => Ok(&h.as_slice()?[..s.out_len]),
+        match &s.host_out.buf {
+            Some(h) => Ok(&h
+                .as_slice()
+                .map_err(|e| GpuError::from_driver(e, "reading the results"))?[..s.out_len]),
             None => Ok(&[]),
         }
     }
 
-    /// Whether `slot`'s batch has finished; an error if the device failed.
-    pub fn finished(&self, slot: usize) -> Result<bool, GpuError> {
-        Ok(self.slots[slot].event.try_is_complete()?)
+    fn trim(&mut self, slot: usize) -> usize {
+        let s = &mut self.slots[slot];
+        s.host_in.trim()
+            + s.host_out.trim()
+            + s.dev_in.trim()
+            + s.dev_out.trim()
+            + s.cv_a.trim()
+            + s.cv_b.trim()
     }
 
-    /// Plain pinned copies of `len` bytes, `reps` times each way, for the benchmark's
-    /// PCIe reference: returns (host->device, device->host) seconds per copy (medians).
-    pub fn memcpy_reference(&mut self, len: usize, reps: usize) -> Result<(f64, f64), GpuError> {
-        let (_, data) = self.stage(0, 0, len)?;
-        data.fill(0x5a);
-        let ctx = self.ctx.clone();
-        let s = &mut self.slots[0];
-        let stream = s.stream.clone();
-        let dev = ptr_of(&stream, device(&stream, &mut s.dev_in, len)?);
-        let out = pinned(&ctx, &mut s.host_out, len, true)?;
-        let src = &s.host_in.as_ref().expect("staged").as_slice()?[..len];
-        let mut h2d = Vec::new();
-        let mut d2h = Vec::new();
-        for _ in 0..reps {
-            let t = std::time::Instant::now();
-            // SAFETY: both buffers hold len bytes; synchronized before the next use.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dev, src, stream.cu_stream()) }?;
-            stream.synchronize()?;
-            h2d.push(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            let dst = &mut out.as_mut_slice()?[..len];
-            // SAFETY: as above.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev, stream.cu_stream()) }?;
-            stream.synchronize()?;
-            d2h.push(t.elapsed().as_secs_f64());
+    fn memory(&self) -> Memory {
+        Memory {
+            pinned: self.slots.iter().map(Slot::pinned).sum(),
+            device: self.slots.iter().map(Slot::device).sum(),
         }
-        Ok((median(&mut h2d), median(&mut d2h)))
+    }
+
+    fn abandon(self: Box<Self>) {
+        std::mem::forget(self);
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn inject(&mut self, slot: usize, fault: crate::faults::KernelFault) -> Result<(), GpuError> {
+        use cudarc::driver::PushKernelArg;
+        let Some(k) = &self.faults else {
+            return Err(GpuError::BadLaunch(
+                "injecting a fault: the module was built without fault kernels".into(),
+            ));
+        };
+        let stream = &self.slots[slot].stream;
+        let flag = ptr_of(stream, &k.flag);
+        let f = match fault {
+            crate::faults::KernelFault::IllegalAddress => &k.illegal_address,
+            crate::faults::KernelFault::Hang => &k.hang,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&flag);
+        // SAFETY: both fault kernels take one u32 pointer (a zeroed device word).
+        unsafe { launch.launch(launch_config(1)) }?;
+        Ok(())
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // No callback may run after its signal is freed, and no kernel after its module is
+        // unloaded: wait for every stream before any field goes. On a failed context this
+        // returns at once with the error, and no callback runs any more. (A hung stream is
+        // never dropped: the GPU thread abandons it.)
+        for s in &self.slots {
+            let _ = s.stream.synchronize();
+        }
     }
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        // No callback may run after its signal is freed. On a failed context this returns
-        // at once with the error, and no callback runs any more.
-        let _ = self.stream.synchronize();
-    }
 }
 
 fn ptr_of<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> u64 {
@@ -339,36 +522,50 @@ fn ptr_of<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> u64 {
 
 fn device<'a, T: DeviceRepr>(
     stream: &Arc<CudaStream>,
-    slot: &'a mut Option<CudaSlice<T>>,
-    len: usize,
+    held: &'a mut Held<CudaSlice<T>>,
+    bytes: usize,
 ) -> Result<&'a mut CudaSlice<T>, GpuError> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = None;
-        // SAFETY: the contents are always written before they are read.
-        *slot = Some(unsafe { stream.alloc::<T>(grow(len)) }?);
-    }
-    Ok(slot.as_mut().expect("just allocated"))
+    held.ensure(
+        bytes,
+        None,
+        |_| unreachable!("device buffers have no budget"),
+        |cap| {
+            // SAFETY: the contents are always written before they are read.
+            unsafe { stream.alloc::<T>(cap / size_of::<T>()) }
+                .map_err(|e| GpuError::from_driver(e, "allocating device memory"))
+        },
+    )
 }
 
 fn pinned<'a>(
     ctx: &Arc<CudaContext>,
-    slot: &'a mut Option<PinnedHostSlice<u8>>,
+    held: &'a mut Held<PinnedHostSlice<u8>>,
     len: usize,
     readable: bool,
+    budget: usize,
 ) -> Result<&'a mut PinnedHostSlice<u8>, GpuError> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = None;
-        // Write-combined memory is fast to fill and to copy to the device, but very slow
-        // for the CPU to read: the output buffer is allocated without it.
-        let flags = if readable {
-            0
-        } else {
-            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
-        };
-        // SAFETY: the contents are always written before they are read.
-        *slot = Some(unsafe { ctx.alloc_pinned_with_flags::<u8>(grow(len), flags) }?);
-    }
-    Ok(slot.as_mut().expect("just allocated"))
+    held.ensure(
+        len,
+        Some(budget),
+        |cap| {
+            GpuError::OutOfMemory(format!(
+                "staging a batch: {} MiB more pinned memory would pass gpu_pinned_limit",
+                cap >> 20
+            ))
+        },
+        |cap| {
+            // Write-combined memory is fast to fill and to copy to the device, but very slow
+            // for the CPU to read: the output buffer is allocated without it.
+            let flags = if readable {
+                0
+            } else {
+                sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            };
+            // SAFETY: the contents are always written before they are read.
+            unsafe { ctx.alloc_pinned_with_flags::<u8>(cap, flags) }
+                .map_err(|e| GpuError::from_driver(e, "allocating pinned memory"))
+        },
+    )
 }
 
 /// An owned copy of `src` (an op's output, handed to nginx). Large outputs ask for

@@ -17,8 +17,11 @@ fn require_gpu() -> bool {
 /// The kernels, if this machine can run them (checked by opening the device once).
 fn ptx() -> Option<Arc<str>> {
     let opened = if nvrtc_present() {
-        compile_kernels(KERNEL_SOURCE)
-            .and_then(|ptx| Gpu::open(&ptx).map(|g| (g.info.clone(), ptx)))
+        compile_kernels(KERNEL_SOURCE).and_then(|ptx| {
+            Gpu::open(&ptx, 1 << 30)
+                .map(|g| (g.info.clone(), ptx))
+                .map_err(|e| e.to_string())
+        })
     } else {
         Err("libnvrtc not found".into())
     };
@@ -82,11 +85,7 @@ fn awkward(rng: &mut Rng, big: bool) -> Vec<Vec<u8>> {
 
 fn gpu_thread(ptx: &Arc<str>, batch_bytes: u64, poll: Duration) -> GpuThread {
     GpuThread::spawn(
-        Config {
-            queue_size: 4096,
-            batch_bytes,
-            poll,
-        },
+        Config::new(batch_bytes, poll, 1 << 30),
         Kernels::Ptx(ptx.clone()),
     )
     .unwrap()

@@ -1,21 +1,27 @@
-//! The GPU thread on the CPU path (no GPU needed): batching, pieces, cancellation,
-//! fallback. The same logic runs on the GPU path in src/gpu/tests.rs.
+//! The GPU thread without a GPU: on the CPU path (batching, pieces, cancellation,
+//! fallback), and on the test device of `gpu/fake.rs`, which runs every batch through the
+//! op's CPU version of its GPU output and fails on purpose (`faults.rs`): panics, transient
+//! CUDA failures, a lost device, a hung batch, a device that opens late. The same logic runs
+//! on a real GPU in src/gpu/tests.rs.
 
 use super::*;
+use crate::faults::Plan;
 use crate::job::Batching;
 use crate::ops::Op;
-use crate::testing::{job, reference, run_mixed, wait_done, Rng};
+use crate::testing::{collect, completions, job, log_lines, reference, run_mixed, wait_done, Rng};
 
-fn cpu_thread(queue_size: usize, batch_bytes: u64) -> GpuThread {
-    GpuThread::spawn(
-        Config {
-            queue_size,
-            batch_bytes,
-            poll: Duration::ZERO,
-        },
-        Kernels::Unavailable("test".into()),
-    )
-    .unwrap()
+fn config(batch_bytes: u64) -> Config {
+    Config::new(batch_bytes, Duration::ZERO, 1 << 30)
+}
+
+fn cpu_thread(batch_bytes: u64) -> GpuThread {
+    GpuThread::spawn(config(batch_bytes), Kernels::Unavailable("test".into())).unwrap()
+}
+
+/// A thread on the test device, with `faults` planned.
+fn fake_thread(mut config: Config, faults: &str) -> GpuThread {
+    config.faults = Plan::parse(faults).unwrap();
+    GpuThread::spawn(config, Kernels::Fake).unwrap()
 }
 
 fn batching(size: usize, delay_ms: u64) -> Batching {
@@ -49,12 +55,55 @@ fn awkward_inputs(rng: &mut Rng) -> Vec<Vec<u8>> {
     sizes.iter().map(|&n| rng.bytes(n)).collect()
 }
 
+/// Submits `jobs` one at a time (batches of one), each after the last was answered, and
+/// returns their completions in order; every other event goes to `others`.
+fn one_by_one_seeing(t: &GpuThread, jobs: Vec<Job>, others: &mut Vec<Event>) -> Vec<Completion> {
+    let mut done = Vec::new();
+    for j in jobs {
+        t.submit(j).unwrap();
+        let events = collect(t, Duration::from_secs(10), |e| !completions(e).is_empty());
+        let mut got = 0;
+        for e in events {
+            match e {
+                Event::Done(c) => {
+                    done.push(c);
+                    got += 1;
+                }
+                other => others.push(other),
+            }
+        }
+        assert_eq!(got, 1, "answers for job {}", done.len());
+    }
+    done
+}
+
+fn one_by_one(t: &GpuThread, jobs: Vec<Job>) -> Vec<Completion> {
+    one_by_one_seeing(t, jobs, &mut Vec::new())
+}
+
+fn restarts(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Restart(_)))
+        .count()
+}
+
+fn echo_jobs(n: u64, fallback: Fallback) -> Vec<Job> {
+    (1..=n)
+        .map(|id| {
+            let mut j = job(id, Op::Echo, &[id as u8; 100], Batching::default());
+            j.fallback = fallback;
+            j
+        })
+        .collect()
+}
+
 #[test]
 fn every_request_gets_its_own_answer_under_concurrency() {
     let mut rng = Rng::fresh();
     let inputs = awkward_inputs(&mut rng);
-    let t = cpu_thread(1024, 64 * 1024);
-    let max = run_mixed(&t, &inputs, batching(16, 2), Device::Cpu, |_| false);
+    let t = cpu_thread(64 * 1024);
+    let max = run_mixed(&t, &inputs, batching(16, 2), Ran::Cpu, |_| false);
     assert!(
         max > 1,
         "a 2 ms delay with 74 queued requests formed no batch over 1"
@@ -65,13 +114,24 @@ fn every_request_gets_its_own_answer_under_concurrency() {
 fn cancelled_requests_inside_batches_harm_no_one_else() {
     let mut rng = Rng::fresh();
     let inputs = awkward_inputs(&mut rng);
-    let t = cpu_thread(1024, 64 * 1024);
-    run_mixed(&t, &inputs, batching(8, 5), Device::Cpu, |id| id % 3 == 1);
+    let t = cpu_thread(64 * 1024);
+    run_mixed(&t, &inputs, batching(8, 5), Ran::Cpu, |id| id % 3 == 1);
+}
+
+#[test]
+fn the_test_device_answers_every_request_like_the_cpu_path() {
+    // Batches on the test device go through staging, the op's batched output layout and
+    // the cutting of results, as on a GPU.
+    let mut rng = Rng::fresh();
+    let inputs = awkward_inputs(&mut rng);
+    let t = fake_thread(config(64 * 1024), "");
+    let max = run_mixed(&t, &inputs, batching(16, 2), Ran::Gpu(0), |id| id % 5 == 4);
+    assert!(max > 1);
 }
 
 #[test]
 fn delay_waits_for_a_fuller_batch() {
-    let t = cpu_thread(64, 1 << 20);
+    let t = cpu_thread(1 << 20);
     for id in 0..5 {
         t.submit(job(id, Op::Echo, &[id as u8; 10], batching(5, 2000)))
             .unwrap();
@@ -91,7 +151,7 @@ fn delay_waits_for_a_fuller_batch() {
 
 #[test]
 fn delay_lets_a_partial_batch_go_when_the_oldest_has_waited() {
-    let t = cpu_thread(64, 1 << 20);
+    let t = cpu_thread(1 << 20);
     let start = Instant::now();
     for id in 0..3 {
         t.submit(job(id, Op::Blake3, b"abc", batching(10, 150)))
@@ -112,39 +172,37 @@ fn delay_lets_a_partial_batch_go_when_the_oldest_has_waited() {
         .all(|c| c.result.as_ref().unwrap().body == reference(Op::Blake3, b"abc")));
 }
 
-#[test]
-fn a_huge_body_does_not_hold_up_small_ones_behind_it() {
-    // Driven without the thread, so that both requests are queued before any batch.
-    let mut rng = Rng::fresh();
-    let big = rng.bytes(64 * 65536 + 5);
+/// A state driven by hand (no thread), on the test device or the CPU path.
+fn manual_state(config: Config, kernels: Kernels) -> (State, Receiver<Event>) {
     let (tx, rx) = unbounded();
     let out = Outbox {
         tx,
         notifier: Arc::new(Notifier::new().unwrap()),
     };
-    let mut st = State::new(
-        None,
-        out,
-        Config {
-            queue_size: 64,
-            batch_bytes: 64 * 1024,
-            poll: Duration::ZERO,
-        },
-        Arc::default(),
-    );
+    let mut st = State::new(out, config, Arc::default(), kernels);
+    st.open_device();
+    (st, rx)
+}
+
+fn done_of(rx: &Receiver<Event>) -> Vec<Completion> {
+    rx.try_iter()
+        .filter_map(|e| match e {
+            Event::Done(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_huge_body_does_not_hold_up_small_ones_behind_it() {
+    // Driven without the thread, so that both requests are queued before any batch.
+    let mut rng = Rng::fresh();
+    let big = rng.bytes(64 * 65536 + 5);
+    let (mut st, rx) = manual_state(config(64 * 1024), Kernels::Unavailable("test".into()));
     st.arrive(job(1, Op::Blake3, &big, batching(64, 0)));
     st.arrive(job(2, Op::Blake3, b"small", batching(64, 0)));
     st.dispatch();
-    let done: Vec<Completion> = rx
-        .try_iter()
-        .filter_map(|e| {
-            if let Event::Done(c) = e {
-                Some(c)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let done = done_of(&rx);
     assert_eq!(done.len(), 2);
     // The small one is answered after the big body's first piece, not after its last.
     assert_eq!(done[0].id, 2);
@@ -160,18 +218,18 @@ fn a_huge_body_does_not_hold_up_small_ones_behind_it() {
 
 #[test]
 fn fallback_off_without_gpu_is_unavailable() {
-    let t = cpu_thread(4, 1 << 20);
+    let t = cpu_thread(1 << 20);
     let mut j = job(7, Op::Echo, b"x", Batching::default());
     j.fallback = Fallback::Off;
     t.submit(j).unwrap();
     let done = wait_done(&t, 1, Duration::from_secs(5));
     assert!(matches!(done[0].result, Err(JobError::Unavailable(_))));
-    assert_eq!(done[0].device, Device::None);
+    assert_eq!(done[0].device, Ran::None);
 }
 
 #[test]
 fn cancelled_jobs_are_skipped_and_others_still_answered() {
-    let t = cpu_thread(8, 1 << 20);
+    let t = cpu_thread(1 << 20);
     let a = job(1, Op::Echo, b"a", Batching::default());
     a.cancelled.store(true, Ordering::Release);
     t.submit(a).unwrap();
@@ -185,26 +243,12 @@ fn cancelled_jobs_are_skipped_and_others_still_answered() {
 #[test]
 fn the_start_line_says_why_there_is_no_gpu() {
     let t = GpuThread::spawn(
-        Config {
-            queue_size: 1,
-            batch_bytes: 1 << 20,
-            poll: Duration::ZERO,
-        },
+        config(1 << 20),
         Kernels::Unavailable("libnvrtc not found".into()),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let logs: Vec<String> = t
-        .drain()
-        .into_iter()
-        .filter_map(|e| {
-            if let Event::Log(_, m) = e {
-                Some(m)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let events = collect(&t, Duration::from_secs(5), |e| !log_lines(e).is_empty());
+    let logs = log_lines(&events);
     assert!(
         logs.iter()
             .any(|m| m.contains("no usable GPU") && m.contains("libnvrtc")),
@@ -212,21 +256,327 @@ fn the_start_line_says_why_there_is_no_gpu() {
     );
 }
 
+/// The thread and the CUDA driver threads it starts must not take nginx's signals
+/// (SIGHUP reload, SIGQUIT, SIGTERM, SIGCHLD, ...): nginx handles them on its own thread.
 #[test]
-fn a_full_queue_hands_the_job_back() {
-    let (tx, _rx) = bounded::<Job>(1);
-    let t = GpuThread {
-        jobs: Some(tx),
-        events: unbounded().1,
-        notifier: Arc::new(Notifier::new().unwrap()),
-        stop: Arc::default(),
-        stats: Arc::default(),
-        handle: None,
-    };
-    t.submit(job(1, Op::Echo, b"", Batching::default()))
+fn the_gpu_thread_blocks_nginx_signals() {
+    let t = cpu_thread(1 << 20);
+    let mut blocked = None;
+    for _ in 0..100 {
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "nginx-gpu" {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+                let mask = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigBlk:"))
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
+                blocked = mask;
+            }
+        }
+        if blocked.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mask = blocked.expect("the nginx-gpu thread is listed in /proc/self/task");
+    for (name, sig) in [
+        ("SIGHUP", libc::SIGHUP),
+        ("SIGINT", libc::SIGINT),
+        ("SIGQUIT", libc::SIGQUIT),
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGUSR1", libc::SIGUSR1),
+        ("SIGUSR2", libc::SIGUSR2),
+        ("SIGCHLD", libc::SIGCHLD),
+        ("SIGALRM", libc::SIGALRM),
+        ("SIGIO", libc::SIGIO),
+        ("SIGWINCH", libc::SIGWINCH),
+        ("SIGPIPE", libc::SIGPIPE),
+    ] {
+        assert!(
+            mask & (1 << (sig - 1)) != 0,
+            "{name} is not blocked: SigBlk {mask:x}"
+        );
+    }
+    assert!(
+        mask & (1 << (libc::SIGSEGV - 1)) == 0,
+        "SIGSEGV must stay deliverable"
+    );
+    drop(t);
+}
+
+#[test]
+fn a_panic_while_packing_is_answered_and_the_thread_carries_on() {
+    let t = fake_thread(config(1 << 20), "panic@2");
+    let done = one_by_one(&t, echo_jobs(4, Fallback::Cpu));
+    let devices: Vec<Ran> = done.iter().map(|c| c.device).collect();
+    assert_eq!(devices, [Ran::Gpu(0), Ran::Cpu, Ran::Gpu(0), Ran::Gpu(0)]);
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!(c.result.as_ref().unwrap().body, vec![i as u8 + 1; 100]);
+    }
+    assert_eq!(t.stats().panics.load(Ordering::Relaxed), 1);
+    assert!(t.alive());
+}
+
+#[test]
+fn a_panic_with_fallback_off_answers_500_not_a_hang() {
+    let t = fake_thread(config(1 << 20), "panic@1");
+    let done = one_by_one(&t, echo_jobs(2, Fallback::Off));
+    assert!(
+        matches!(&done[0].result, Err(JobError::Internal(m)) if m.contains("GPU thread failed"))
+    );
+    assert_eq!(done[1].device, Ran::Gpu(0));
+}
+
+#[test]
+fn a_panic_with_a_batch_in_flight_leaves_the_slot_to_finish() {
+    let t = fake_thread(config(1 << 20), "panic-in-flight@1,panic-in-flight@3");
+    let done = one_by_one(&t, echo_jobs(6, Fallback::Cpu));
+    let devices: Vec<Ran> = done.iter().map(|c| c.device).collect();
+    assert_eq!(
+        devices,
+        [
+            Ran::Cpu,
+            Ran::Gpu(0),
+            Ran::Cpu,
+            Ran::Gpu(0),
+            Ran::Gpu(0),
+            Ran::Gpu(0)
+        ]
+    );
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!(
+            c.result.as_ref().unwrap().body,
+            vec![i as u8 + 1; 100],
+            "job {i}"
+        );
+    }
+    assert_eq!(t.stats().panics.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn repeated_panics_ask_for_a_fresh_worker() {
+    let t = fake_thread(config(1 << 20), "panic@1+");
+    let mut events = Vec::new();
+    one_by_one_seeing(&t, echo_jobs(2, Fallback::Cpu), &mut events);
+    assert_eq!(restarts(&events), 0, "two panics are not yet a pattern");
+    one_by_one_seeing(&t, echo_jobs(1, Fallback::Cpu), &mut events);
+    events.extend(t.drain());
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Restart(why) if why.contains("panicked 3 times"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn transient_failures_fail_only_their_batch_and_keep_the_device() {
+    for fault in ["oom@2", "bad-launch@2"] {
+        let t = fake_thread(config(1 << 20), fault);
+        let mut events = Vec::new();
+        let done = one_by_one_seeing(&t, echo_jobs(4, Fallback::Cpu), &mut events);
+        let devices: Vec<Ran> = done.iter().map(|c| c.device).collect();
+        assert_eq!(
+            devices,
+            [Ran::Gpu(0), Ran::Cpu, Ran::Gpu(0), Ran::Gpu(0)],
+            "{fault}"
+        );
+        events.extend(t.drain());
+        assert_eq!(restarts(&events), 0, "{fault}: {events:?}");
+        assert!(
+            log_lines(&events)
+                .iter()
+                .any(|m| m.contains("the GPU stays in use")),
+            "{fault}: {events:?}"
+        );
+        // With gpu_fallback off the failed batch gets 503, the next ones the GPU.
+        let t = fake_thread(config(1 << 20), fault);
+        let done = one_by_one(&t, echo_jobs(3, Fallback::Off));
+        assert!(
+            matches!(done[1].result, Err(JobError::Unavailable(_))),
+            "{fault}"
+        );
+        assert_eq!(done[2].device, Ran::Gpu(0), "{fault}");
+    }
+}
+
+#[test]
+fn a_lost_device_fails_its_batches_in_flight_and_asks_for_a_fresh_worker() {
+    for fault in ["trap@2", "lost@2"] {
+        let t = fake_thread(config(1 << 20), fault);
+        let mut events = Vec::new();
+        let done = one_by_one_seeing(&t, echo_jobs(4, Fallback::Cpu), &mut events);
+        let devices: Vec<Ran> = done.iter().map(|c| c.device).collect();
+        // From the loss on, this worker has no GPU: the fallback serves until it exits.
+        assert_eq!(
+            devices,
+            [Ran::Gpu(0), Ran::Cpu, Ran::Cpu, Ran::Cpu],
+            "{fault}"
+        );
+        for (i, c) in done.iter().enumerate() {
+            assert_eq!(c.result.as_ref().unwrap().body, vec![i as u8 + 1; 100]);
+        }
+        events.extend(t.drain());
+        assert_eq!(restarts(&events), 1, "{fault}: {events:?}");
+        let t = fake_thread(config(1 << 20), fault);
+        let done = one_by_one(&t, echo_jobs(3, Fallback::Off));
+        assert!(
+            matches!(done[1].result, Err(JobError::Unavailable(_))),
+            "{fault}"
+        );
+        assert!(
+            matches!(done[2].result, Err(JobError::Unavailable(_))),
+            "{fault}"
+        );
+    }
+}
+
+#[test]
+fn a_hung_batch_is_caught_by_its_deadline_and_exit_does_not_wait_for_it() {
+    let t = fake_thread(config(1 << 20), "hang@1");
+    let mut j = job(1, Op::Blake3, b"stuck", Batching::default());
+    j.timeout = Duration::from_millis(50);
+    let start = Instant::now();
+    t.submit(j).unwrap();
+    let events = collect(&t, Duration::from_secs(10), |e| !completions(e).is_empty());
+    let waited = start.elapsed();
+    let done = completions(&events);
+    assert_eq!(
+        done[0].device,
+        Ran::Cpu,
+        "the hung batch's request falls back"
+    );
+    assert_eq!(
+        done[0].result.as_ref().unwrap().body,
+        reference(Op::Blake3, b"stuck")
+    );
+    // Its own gpu_timeout was 50 ms; a batch is not "hung" before MIN_DEADLINE.
+    assert!(
+        waited >= MIN_DEADLINE && waited < MIN_DEADLINE * 3,
+        "{waited:?}"
+    );
+    let logs = log_lines(&events);
+    assert!(
+        logs.iter().any(|m| m.contains("has not finished")),
+        "{logs:?}"
+    );
+    let mut events = events;
+    events.extend(t.drain());
+    assert_eq!(restarts(&events), 1);
+    let mut t = t;
+    let start = Instant::now();
+    t.stop();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "exit waited for a hung stream"
+    );
+}
+
+#[test]
+fn exit_with_a_batch_still_running_waits_a_little_then_abandons_it() {
+    let mut c = config(1 << 20);
+    c.exit_wait = Duration::from_millis(300);
+    let mut t = fake_thread(c, "hang@1");
+    t.submit(job(1, Op::Echo, b"x", Batching::default()))
         .unwrap();
-    assert!(matches!(
-        t.submit(job(2, Op::Echo, b"", Batching::default())),
-        Err(TrySendError::Full(_))
-    ));
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    t.stop();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
+/// After a GPU loss, the spin loop must not index a slot that went with the device.
+#[test]
+fn a_device_lost_while_spinning_over_two_slots_is_survived() {
+    let mut c = config(1 << 20);
+    c.poll = Duration::from_micros(500);
+    c.faults = Plan::parse("trap@1").unwrap();
+    let (mut st, rx) = manual_state(c, Kernels::Fake);
+    st.arrive(job(1, Op::Echo, b"one", Batching::default()));
+    st.arrive(job(2, Op::Echo, b"two", Batching::default()));
+    st.dispatch();
+    assert!(
+        st.in_flight.iter().all(Option::is_some),
+        "two batches in flight"
+    );
+    let (_tx, jobs) = unbounded::<Job>();
+    assert!(st.spin(&jobs));
+    assert!(st.device.is_none());
+    let done = done_of(&rx);
+    assert_eq!(done.len(), 2);
+    for c in done {
+        assert_eq!(c.device, Ran::Cpu);
+    }
+}
+
+#[test]
+fn opening_the_device_is_retried_with_backoff() {
+    let t = fake_thread(config(1 << 20), "open-fail:2");
+    // Meanwhile the fallback serves.
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Cpu));
+    assert_eq!(done[0].device, Ran::Cpu);
+    let mut off = job(9, Op::Echo, b"x", Batching::default());
+    off.fallback = Fallback::Off;
+    let done = one_by_one(&t, vec![off]);
+    assert!(matches!(done[0].result, Err(JobError::Unavailable(_))));
+    // Attempts at 0 s, 1 s, then 3 s.
+    let events = collect(&t, Duration::from_secs(6), |e| {
+        log_lines(e).iter().any(|m| m.contains("gpu: using"))
+    });
+    let logs = log_lines(&events);
+    assert!(
+        logs.iter()
+            .any(|m| m.contains("gpu: using") && m.contains("(attempt 3)")),
+        "{logs:?}"
+    );
+    assert_eq!(t.stats().opens.load(Ordering::Relaxed), 3);
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
+    assert_eq!(done[0].device, Ran::Gpu(0));
+}
+
+#[test]
+fn buffers_are_sized_to_what_batches_need_and_shrink_when_quiet() {
+    let mut c = config(16 << 20);
+    c.trim_after = Duration::from_millis(150);
+    let t = fake_thread(c, "");
+    let big = Rng::fresh().bytes((5 << 20) + 1);
+    let done = one_by_one(&t, vec![job(1, Op::Echo, &big, Batching::default())]);
+    assert!(done[0].result.as_ref().unwrap().body == big);
+    // 5 MiB + 1 in and out: 6 MiB each, not the next power of two (8 MiB each).
+    let pinned = t.stats().pinned.load(Ordering::Relaxed) as usize;
+    assert_eq!(pinned, 12 << 20);
+    // Only small batches for a while: the big buffers go.
+    let start = Instant::now();
+    while t.stats().pinned.load(Ordering::Relaxed) as usize > 2 << 20 {
+        one_by_one(&t, echo_jobs(1, Fallback::Cpu));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "buffers never shrank"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t.stats().trimmed.load(Ordering::Relaxed) >= 10 << 20);
+}
+
+#[test]
+fn batches_never_take_more_pinned_memory_than_the_limit() {
+    let mut c = config(16 << 20);
+    c.pinned_limit = 8 << 20;
+    let t = fake_thread(c, "");
+    let big = Rng::fresh().bytes(5 << 20);
+    // In and out would take 5 + 5 MiB: over the limit, so this batch falls back.
+    let done = one_by_one(&t, vec![job(1, Op::Echo, &big, Batching::default())]);
+    assert_eq!(done[0].device, Ran::Cpu);
+    assert!(done[0].result.as_ref().unwrap().body == big);
+    assert!(t.stats().pinned.load(Ordering::Relaxed) as usize <= 8 << 20);
+    // Small batches still run on the device.
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Cpu));
+    assert_eq!(done[0].device, Ran::Gpu(0));
+    let events = t.drain();
+    assert_eq!(restarts(&events), 0);
 }

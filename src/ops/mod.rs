@@ -37,6 +37,9 @@ pub struct Staged {
 pub const OP_NAMES: &str = "echo, blake3";
 
 impl Op {
+    /// Every op, for limits that must hold for any of them.
+    pub const ALL: [Op; 2] = [Op::Echo, Op::Blake3];
+
     /// Parses the arguments of `gpu_process` (the op name first).
     pub fn parse(args: &[&str]) -> Result<Op, String> {
         let (name, rest) = match args.split_first() {
@@ -81,6 +84,22 @@ impl Op {
         }
     }
 
+    /// What the batched GPU path leaves in its output buffer for `pieces` (packed in `data`
+    /// as staged), computed on the CPU: the test device runs this, so the GPU thread's
+    /// handling of outputs is tested without a GPU, and the GPU tests compare against it.
+    pub fn cpu_batch(self, pieces: &[Staged], data: &[u8], out: &mut [u8]) {
+        match self {
+            Op::Echo => out[..data.len()].copy_from_slice(data),
+            Op::Blake3 => {
+                for (i, p) in pieces.iter().enumerate() {
+                    let bytes = &data[p.data_off as usize..(p.data_off + p.len) as usize];
+                    out[32 * i..32 * i + 32]
+                        .copy_from_slice(&blake3::cpu_piece(bytes, p.offset, p.whole));
+                }
+            }
+        }
+    }
+
     /// Bytes of descriptors a batch of `n` pieces needs in front of its data.
     pub fn desc_len(self, n: usize) -> usize {
         match self {
@@ -89,7 +108,8 @@ impl Op {
         }
     }
 
-    /// Bytes of result a batch leaves in its output buffer.
+    /// Bytes of result a batch of `n` pieces and `data_len` staged bytes leaves in its
+    /// output buffer.
     pub fn out_len(self, n: usize, data_len: u64) -> usize {
         match self {
             Op::Echo => data_len as usize,

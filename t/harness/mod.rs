@@ -35,9 +35,12 @@ fn nginx_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NGX_GPU_NGINX") {
         return p.into();
     }
-    let dir =
-        option_env!("NGX_GPU_NGINX_BUILD_DIR").expect("built with nginx-sys's vendored nginx");
-    Path::new(dir).join("nginx")
+    // Built without nginx-sys's vendored nginx (the ./configure path), the tests are told
+    // where nginx is with NGX_GPU_NGINX.
+    match option_env!("NGX_GPU_NGINX_BUILD_DIR") {
+        Some(dir) => Path::new(dir).join("nginx"),
+        None => panic!("set NGX_GPU_NGINX: this build has no vendored nginx"),
+    }
 }
 
 fn module_path() -> PathBuf {
@@ -196,6 +199,43 @@ impl Nginx {
         }
     }
 
+    /// Runs `nginx -s <signal>` against this nginx, with its configuration.
+    pub fn signal(&self, signal: &str) -> Output {
+        let conf = std::fs::read_to_string(self.prefix.join("conf/nginx.conf")).unwrap();
+        // `nginx -s` finds the master through the pid file named in the configuration.
+        let with_pid = self.prefix.join("conf/signal.conf");
+        std::fs::write(&with_pid, format!("pid logs/nginx.pid;\n{conf}")).unwrap();
+        Command::new(nginx_bin())
+            .arg("-p")
+            .arg(&self.prefix)
+            .args([
+                "-c",
+                "conf/signal.conf",
+                "-e",
+                "logs/error.log",
+                "-s",
+                signal,
+            ])
+            .output()
+            .unwrap()
+    }
+
+    /// The worker processes' ids (children of the master named "nginx: worker process").
+    pub fn worker_pids(&self) -> Vec<u32> {
+        children(self.child.id())
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains("worker process"))
+            })
+            .collect()
+    }
+
+    /// The master's process id.
+    pub fn master_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The shared objects mapped into the master process.
     pub fn master_maps(&self) -> String {
         std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap()
@@ -316,6 +356,10 @@ pub fn post(addr: &str, path: &str, body: &[u8]) -> Response {
 }
 
 fn read_response(s: &mut TcpStream, head_only: bool) -> Response {
+    parse_response(s, head_only)
+}
+
+fn parse_response(s: &mut impl Read, head_only: bool) -> Response {
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let end = raw
@@ -417,16 +461,19 @@ pub fn b3(data: &[u8]) -> String {
 
 /// A tiny HTTP/1 upstream for proxy tests: answers every request with the BLAKE3 hex of
 /// the body it received (as b3sum prints it) and records what it received.
+/// What an upstream received: (path, body) per request.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 pub struct Upstream {
     pub port: u16,
-    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Received,
 }
 
 impl Upstream {
     pub fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received: Received = Default::default();
         let rec = received.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -572,4 +619,74 @@ pub fn post_h2(addr: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let got = std::fs::read(&out).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     (code.parse().unwrap_or(0), got)
+}
+
+/// Closes `s` with a reset (SO_LINGER 0), as an aborting client does.
+pub fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the size given.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+/// Sends a whole POST, then shuts down the sending side (as `nc -N` does) and reads the
+/// answer.
+pub fn post_then_half_close(addr: &str, path: &str, body: &[u8]) -> Option<Response> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        return None;
+    }
+    let mut cursor = std::io::Cursor::new(raw);
+    Some(parse_response(&mut cursor, false))
+}
+
+/// The ids of `pid`'s child processes.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A process's resident memory, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
