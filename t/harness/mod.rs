@@ -43,6 +43,27 @@ fn nginx_bin() -> PathBuf {
     }
 }
 
+/// The module built with the `fault-injection` feature (`make fault-module`), for
+/// t/faults.rs: NGX_GPU_FAULT_MODULE, or target/<profile>/fault-injection/.
+pub fn fault_module_path() -> PathBuf {
+    if let Ok(p) = std::env::var("NGX_GPU_FAULT_MODULE") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("fault-injection/libngx_http_gpu_module.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `make fault-module` (make check does)",
+        p.display()
+    );
+    p
+}
+
 fn module_path() -> PathBuf {
     if let Ok(p) = std::env::var("NGX_GPU_MODULE") {
         return p.into();
@@ -74,6 +95,10 @@ fn free_port() -> u16 {
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 fn fresh_prefix() -> PathBuf {
+    fresh_prefix_with(&module_path())
+}
+
+fn fresh_prefix_with(module: &Path) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "ngx-gpu-t-{}-{}",
         std::process::id(),
@@ -83,7 +108,7 @@ fn fresh_prefix() -> PathBuf {
     for sub in ["conf", "logs", "modules"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
-    std::os::unix::fs::symlink(module_path(), dir.join("modules/ngx_http_gpu_module.so")).unwrap();
+    std::os::unix::fs::symlink(module, dir.join("modules/ngx_http_gpu_module.so")).unwrap();
     dir
 }
 
@@ -116,7 +141,12 @@ impl Nginx {
     }
 
     pub fn start_with_env(conf: &str, env: &[(&str, &str)]) -> Nginx {
-        let prefix = fresh_prefix();
+        Self::start_module(conf, env, &module_path())
+    }
+
+    /// Starts nginx with `module` (say, the fault-injection build) instead of the module.
+    pub fn start_module(conf: &str, env: &[(&str, &str)], module: &Path) -> Nginx {
+        let prefix = fresh_prefix_with(module);
         let port = free_port();
         let conf = conf.replace("{PORT}", &port.to_string());
         std::fs::write(prefix.join("conf/nginx.conf"), &conf).unwrap();
@@ -689,4 +719,34 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A POST that reports connection failures instead of panicking (for tests where some
+/// connections are expected to break, such as a killed worker's).
+pub fn try_post(addr: &str, path: &str, body: &[u8]) -> Result<Response, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    s.write_all(body).map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(format!("no response ({} bytes)", raw.len()));
+    }
+    let mut cursor = std::io::Cursor::new(raw);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_response(&mut cursor, false)
+    }))
+    .map_err(|_| "malformed or truncated response".to_string())
+}
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
