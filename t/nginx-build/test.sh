@@ -111,14 +111,18 @@ else
 fi
 t_configure=$((SECONDS - t0))
 
+nginx=$tree/objs/nginx
+module=$tree/objs/ngx_http_gpu_module.so
+
+# Never test what an earlier run left: this make must link both again.
+rm -f "$nginx" "$tree"/objs/*.so
+
 t0=$SECONDS
 say "make -j$jobs (nginx and modules; cargo builds the module's static library)"
 make -C "$tree" -j"$jobs" > "$work/make.log" 2>&1 \
     || { tail -n 40 "$work/make.log" >&2; fail "make failed (log: $work/make.log)"; }
 t_make=$((SECONDS - t0))
 
-nginx=$tree/objs/nginx
-module=$tree/objs/ngx_http_gpu_module.so
 [ -x "$nginx" ] || fail "make built no $nginx"
 [ -f "$module" ] || fail "make built no $module"
 grep -q -- "--add-dynamic-module=$repo" <("$nginx" -V 2>&1) \
