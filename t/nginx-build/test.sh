@@ -139,10 +139,12 @@ done
 pre=$work/preflight
 rm -rf "$pre"
 mkdir -p "$pre/conf" "$pre/logs"
+# nginx -t binds the listen address too: a free port (any user may bind it).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat > "$pre/conf/nginx.conf" <<EOF
 load_module $module;
 events {}
-http { server { listen 127.0.0.1:1; location = /b { gpu_process blake3; } } }
+http { server { listen 127.0.0.1:$port; location = /b { gpu_process blake3; } } }
 EOF
 out=$("$nginx" -p "$pre" -c conf/nginx.conf -e logs/error.log -t 2>&1) \
     || fail "the configure-built nginx does not load the configure-built module:
