@@ -2,6 +2,8 @@
 #
 #   make run        build nginx + the module and start the example config on 127.0.0.1:8080
 #   make test       every test (unit + integration against a real nginx, then the image test)
+#   make nginx-build-test  nginx's ./configure --add-dynamic-module=. && make, then the
+#                   integration suites against that nginx and module
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
 #   make image-test build the image with buildah here and exercise it (root; no Docker needed)
@@ -14,7 +16,7 @@ CARGO ?= cargo
 IMAGE ?= ngx-gpu
 DOCKER ?= docker
 
-.PHONY: deps build run stop test gpu-bundle image image-test gpu-image clean
+.PHONY: deps build run stop test nginx-build-test gpu-bundle image image-test gpu-image clean
 
 # Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
 deps:
@@ -49,6 +51,12 @@ test: deps
 	$(CARGO) build --release
 	$(CARGO) test --release
 	bash t/image/test.sh
+
+# The distribution's way: nginx's configure and make build the module (config, config.make,
+# auto/rust) from nginx-src's source; then the http and config suites run against the result.
+nginx-build-test:
+	sh t/deps.sh --tests
+	bash t/nginx-build/test.sh
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module, the
 # benchmark, and the libraries nginx links that the GPU machine may lack.
