@@ -16,15 +16,10 @@ DOCKER ?= docker
 
 .PHONY: deps build run stop test gpu-bundle image image-test gpu-image clean
 
-# Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
+# The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
+# installs nothing when all are present, and needs no root then).
 deps:
-	@need=""; for p in build-essential libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config curl; do \
-	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
-	if [ -n "$$need" ]; then \
-	  echo "installing:$$need"; \
-	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ $$(id -u) = 0 ] || echo sudo ) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; fi
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup.rs)"; exit 1; }
+	sh t/deps.sh --tests
 
 build: deps
 	$(CARGO) build --release
