@@ -35,6 +35,7 @@ ensure_minbase_tarball() {
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
     fi
     root=$(mktemp -d)
+    chmod 755 "$root" # mktemp's 0700 would be the root directory's mode in the tarball
     if ! $SUDO debootstrap --variant=minbase "$s" "$root" "$m" >"$log" 2>&1; then
         tail -n 20 "$log"
         echo "debootstrap failed (log: $log)"
