@@ -1,20 +1,26 @@
 # ngx_http_gpu_module: build, run and test. See README.md.
 #
 #   make run        build nginx + the module and start the example config on 127.0.0.1:8080
-#   make test       every test (unit + integration against a real nginx, then the image test)
+#   make check      unit + integration tests against a real nginx (no root needed once the
+#                   packages are there)
+#   make test       every test: check, then the image test and the install test (root or sudo)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
 #   make image-test build the image with buildah here and exercise it (root; no Docker needed)
+#   make install-test
+#                   sh t/deps.sh, then make build, in a clean Debian 12 chroot (root)
 #   make gpu-image  image-test, then export the image's binaries into .gpu-image/ for the
 #                   GPU machine (run there: bash t/image/gpu-smoke.sh)
 
 SHELL := /bin/bash
 PREFIX ?= $(CURDIR)/build
 CARGO ?= cargo
+# Extra arguments for cargo build/test, e.g. --frozen for an offline build (the install test).
+CARGO_FLAGS ?=
 IMAGE ?= ngx-gpu
 DOCKER ?= docker
 
-.PHONY: deps build run stop test gpu-bundle image image-test gpu-image clean
+.PHONY: deps build run stop check test gpu-bundle image image-test install-test gpu-image clean
 
 # The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
 # installs nothing when all are present, and needs no root then).
@@ -22,7 +28,7 @@ deps:
 	sh t/deps.sh --tests
 
 build: deps
-	$(CARGO) build --release
+	$(CARGO) build --release $(CARGO_FLAGS)
 	mkdir -p $(PREFIX)/sbin $(PREFIX)/modules $(PREFIX)/conf $(PREFIX)/logs
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" $(PREFIX)/sbin/nginx
 	cp target/release/libngx_http_gpu_module.so $(PREFIX)/modules/ngx_http_gpu_module.so
@@ -39,11 +45,14 @@ stop:
 	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit
 
 # cargo test does not refresh the module .so the integration tests load: build it first.
-# The image test last: its summary line is then the last line.
-test: deps
-	$(CARGO) build --release
-	$(CARGO) test --release
+check: deps
+	$(CARGO) build --release $(CARGO_FLAGS)
+	$(CARGO) test --release $(CARGO_FLAGS)
+
+# The install test last: its summary line is then the last line.
+test: check
 	bash t/image/test.sh
+	bash t/install/test.sh
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module, the
 # benchmark, and the libraries nginx links that the GPU machine may lack.
@@ -73,6 +82,9 @@ image:
 
 image-test:
 	bash t/image/test.sh
+
+install-test:
+	bash t/install/test.sh
 
 gpu-image: image-test
 	bash t/image/export.sh .gpu-image
