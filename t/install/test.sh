@@ -65,7 +65,7 @@ main() {
     # Nothing may be mounted under the old root before it is deleted (a bind mount of the
     # toolchain or of the .deb cache would be deleted with it).
     [ -z "$(mounts_under_root)" ] || fail "mounts left under $ROOT: $(mounts_under_root)"
-    $SUDO rm -rf "$ROOT"
+    $SUDO rm -rf "$ROOT" "$WORK"/*.log
 
     step "clean Debian 12 root filesystem (debootstrap minbase tarball)"
     ensure_minbase_tarball "$WORK/debootstrap.log" \
