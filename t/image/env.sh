@@ -1,4 +1,5 @@
-# Shared by the image scripts (sourced): where buildah keeps its images, and their names.
+# Shared by the image scripts and the install test (sourced): where buildah keeps its images,
+# and their names; the cached Debian root filesystem both start from.
 # buildah runs as root with vfs storage and chroot isolation (no Docker engine, no
 # overlayfs or user namespaces needed), in a store of its own so that it never mixes with
 # another buildah or podman store on the machine.

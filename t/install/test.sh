@@ -95,7 +95,9 @@ main() {
     $SUDO mkdir -p "$DEBS"
 
     local rc=0
-    $SUDO env T0="$T0" unshare --mount --propagation private -- \
+    # sudo drops the environment: the cache's place goes along explicitly.
+    $SUDO env T0="$T0" NGX_IMAGE_CACHE="$NGX_IMAGE_CACHE" \
+        unshare --mount --propagation private -- \
         bash "$PWD/t/install/test.sh" inside "$sysroot" "$PWD/docker/vendor" || rc=$?
     if [ "$rc" = 0 ]; then
         $SUDO rm -rf "$ROOT"
