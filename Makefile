@@ -1,35 +1,40 @@
 # ngx_http_gpu_module: build, run and test. See README.md.
 #
 #   make run        build nginx + the module and start the example config on 127.0.0.1:8080
-#   make test       every test (unit + integration against a real nginx, then the image test)
+#   make check      lint, then unit + integration tests against a real nginx (no root needed
+#                   once the packages are there)
+#   make test       every test: check, then the nginx ./configure build, the image test and
+#                   the install test (root or sudo)
 #   make nginx-build-test  nginx's ./configure --add-dynamic-module=. && make, then the
 #                   integration suites against that nginx and module
+#   make image-test build the image with buildah here and exercise it (root; no Docker needed)
+#   make install-test
+#                   sh t/deps.sh, then make build, in a clean Debian 12 chroot (root)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
-#   make image-test build the image with buildah here and exercise it (root; no Docker needed)
 #   make gpu-image  image-test, then export the image's binaries into .gpu-image/ for the
 #                   GPU machine (run there: bash t/image/gpu-smoke.sh)
 
 SHELL := /bin/bash
 PREFIX ?= $(CURDIR)/build
 CARGO ?= cargo
+# Extra arguments for cargo build/test, e.g. --frozen for an offline build (the install test).
+CARGO_FLAGS ?=
 IMAGE ?= ngx-gpu
 DOCKER ?= docker
+# Where the module built with the fault-injection feature goes (t/faults.rs loads it).
+FAULT_MODULE := target/release/fault-injection/libngx_http_gpu_module.so
 
-.PHONY: deps build run stop test nginx-build-test gpu-bundle image image-test gpu-image clean
+.PHONY: deps build run stop lint fault-module check test nginx-build-test install-test \
+	gpu-bundle image image-test gpu-image clean
 
-# Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
+# The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
+# installs nothing when all are present, and needs no root then).
 deps:
-	@need=""; for p in build-essential libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config curl; do \
-	  dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
-	if [ -n "$$need" ]; then \
-	  echo "installing:$$need"; \
-	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ $$(id -u) = 0 ] || echo sudo ) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; fi
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup.rs)"; exit 1; }
+	sh t/deps.sh --tests
 
 build: deps
-	$(CARGO) build --release
+	$(CARGO) build --release $(CARGO_FLAGS)
 	mkdir -p $(PREFIX)/sbin $(PREFIX)/modules $(PREFIX)/conf $(PREFIX)/logs
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" $(PREFIX)/sbin/nginx
 	cp target/release/libngx_http_gpu_module.so $(PREFIX)/modules/ngx_http_gpu_module.so
@@ -45,23 +50,47 @@ run: build
 stop:
 	$(PREFIX)/sbin/nginx -p $(PREFIX) -c conf/nginx.conf -s quit
 
-# cargo test does not refresh the module .so the integration tests load: build it first.
-# The image test last: its summary line is then the last line.
-test: deps
-	$(CARGO) build --release
-	$(CARGO) test --release
+# Formatting, clippy with and without the test hooks, and the declared minimum Rust
+# version against what Cargo.lock's crates need.
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets $(CARGO_FLAGS) -- -D warnings
+	$(CARGO) clippy --release --all-targets --features fault-injection $(CARGO_FLAGS) -- -D warnings
+	bash t/msrv.sh
+
+# The module with the fault-injection feature, beside the real one (never installed).
+fault-module: deps
+	$(CARGO) build --release --features fault-injection $(CARGO_FLAGS)
+	mkdir -p $(dir $(FAULT_MODULE))
+	cp target/release/libngx_http_gpu_module.so $(FAULT_MODULE)
+
+# cargo test does not refresh the module .so the integration tests load: build it first
+# (after the fault-injection build, which writes the same file).
+check: lint fault-module
+	$(CARGO) build --release $(CARGO_FLAGS)
+	$(CARGO) test --release $(CARGO_FLAGS)
+
+# The install test last: its summary line is then the last line.
+test: check
+	bash t/nginx-build/test.sh
 	bash t/image/test.sh
+	bash t/install/test.sh
 
 # The distribution's way: nginx's configure and make build the module (config, config.make,
 # auto/rust) from nginx-src's source; then the http and config suites run against the result.
-nginx-build-test:
-	sh t/deps.sh --tests
+nginx-build-test: deps
 	bash t/nginx-build/test.sh
 
-# Everything the GPU machine needs, built here: test binaries, nginx, the module, the
-# benchmark, and the libraries nginx links that the GPU machine may lack.
-gpu-bundle: deps
-	rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib
+install-test:
+	bash t/install/test.sh
+
+# Everything the GPU machine needs, built here: test binaries, nginx, the module and its
+# fault-injection build, the benchmark, and the libraries nginx links that the GPU machine
+# may lack.
+gpu-bundle: fault-module
+	sh t/deps.sh --gpu-bundle
+	rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/fault-injection
+	cp $(FAULT_MODULE) .gpu/fault-injection/ngx_http_gpu_module.so
 	$(CARGO) test --release --no-run --message-format=json 2>/dev/null \
 	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]]' \
 	  | while read -r exe; do cp "$$exe" .gpu/bin/test-$$(basename "$$exe" | sed 's/-[0-9a-f]*$$//'); done
@@ -72,11 +101,10 @@ gpu-bundle: deps
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" .gpu/bin/nginx
 	cp target/release/libngx_http_gpu_module.so .gpu/ngx_http_gpu_module.so
 	for l in libpcre2-8.so.0 libcrypt.so.1; do cp -L /lib/x86_64-linux-gnu/$$l .gpu/lib/; done
-	command -v wrk >/dev/null || $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get install -y -qq wrk
 	cp "$$(command -v wrk)" .gpu/bin/wrk
 	cp -L /lib/x86_64-linux-gnu/libluajit-5.1.so.2 .gpu/lib/
 	cp t/gpu/run.sh .gpu/run.sh
-	strip .gpu/bin/* .gpu/ngx_http_gpu_module.so 2>/dev/null || true
+	strip .gpu/bin/* .gpu/ngx_http_gpu_module.so .gpu/fault-injection/*.so 2>/dev/null || true
 	du -sh .gpu
 
 # With docker/vendor/ in the context the builder uses only those sources (--frozen).

@@ -7,6 +7,7 @@
 #   sh t/deps.sh            what `make run` needs (make, a C toolchain, nginx's libraries,
 #                           libclang for bindgen)
 #   sh t/deps.sh --tests    that, plus what `make check` and `make test` use
+#   sh t/deps.sh --gpu-bundle  that, plus wrk (carried to the GPU machine by make gpu-bundle)
 set -eu
 
 build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev"
@@ -14,7 +15,12 @@ build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib
 tests="curl python3"
 
 want=$build
-[ "${1:-}" = "--tests" ] && want="$want $tests"
+case "${1:-}" in
+    --tests) want="$want $tests" ;;
+    --gpu-bundle) want="$want $tests wrk" ;;
+    "") ;;
+    *) echo "usage: sh t/deps.sh [--tests | --gpu-bundle]" >&2; exit 2 ;;
+esac
 
 need=""
 for p in $want; do

@@ -16,8 +16,6 @@ cd "$(dirname "$0")/../.."
 . t/image/env.sh
 
 WORK=$PWD/target/image
-SUITE=bookworm
-MIRROR=${NGX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PORT=8080 # what the image's config listens on (in a network namespace of the test's own)
 
 step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
@@ -38,26 +36,11 @@ ensure_tools() {
 # A minimal Debian bookworm root filesystem, imported as an image.
 make_runtime_base() {
     have_image "$BASE_RUNTIME" && return
-    local tarball=$NGX_IMAGE_CACHE/$SUITE-minbase.tar
-    if [ ! -f "$tarball" ]; then
-        local root
-        root=$(mktemp -d)
-        $SUDO debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$WORK/debootstrap.log"
-        # As Debian's own images have them: updates and security (where cargo 1.96 is).
-        printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s-security %s-security main\n' \
-            "$MIRROR" $SUITE "$MIRROR" $SUITE "$MIRROR" $SUITE \
-            | $SUDO tee "$root/etc/apt/sources.list" >/dev/null
-        $SUDO rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-        $SUDO mkdir -p "$NGX_IMAGE_CACHE"
-        $SUDO tar -C "$root" --numeric-owner --exclude='./dev/*' --exclude='./proc/*' \
-            --exclude='./sys/*' -cf "$tarball.part" .
-        $SUDO mv "$tarball.part" "$tarball"
-        $SUDO rm -rf "$root"
-    fi
+    ensure_minbase_tarball "$WORK/debootstrap.log"
     local ctr mnt
     ctr=$("${B[@]}" from scratch)
     mnt=$("${B[@]}" mount "$ctr")
-    $SUDO tar -C "$mnt" --numeric-owner -xf "$tarball"
+    $SUDO tar -C "$mnt" --numeric-owner -xf "$MINBASE_TARBALL"
     "${B[@]}" umount "$ctr" >/dev/null
     "${B[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --cmd bash "$ctr"
