@@ -128,11 +128,14 @@ t_make=$((SECONDS - t0))
 grep -q -- "--add-dynamic-module=$repo" <("$nginx" -V 2>&1) \
     || fail "$nginx -V does not show --add-dynamic-module=$repo"
 
-# The module table comes from nginx's generated C, the module from the Rust library.
-syms=$(nm -D --defined-only "$module")
-for sym in ngx_modules ngx_module_names ngx_http_gpu_module; do
-    grep -qw "$sym" <<<"$syms" || fail "$module does not define $sym"
-done
+# The module table comes from nginx's generated C, and it is all the .so exports
+# (auto/exports.map): nginx loads modules RTLD_GLOBAL, and the Rust library's symbols must
+# not be visible to other modules.
+syms=$(nm -D --defined-only "$module" | awk '{print $3}' | sort)
+want=$(printf '%s\n' ngx_module_names ngx_module_order ngx_modules)
+[ "$syms" = "$want" ] || fail "$module exports other symbols than the module table: $(echo $syms | head -c 300)"
+all_syms=$(nm "$module")
+grep -qw ngx_http_gpu_module <<<"$all_syms" || fail "$module has no ngx_http_gpu_module"
 
 # Loads into that nginx: the check that names the problem (dlopen error, binary
 # incompatibility, unknown directive) before the suites run.
