@@ -204,12 +204,15 @@ impl Nginx {
         std::fs::read_to_string(self.prefix.join("logs").join(name)).unwrap_or_default()
     }
 
-    /// Waits until logs/`name` has at least `n` lines, and returns them.
+    /// Waits until logs/`name` has at least `n` complete lines, and returns them. (A
+    /// reader can see a long line while nginx's write of it is still going on: only lines
+    /// that end in a newline count.)
     pub fn wait_log_lines(&self, name: &str, n: usize) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = self.log_file(name);
-            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let complete = text.rfind('\n').map_or("", |end| &text[..end + 1]);
+            let lines: Vec<String> = complete.lines().map(str::to_string).collect();
             if lines.len() >= n || Instant::now() > deadline {
                 return lines;
             }
