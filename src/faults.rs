@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `fake` | use the test device (`gpu/fake.rs`) instead of a GPU |
 //! | `open-fail:N` | the first N attempts to open the device fail as if it were busy |
+//! | `open-slow:MS` | every attempt to open the device takes MS milliseconds longer |
 //! | `panic@N` | the thread panics while packing its N-th batch (1-based) |
 //! | `panic-in-flight@N` | the thread panics right after launching its N-th batch |
 //! | `oom@N`, `bad-launch@N` | the N-th batch fails with out-of-memory / a refused launch |
@@ -40,6 +41,7 @@ pub enum KernelFault {
 pub struct Plan {
     pub fake_device: bool,
     pub open_failures: u32,
+    pub open_delay: std::time::Duration,
     /// (batch number, and whether every later one too, fault)
     pub batches: Vec<(u64, bool, Fault)>,
 }
@@ -54,6 +56,11 @@ impl Plan {
             }
             if let Some(n) = item.strip_prefix("open-fail:") {
                 plan.open_failures = n.parse().map_err(|_| format!("bad count in \"{item}\""))?;
+                continue;
+            }
+            if let Some(ms) = item.strip_prefix("open-slow:") {
+                let ms = ms.parse().map_err(|_| format!("bad time in \"{item}\""))?;
+                plan.open_delay = std::time::Duration::from_millis(ms);
                 continue;
             }
             let (what, at) = item
@@ -99,9 +106,10 @@ mod tests {
 
     #[test]
     fn parses_a_plan_and_finds_each_batch_fault() {
-        let p = Plan::parse("fake, open-fail:2,panic@3,oom@5+,trap@4").unwrap();
+        let p = Plan::parse("fake, open-fail:2,panic@3,oom@5+,trap@4,open-slow:250").unwrap();
         assert!(p.fake_device);
         assert_eq!(p.open_failures, 2);
+        assert_eq!(p.open_delay, std::time::Duration::from_millis(250));
         assert_eq!(p.at_batch(1), None);
         assert_eq!(p.at_batch(3), Some(Fault::Panic));
         assert_eq!(

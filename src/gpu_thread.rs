@@ -255,11 +255,8 @@ fn supervise(
     config: Config,
     stats: Arc<Stats>,
 ) {
+    // The first step starts opening the device.
     let mut st = State::new(out, config, stats, kernels);
-    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.open_device()));
-    if let Err(p) = started {
-        st.recover(panic_message(&*p));
-    }
     while !stop.load(Ordering::Acquire) {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.step(&jobs))) {
             Ok(true) => {}
@@ -297,11 +294,22 @@ struct InFlight {
     deadline: Instant,
 }
 
-/// Whether and when to try opening the device again.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// What opening the device gave.
+type Opened = Result<Box<dyn Device>, GpuError>;
+
+/// The device: open, being opened (on a thread of its own, so that this thread keeps
+/// serving: creating a context takes a third of a second, and after a GPU fault far
+/// longer), to be tried again later, or not to be had in this worker.
 enum Opener {
     Open,
-    Retry { at: Instant, attempt: u32 },
+    Opening {
+        attempt: u32,
+        result: Receiver<Opened>,
+    },
+    Retry {
+        at: Instant,
+        attempt: u32,
+    },
     Never,
 }
 
@@ -310,6 +318,9 @@ struct State {
     active: HashMap<u64, Active>,
     device: Option<Box<dyn Device>>,
     opener: Opener,
+    /// `gpu_fallback off` requests that came while the device was being opened: they wait
+    /// for it (the CPU path is not theirs to take).
+    held: Vec<Job>,
     kernels: Kernels,
     done: Receiver<usize>,
     in_flight: Vec<Option<InFlight>>,
@@ -335,6 +346,7 @@ impl State {
                 at: Instant::now(),
                 attempt: 1,
             },
+            held: Vec::new(),
             kernels,
             done: never(),
             in_flight: vec![None],
@@ -349,35 +361,76 @@ impl State {
         }
     }
 
-    /// Tries to open the device, logging the outcome; schedules a retry when that may help.
-    fn open_device(&mut self) {
-        let Opener::Retry { attempt, .. } = self.opener else {
-            return;
-        };
-        let opened: Result<Box<dyn Device>, GpuError> = match &self.kernels {
-            Kernels::Unavailable(why) => Err(GpuError::Unavailable(why.clone())),
-            Kernels::Ptx(ptx) => {
-                if self.injected_open_failure(attempt) {
-                    Err(GpuError::Busy(
-                        "opening the device: injected failure".into(),
-                    ))
-                } else {
-                    Gpu::open(ptx, self.config.pinned_limit).map(|g| Box::new(g) as _)
+    /// Starts an attempt to open the device, on a thread of its own; its outcome comes
+    /// back through `Opener::Opening` (see `opened`).
+    fn start_open(&mut self, attempt: u32) {
+        let open = self.open_fn(attempt);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let spawned = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("nginx-gpu-open".into())
+                .spawn(move || {
+                    let opened = no_panic("opening the device", || Ok(open()))
+                        .unwrap_or_else(|panic| Err(GpuError::Unavailable(panic)));
+                    // Nobody waits any more when the worker is exiting: the device goes.
+                    let _ = tx.send(opened);
+                })
+        });
+        match spawned {
+            Ok(_) => {
+                self.opener = Opener::Opening {
+                    attempt,
+                    result: rx,
                 }
+            }
+            Err(e) => self.opened(
+                attempt,
+                Err(GpuError::Busy(format!(
+                    "starting a thread to open the device: {e}"
+                ))),
+            ),
+        }
+    }
+
+    /// What the opening thread runs.
+    fn open_fn(&self, attempt: u32) -> Box<dyn FnOnce() -> Opened + Send> {
+        let injected = self.injected_open_failure(attempt);
+        let slow = self.injected_open_delay();
+        let limit = self.config.pinned_limit;
+        let busy = || {
+            Err(GpuError::Busy(
+                "opening the device: injected failure".into(),
+            ))
+        };
+        match &self.kernels {
+            Kernels::Unavailable(why) => {
+                let why = why.clone();
+                Box::new(move || Err(GpuError::Unavailable(why)))
+            }
+            Kernels::Ptx(ptx) => {
+                let ptx = ptx.clone();
+                Box::new(move || {
+                    std::thread::sleep(slow);
+                    if injected {
+                        return busy();
+                    }
+                    Gpu::open(&ptx, limit).map(|g| Box::new(g) as Box<dyn Device>)
+                })
             }
             #[cfg(any(test, feature = "fault-injection"))]
-            Kernels::Fake => {
-                if self.injected_open_failure(attempt) {
-                    Err(GpuError::Busy(
-                        "opening the device: injected failure".into(),
-                    ))
-                } else {
-                    Ok(Box::new(crate::gpu::fake::FakeDevice::new(
-                        self.config.pinned_limit,
-                    )))
+            Kernels::Fake => Box::new(move || {
+                std::thread::sleep(slow);
+                if injected {
+                    return busy();
                 }
-            }
-        };
+                Ok(Box::new(crate::gpu::fake::FakeDevice::new(limit)) as Box<dyn Device>)
+            }),
+        }
+    }
+
+    /// An attempt to open the device ended: use the device, or log why not and schedule a
+    /// retry when that may help. Requests held for the device go on either way.
+    fn opened(&mut self, attempt: u32, opened: Opened) {
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         match opened {
             Ok(device) => {
@@ -424,6 +477,19 @@ impl State {
                 self.opener = Opener::Never;
             }
         }
+        for job in std::mem::take(&mut self.held) {
+            self.arrive(job);
+        }
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn injected_open_delay(&self) -> Duration {
+        self.config.faults.open_delay
+    }
+
+    #[cfg(not(any(test, feature = "fault-injection")))]
+    fn injected_open_delay(&self) -> Duration {
+        Duration::ZERO
     }
 
     #[cfg(any(test, feature = "fault-injection"))]
@@ -449,9 +515,9 @@ impl State {
     /// One turn of the loop: launch what is due, then wait for something to happen.
     /// False when the job channel is gone (the worker is stopping).
     fn step(&mut self, jobs: &Receiver<Job>) -> bool {
-        if let Opener::Retry { at, .. } = self.opener {
+        if let Opener::Retry { at, attempt } = self.opener {
             if Instant::now() >= at {
-                self.open_device();
+                self.start_open(attempt);
             }
         }
         self.dispatch();
@@ -464,10 +530,22 @@ impl State {
             None => never(),
         };
         let done = self.done.clone();
+        let opening = match &self.opener {
+            Opener::Opening { result, .. } => result.clone(),
+            _ => never(),
+        };
         select! {
             recv(jobs) -> msg => match msg {
                 Ok(job) => self.arrive(job),
                 Err(_) => return false,
+            },
+            recv(opening) -> msg => {
+                if let Opener::Opening { attempt, .. } = self.opener {
+                    let opened = msg.unwrap_or_else(|_| {
+                        Err(GpuError::Unavailable("the thread opening the device ended".into()))
+                    });
+                    self.opened(attempt, opened);
+                }
             },
             recv(done) -> msg => {
                 if let Ok(slot) = msg {
@@ -608,6 +686,10 @@ impl State {
             return;
         }
         if self.device.is_none() && job.fallback == Fallback::Off {
+            if matches!(self.opener, Opener::Opening { .. }) {
+                self.held.push(job);
+                return;
+            }
             let now = Instant::now();
             self.answer(
                 job,
@@ -940,6 +1022,17 @@ impl State {
             self.panics.pop_front();
         }
         let ids: Vec<u64> = self.active.keys().copied().collect();
+        for job in std::mem::take(&mut self.held) {
+            let now = Instant::now();
+            self.answer(
+                job,
+                now,
+                now,
+                1,
+                Ran::None,
+                Err(JobError::Internal("the GPU thread failed".into())),
+            );
+        }
         self.out.log(
             Level::Alert,
             format!(

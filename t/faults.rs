@@ -158,11 +158,21 @@ fn a_hung_kernel_fails_its_batch_and_the_worker_exits_without_hanging() {
         "hung batch detected and worker replaced within {:?}",
         start.elapsed()
     );
+    // The fresh worker serves at once (the CPU path while its device opens) ...
+    let r = post(&ngx.addr(), "/blake3", b"after");
+    assert_eq!((r.status, r.text()), (200, b3(b"after")));
+    // ... and gets its own device.
+    let replaced = Instant::now();
+    wait_for("the fresh worker's device", Duration::from_secs(60), || {
+        ngx.error_log().matches("gpu: using").count() >= 2
+    });
+    eprintln!(
+        "the fresh worker's device was open {:?} later",
+        replaced.elapsed()
+    );
     for line in ngx.error_log().lines().filter(|l| l.contains("gpu:")) {
         eprintln!("  {line}");
     }
-    let r = post(&ngx.addr(), "/blake3", b"after");
-    assert_eq!((r.status, r.text()), (200, b3(b"after")));
     assert!(!ngx.error_log().contains("exited on signal"));
 }
 

@@ -59,8 +59,8 @@ pub struct Memory {
 }
 
 /// What the GPU thread needs of a device: the real one (`Gpu`), or in tests the one in
-/// `fake.rs`. Only the GPU thread calls it.
-pub trait Device {
+/// `fake.rs`. Opened on a thread of its own, then used by the GPU thread alone.
+pub trait Device: Send {
     fn info(&self) -> &DeviceInfo;
     fn slots(&self) -> usize;
     /// Slot numbers whose batches are done, as the device reports them.

@@ -18,10 +18,22 @@ fn cpu_thread(batch_bytes: u64) -> GpuThread {
     GpuThread::spawn(config(batch_bytes), Kernels::Unavailable("test".into())).unwrap()
 }
 
-/// A thread on the test device, with `faults` planned.
+/// A thread on the test device, with `faults` planned; unless the plan delays the device,
+/// returns once the device is open.
 fn fake_thread(mut config: Config, faults: &str) -> GpuThread {
     config.faults = Plan::parse(faults).unwrap();
-    GpuThread::spawn(config, Kernels::Fake).unwrap()
+    let late = config.faults.open_failures > 0 || !config.faults.open_delay.is_zero();
+    let t = GpuThread::spawn(config, Kernels::Fake).unwrap();
+    if !late {
+        let events = collect(&t, Duration::from_secs(5), |e| {
+            log_lines(e).iter().any(|m| m.contains("gpu: using"))
+        });
+        assert!(
+            log_lines(&events).iter().any(|m| m.contains("gpu: using")),
+            "{events:?}"
+        );
+    }
+    t
 }
 
 fn batching(size: usize, delay_ms: u64) -> Batching {
@@ -180,7 +192,12 @@ fn manual_state(config: Config, kernels: Kernels) -> (State, Receiver<Event>) {
         notifier: Arc::new(Notifier::new().unwrap()),
     };
     let mut st = State::new(out, config, Arc::default(), kernels);
-    st.open_device();
+    // Open the device as the thread's first step would, and wait for it.
+    st.start_open(1);
+    if let Opener::Opening { attempt, result } = &st.opener {
+        let (attempt, opened) = (*attempt, result.recv().unwrap());
+        st.opened(attempt, opened);
+    }
     (st, rx)
 }
 
@@ -537,6 +554,30 @@ fn opening_the_device_is_retried_with_backoff() {
     assert_eq!(t.stats().opens.load(Ordering::Relaxed), 3);
     let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
     assert_eq!(done[0].device, Ran::Gpu(0));
+}
+
+#[test]
+fn while_the_device_opens_requests_take_the_cpu_path_and_off_requests_wait_for_it() {
+    let t = fake_thread(config(1 << 20), "open-slow:400");
+    let start = Instant::now();
+    let mut off = job(2, Op::Echo, b"off", Batching::default());
+    off.fallback = Fallback::Off;
+    t.submit(off).unwrap();
+    t.submit(job(1, Op::Echo, b"cpu", Batching::default()))
+        .unwrap();
+    let events = collect(&t, Duration::from_secs(5), |e| completions(e).len() == 2);
+    let done = completions(&events);
+    assert_eq!(done.len(), 2);
+    // The CPU request did not wait for the device; the `off` one was served by it.
+    assert_eq!((done[0].id, done[0].device), (1, Ran::Cpu));
+    assert!(
+        done[0].queue_time < Duration::from_millis(200),
+        "{:?}",
+        done[0].queue_time
+    );
+    assert_eq!((done[1].id, done[1].device), (2, Ran::Gpu(0)));
+    assert_eq!(done[1].result.as_ref().unwrap().body, b"off");
+    assert!(start.elapsed() >= Duration::from_millis(400));
 }
 
 #[test]

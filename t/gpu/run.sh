@@ -28,7 +28,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
         "$t" --test-threads=4 >"$OUT/one.log" 2>&1; rc=$?
         [ $rc -ne 0 ] && status=1
         summary+="$name: $(grep -E '^test result' "$OUT/one.log" | tail -n1) (rc=$rc, $((SECONDS - start))s)"$'\n'
-        grep -E "^device: |skipped|largest batch|reloads:|killed:|leaving|against|hung batch" "$OUT/one.log" | sort | uniq -c | head -n 8
+        grep -E "^device: |skipped|largest batch|reloads:|killed:|leaving|against|hung batch|fresh worker" "$OUT/one.log" | sort | uniq -c | head -n 8
         { echo "######## $name (rc=$rc)"; cat "$OUT/one.log"; } >>"$OUT/tests.log"
         rm -f "$OUT/one.log"
     done
