@@ -25,7 +25,9 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     for t in .gpu/bin/test-*; do
         name=$(basename "$t")
         start=$SECONDS
-        "$t" --test-threads=4 >"$OUT/one.log" 2>&1; rc=$?
+        # The fault and stress suites print their figures (counts, times) as they go.
+        case $name in test-faults|test-stress) extra=--nocapture ;; *) extra= ;; esac
+        "$t" --test-threads=4 $extra >"$OUT/one.log" 2>&1; rc=$?
         [ $rc -ne 0 ] && status=1
         summary+="$name: $(grep -E '^test result' "$OUT/one.log" | tail -n1) (rc=$rc, $((SECONDS - start))s)"$'\n'
         grep -E "^device: |skipped|largest batch|reloads:|killed:|leaving|against|hung batch|fresh worker" "$OUT/one.log" | sort | uniq -c | head -n 8
