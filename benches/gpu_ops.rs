@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ngx_http_gpu_module::engine::job::{Batching, Body, Device, Event, Fallback, Job, Segment};
+use ngx_http_gpu_module::engine::thread::{Config, GpuThread, Kernels};
 use ngx_http_gpu_module::gpu::{compile_kernels, nvrtc_present, Gpu, KERNEL_SOURCE};
-use ngx_http_gpu_module::gpu_thread::{Config, GpuThread, Kernels};
-use ngx_http_gpu_module::job::{Batching, Body, Device, Event, Fallback, Job, Segment};
 use ngx_http_gpu_module::ops::Op;
 
 const MIB: usize = 1 << 20;

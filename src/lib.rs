@@ -10,25 +10,19 @@ use std::sync::Arc;
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
-pub mod batch;
-mod body;
 mod conf;
+pub mod engine;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
 pub mod gpu;
-pub mod gpu_thread;
-mod handler;
-pub mod job;
-pub mod notify;
+mod http;
 pub mod ops;
-mod response;
-pub mod stats;
 #[cfg(test)]
 mod testing;
-mod variables;
-mod worker;
 
-use gpu_thread::Kernels;
+use engine::thread::{self as gpu_thread, Kernels};
+use engine::worker;
+use http::variables;
 
 static NGX_HTTP_GPU_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(preconfiguration),

@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::gpu_thread::GpuThread;
-use crate::job::{Batching, Body, Completion, Device, Event, Fallback, Job, Segment};
+use crate::engine::job::{Batching, Body, Completion, Device, Event, Fallback, Job, Segment};
+use crate::engine::thread::GpuThread;
 use crate::ops::Op;
 
 /// splitmix64, seeded from the clock so every run sees new data; the seed is printed.

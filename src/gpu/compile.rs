@@ -9,23 +9,23 @@ use super::no_panic;
 /// All kernels as one NVRTC program: the shared header first, then one file per op.
 #[cfg(not(any(test, feature = "fault-injection")))]
 pub const KERNEL_SOURCE: &str = concat!(
-    include_str!("../kernels/common.cuh"),
+    include_str!("../ops/common.cuh"),
     "\n",
-    include_str!("../kernels/echo.cu"),
+    include_str!("../ops/echo/echo.cu"),
     "\n",
-    include_str!("../kernels/blake3.cu"),
+    include_str!("../ops/blake3/blake3.cu"),
 );
 
 /// Test and fault-injection builds add kernels that fail on purpose (`faults.rs`).
 #[cfg(any(test, feature = "fault-injection"))]
 pub const KERNEL_SOURCE: &str = concat!(
-    include_str!("../kernels/common.cuh"),
+    include_str!("../ops/common.cuh"),
     "\n",
-    include_str!("../kernels/echo.cu"),
+    include_str!("../ops/echo/echo.cu"),
     "\n",
-    include_str!("../kernels/blake3.cu"),
+    include_str!("../ops/blake3/blake3.cu"),
     "\n",
-    include_str!("../kernels/faults.cu"),
+    include_str!("../faults/faults.cu"),
 );
 
 /// Whether libnvrtc can be loaded; never panics.

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use super::*;
-use crate::gpu_thread::{Config, GpuThread, Kernels};
-use crate::job::{Batching, Device};
+use crate::engine::job::{Batching, Device};
+use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::testing::{run_mixed, Rng};
 
 fn require_gpu() -> bool {

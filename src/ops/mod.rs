@@ -7,7 +7,7 @@
 pub mod blake3;
 pub mod echo;
 
-use crate::batch::Piece;
+use crate::engine::batch::Piece;
 use crate::gpu::{host_copy, Functions, GpuError, Launch};
 
 /// One configured op, as parsed from `gpu_process <op> [args];`.

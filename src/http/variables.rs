@@ -5,8 +5,8 @@ use core::ptr;
 use ngx::ffi::*;
 use ngx::ngx_string;
 
-use crate::handler::{ctx_of, RequestCtx};
-use crate::job::Device;
+use crate::engine::job::Device;
+use crate::http::handler::{ctx_of, RequestCtx};
 
 struct Var {
     name: ngx_str_t,

@@ -5,8 +5,8 @@
 //! on a real GPU in src/gpu/tests.rs.
 
 use super::*;
+use crate::engine::job::Batching;
 use crate::faults::Plan;
-use crate::job::Batching;
 use crate::ops::Op;
 use crate::testing::{collect, completions, job, log_lines, reference, run_mixed, wait_done, Rng};
 

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::job::Batching;
+use crate::engine::job::Batching;
 use crate::ops::Op;
 
 /// Each piece starts at a multiple of this in the staging buffer (16-byte vector loads).

@@ -11,10 +11,12 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::conf::{ClientEof, LocConf};
-use crate::job::{Batching, Completion, Device, Job, JobError};
-use crate::response::{send, send_error};
-use crate::worker::{log_repeated, Repeated};
-use crate::{body, ngx_http_gpu_module, worker};
+use crate::engine::job::{Batching, Completion, Device, Job, JobError};
+use crate::engine::worker;
+use crate::engine::worker::{log_repeated, Repeated};
+use crate::http::body;
+use crate::http::response::{send, send_error};
+use crate::ngx_http_gpu_module;
 
 /// Per-request state, in the request pool; dropped by its pool cleanup.
 pub struct RequestCtx {
@@ -163,7 +165,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     let job = Job {
         id: worker::next_id(),
         op,
-        fallback: lcf.fallback.unwrap_or(crate::job::Fallback::Cpu),
+        fallback: lcf.fallback.unwrap_or(crate::engine::job::Fallback::Cpu),
         batching: Batching {
             size: lcf.batch_size,
             delay: Duration::from_millis(lcf.batch_delay as u64),

@@ -11,8 +11,8 @@ use ngx::{ngx_conf_log_error, ngx_string};
 
 use std::sync::Arc;
 
-use crate::handler::gpu_content_handler;
-use crate::job::Fallback;
+use crate::engine::job::Fallback;
+use crate::http::handler::gpu_content_handler;
 use crate::ngx_http_gpu_module;
 use crate::ops::Op;
 
@@ -494,7 +494,7 @@ unsafe extern "C" fn cmd_gpu_batch_bytes(
     // SAFETY: cf->args holds the directive's name and its one argument.
     let value = &mut (*(*cf).args).as_slice_mut::<ngx_str_t>()[1];
     let n = ngx_parse_offset(value);
-    let min = crate::batch::MIN_BATCH_BYTES as usize;
+    let min = crate::engine::batch::MIN_BATCH_BYTES as usize;
     if n < 0 || (n as usize) < min || n as usize > MAX_BATCH_BYTES {
         let v = core::str::from_utf8(value.as_bytes()).unwrap_or("\u{fffd}");
         ngx_conf_log_error!(

@@ -13,9 +13,9 @@ use crossbeam_channel::TrySendError;
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
-use crate::gpu_thread::{Config, GpuThread, Kernels};
-use crate::handler::{self, RequestCtx};
-use crate::job::{Completion, Device, Event, Job, JobError, Level};
+use crate::engine::job::{Completion, Device, Event, Job, JobError, Level};
+use crate::engine::thread::{Config, GpuThread, Kernels};
+use crate::http::handler::{self, RequestCtx};
 
 struct Worker {
     thread: GpuThread,

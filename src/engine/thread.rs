@@ -31,12 +31,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, select, unbounded, Receiver, Sender, TrySendError};
 
-use crate::batch::{align, pieces_of, Batch, Piece, Queue};
+use crate::engine::batch::{align, pieces_of, Batch, Piece, Queue};
+use crate::engine::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
+use crate::engine::notify::Notifier;
+use crate::engine::stats::{self, Stats};
 use crate::gpu::{no_panic, panic_message, Device, Gpu, GpuError, Memory};
-use crate::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
-use crate::notify::Notifier;
 use crate::ops::{Assembly, Output, Staged};
-use crate::stats::{self, Stats};
 
 /// Where the thread gets its kernels from: PTX compiled at configuration time, or the
 /// reason there is none (then the thread never touches CUDA).

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use ngx::ffi::*;
 
-use crate::job::{Body, PoolBlock, Segment, SharedBuf};
+use crate::engine::job::{Body, PoolBlock, Segment, SharedBuf};
 
 /// Memory buffers at least this big are shared rather than copied (below it a copy is
 /// cheaper than the bookkeeping).

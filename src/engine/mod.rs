@@ -1,0 +1,10 @@
+//! The per-worker engine: the event-loop side (`worker.rs`: the GPU thread's eventfd,
+//! waiting requests), what travels between the two (`job.rs`), and the GPU thread itself
+//! (`thread.rs`: batching from `batch.rs`, the device or the CPU path, supervision).
+
+pub mod batch;
+pub mod job;
+pub mod notify;
+pub mod stats;
+pub mod thread;
+pub(crate) mod worker;
