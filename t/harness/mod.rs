@@ -275,7 +275,8 @@ impl Nginx {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// No worker crashed and nothing was logged at alert level or above.
+    /// No worker crashed and nothing was logged at alert level or above (nor an
+    /// AddressSanitizer report, which goes to the error log when ASan's log_path is unset).
     pub fn assert_healthy(&self) {
         let log = self.error_log();
         for bad in [
@@ -284,6 +285,7 @@ impl Nginx {
             "[crit]",
             "exited on signal",
             "panicked",
+            "AddressSanitizer",
         ] {
             assert!(!log.contains(bad), "error log has {bad}:\n{log}");
         }
