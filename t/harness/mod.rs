@@ -271,6 +271,14 @@ impl Nginx {
         std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap()
     }
 
+    /// Whether this nginx runs under AddressSanitizer (t/asan/run.sh): it maps libasan.
+    /// ASan holds freed memory in quarantine (256 MiB by default) to catch uses after
+    /// free, so a process's RSS grows with what it frees: bounds on RSS growth mean
+    /// nothing there.
+    pub fn under_asan(&self) -> bool {
+        self.master_maps().contains("/libasan.so")
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
