@@ -15,7 +15,8 @@
 # at a use-after-free, heap, global and stack overflow.
 #
 # Works in <target>/asan (its own cargo target directory: the normal build is untouched);
-# reports and logs in <target>/asan/run/.
+# reports and logs in <target>/asan/run/ (the reports are written under $TMPDIR first: see
+# below).
 #
 #   NGX_GPU_STRESS_SECS  reloads in the stress suite's reload test (default here 10)
 #   ASAN_EXTRA_OPTIONS   more ASAN_OPTIONS, appended (e.g. quarantine_size_mb=1024)
@@ -67,14 +68,35 @@ run=$work/run
 rm -rf "$run"
 mkdir -p "$run/reports" "$run/logs" "$run/module" "$run/fault-injection" "$run/probe"
 
+# Where ASan writes its reports. nginx's workers write them, and started as root nginx
+# runs its workers as nobody: a directory they cannot write or reach (a tree under /root,
+# a target dir of mode 755) loses the report ("ERROR: Can't open file: ... (reason: 13)"
+# on stderr, the worker exits with code 1, nginx starts another one, the test may pass).
+# So: world-writable directories under $TMPDIR, copied into $run/reports at the end.
+reports=$(mktemp -d "${TMPDIR:-/tmp}/ngx-gpu-asan.XXXXXX")
+chmod 0755 "$reports"
+trap 'rm -rf "$reports"' EXIT
+# A directory for one suite's reports: writable by nginx's workers, whatever user.
+report_dir() {
+    mkdir -p "$reports/$1"
+    chmod 0777 "$reports/$1"
+    if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null 2>&1 \
+        && ! runuser -u nobody -- test -w "$reports/$1"; then
+        fail "nginx's workers (user nobody) cannot write ASan reports into $reports/$1"
+    fi
+    printf '%s' "$reports/$1"
+}
+
 # nginx: nginx-sys builds its bundled nginx with these (configure --with-cc-opt/--with-ld-opt).
 # Only in the ASan build's environment: nginx-src reruns on them, and the normal build of
 # the test binaries would otherwise build its nginx with ASan too.
 asan_cflags="-fsanitize=address -fno-omit-frame-pointer -g -O1"
 asan_ldflags="-fsanitize=address"
 # The module: only the target crates get RUSTFLAGS (explicit --target), not build scripts
-# or proc macros, which run on the host uninstrumented. Line tables for the reports.
-asan_rustflags="-Zsanitizer=address -Cforce-frame-pointers=yes -Cdebuginfo=line-tables-only"
+# or proc macros, which run on the host uninstrumented. Legacy symbol names: GCC's libasan
+# demangles those (Itanium-like), not v0 (the default), in the reports' frames.
+asan_rustflags="-Zsanitizer=address -Cforce-frame-pointers=yes"
+asan_rustflags+=" -Zunstable-options -Csymbol-mangling-version=legacy"
 
 # What ASan does in nginx: reports into files (one per process), per suite; leaks not
 # reported (nginx frees its pools only in part at exit); the worker that hits an error
@@ -93,8 +115,8 @@ say "self-check: instrumented Rust cdylib (t/asan/probe.rs) in a GCC-ASan host"
 gcc -fsanitize=address -fno-omit-frame-pointer -g -O1 t/asan/probe-host.c \
     -o "$run/probe/host" -ldl
 # shellcheck disable=SC2086 # the flags are words
-RUSTC_BOOTSTRAP=1 rustc --edition 2021 -O $asan_rustflags --crate-type cdylib \
-    --target "$triple" t/asan/probe.rs -o "$run/probe/libprobe.so"
+RUSTC_BOOTSTRAP=1 rustc --edition 2021 -O $asan_rustflags -Cdebuginfo=line-tables-only \
+    --crate-type cdylib --target "$triple" t/asan/probe.rs -o "$run/probe/libprobe.so"
 nm -D --undefined-only "$run/probe/libprobe.so" | grep -q ' __asan_init$' \
     || fail "rustc -Zsanitizer=address left no __asan_init reference in the probe"
 kinds=(heap-use-after-free heap-buffer-overflow global-buffer-overflow stack-buffer-overflow)
@@ -128,9 +150,11 @@ for line in sys.stdin:
 '
 }
 
+# Line tables through the profile, not -Cdebuginfo: a release profile without debug info
+# also strips it (strip = "debuginfo"), and the reports' Rust frames had no file:line.
 asan_build() {
     NGX_CFLAGS=$asan_cflags NGX_LDFLAGS=$asan_ldflags RUSTC_BOOTSTRAP=1 RUSTFLAGS="$asan_rustflags" \
-        cargo build --release --locked \
+        CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --locked \
         --target "$triple" --target-dir "$work" --message-format=json-render-diagnostics "$@" \
         | artifacts
 }
@@ -177,7 +201,8 @@ load_module $module;
 events {}
 http { server { listen 127.0.0.1:$port; location = /b { gpu_process blake3; } } }
 EOF
-out=$(ASAN_OPTIONS=$(asan_options "$run/reports/preflight") \
+dir=$(report_dir preflight)
+out=$(ASAN_OPTIONS=$(asan_options "$dir") \
     "$nginx" -p "$pre" -c conf/nginx.conf -e logs/error.log -t 2>&1) \
     || fail "the ASan nginx does not load the ASan module:
 $out"
@@ -215,12 +240,12 @@ for name in "${suites[@]}"; do
     if [ -z "$exe" ] || [ ! -x "$exe" ]; then
         fail "no test binary for the $name suite (got: $exes)"
     fi
-    mkdir -p "$run/reports/$name"
+    dir=$(report_dir "$name")
     log=$run/logs/$name.log
     say "suite $name: $(basename "$exe") ${test_args[*]}"
     t0=$SECONDS
     rc=0
-    ASAN_OPTIONS=$(asan_options "$run/reports/$name") "$exe" "${test_args[@]}" >"$log" 2>&1 || rc=$?
+    ASAN_OPTIONS=$(asan_options "$dir") "$exe" "${test_args[@]}" >"$log" 2>&1 || rc=$?
     times+=("$name $((SECONDS - t0))s")
     result=$(grep -E '^test result' "$log" | tail -n1 || true)
     say "suite $name: ${result:-no result} (rc=$rc, $((SECONDS - t0))s, log $log)"
@@ -234,11 +259,12 @@ done
 
 # --- the reports ---------------------------------------------------------------------
 
-mapfile -t reports < <(find "$run/reports" -type f -name 'asan.*' | sort)
-if [ ${#reports[@]} -gt 0 ]; then
-    printf '\nasan: %d report(s) under %s\n' "${#reports[@]}" "$run/reports" >&2
+cp -R "$reports/." "$run/reports/"
+mapfile -t found < <(find "$run/reports" -type f -name 'asan.*' | sort)
+if [ ${#found[@]} -gt 0 ]; then
+    printf '\nasan: %d report(s) under %s\n' "${#found[@]}" "$run/reports" >&2
     i=0
-    for r in "${reports[@]}"; do
+    for r in "${found[@]}"; do
         i=$((i + 1))
         if [ $i -le 3 ]; then
             printf '\n======== %s\n' "${r#"$run/reports/"}" >&2
@@ -250,8 +276,8 @@ if [ ${#reports[@]} -gt 0 ]; then
 fi
 
 say "times: self-check ${t_probe}s, ASan build ${t_build}s, test build ${t_tests_build}s, suites: ${times[*]}; total $((SECONDS - started))s"
-if [ ${#failed[@]} -gt 0 ] || [ ${#reports[@]} -gt 0 ]; then
-    echo "asan: FAILED: $passed suites passed, ${#failed[@]} failed${failed[*]:+ (${failed[*]})}, ${#reports[@]} reports"
+if [ ${#failed[@]} -gt 0 ] || [ ${#found[@]} -gt 0 ]; then
+    echo "asan: FAILED: $passed suites passed, ${#failed[@]} failed${failed[*]:+ (${failed[*]})}, ${#found[@]} reports"
     exit 1
 fi
 echo "asan: $passed suites passed, 0 reports"
