@@ -4,6 +4,8 @@
 #   make test       every test (unit + integration against a real nginx, then the image test)
 #   make nginx-build-test  nginx's ./configure --add-dynamic-module=. && make, then the
 #                   integration suites against that nginx and module
+#   make asan       nginx and the module built with AddressSanitizer, the integration
+#                   suites against them; any ASan report fails (not part of make test)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
 #   make image-test build the image with buildah here and exercise it (root; no Docker needed)
@@ -16,7 +18,7 @@ CARGO ?= cargo
 IMAGE ?= ngx-gpu
 DOCKER ?= docker
 
-.PHONY: deps build run stop test nginx-build-test gpu-bundle image image-test gpu-image clean
+.PHONY: deps build run stop test nginx-build-test asan gpu-bundle image image-test gpu-image clean
 
 # Debian packages the build needs (nginx-sys builds nginx from source with bindgen).
 deps:
@@ -57,6 +59,12 @@ test: deps
 nginx-build-test:
 	sh t/deps.sh --tests
 	bash t/nginx-build/test.sh
+
+# AddressSanitizer in nginx (GCC) and in the module (rustc -Zsanitizer=address through
+# RUSTC_BOOTSTRAP), target/asan/; the suites run against them. Minutes: not in make test.
+asan:
+	sh t/deps.sh --tests
+	bash t/asan/run.sh
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module, the
 # benchmark, and the libraries nginx links that the GPU machine may lack.
