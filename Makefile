@@ -10,6 +10,8 @@
 #   make image-test build the image with buildah here and exercise it (root; no Docker needed)
 #   make install-test
 #                   sh t/deps.sh, then make build, in a clean Debian 12 chroot (root)
+#   make asan       nginx and the module built with AddressSanitizer, the integration
+#                   suites against them; any ASan report fails (not part of make test)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
 #   make gpu-image  image-test, then export the image's binaries into .gpu-image/ for the
@@ -25,7 +27,7 @@ DOCKER ?= docker
 # Where the module built with the fault-injection feature goes (t/faults.rs loads it).
 FAULT_MODULE := target/release/fault-injection/libngx_http_gpu_module.so
 
-.PHONY: deps build run stop lint fault-module check test nginx-build-test install-test \
+.PHONY: deps build run stop lint fault-module check test nginx-build-test install-test asan \
 	gpu-bundle image image-test gpu-image clean
 
 # The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
@@ -83,6 +85,11 @@ nginx-build-test: deps
 
 install-test:
 	bash t/install/test.sh
+
+# AddressSanitizer in nginx (GCC) and in the module (rustc -Zsanitizer=address through
+# RUSTC_BOOTSTRAP), target/asan/; the suites run against them. Minutes: not in make test.
+asan: deps
+	bash t/asan/run.sh
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module and its
 # fault-injection build, the benchmark, and the libraries nginx links that the GPU machine

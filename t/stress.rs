@@ -141,7 +141,7 @@ fn a_reload_every_second_under_load_loses_no_request() {
     // The master's memory does not grow with reloads.
     let (early, late) = (master_rss[0], master_rss[1]);
     assert!(
-        late <= early + early / 20 + 1024,
+        late <= early + early / 20 + 1024 || ngx.under_asan(),
         "master RSS {early} -> {late} KiB"
     );
     ngx.assert_healthy();
@@ -283,7 +283,7 @@ fn thousands_of_http1_clients_that_leave_leak_nothing() {
     assert_eq!(ngx.worker_pids(), [worker], "the worker was replaced");
     assert!(fds2 <= fds, "descriptors leaked: {fds} -> {fds2}");
     assert!(
-        rss2 <= rss + rss / 10 + 4096,
+        rss2 <= rss + rss / 10 + 4096 || ngx.under_asan(),
         "memory grew: {rss} -> {rss2} KiB"
     );
     ngx.assert_healthy();
@@ -421,7 +421,7 @@ fn thousands_of_http2_streams_that_leave_leak_nothing() {
     assert_eq!(ngx.worker_pids(), [worker], "the worker was replaced");
     assert!(fds2 <= fds, "descriptors leaked: {fds} -> {fds2}");
     assert!(
-        rss2 <= rss + rss / 10 + 4096,
+        rss2 <= rss + rss / 10 + 4096 || ngx.under_asan(),
         "memory grew: {rss} -> {rss2} KiB"
     );
     ngx.assert_healthy();
