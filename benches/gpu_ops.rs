@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 
 use ngx_http_gpu_module::engine::job::{Batching, Body, Device, Event, Fallback, Job, Segment};
 use ngx_http_gpu_module::engine::thread::{Config, GpuThread, Kernels};
-use ngx_http_gpu_module::gpu::{compile_kernels, nvrtc_present, Gpu, KERNEL_SOURCE};
-use ngx_http_gpu_module::ops::Op;
+use ngx_http_gpu_module::gpu::{compile, nvrtc_present, Compiled, Gpu};
+use ngx_http_gpu_module::ops::{self, Op, Params};
+
+/// The two built-in ops as a configuration of two locations has them: keys 0 and 1.
+const ECHO: usize = 0;
+const BLAKE3: usize = 1;
 
 const MIB: usize = 1 << 20;
 
@@ -30,11 +34,30 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Waits until `t` has opened its device (requests before that take the CPU path).
+fn wait_open(t: &GpuThread) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        for ev in t.drain() {
+            if let Event::Log(_, m) = ev {
+                if m.contains("gpu: using") {
+                    return;
+                }
+                eprintln!("{m}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("the device did not open");
+    std::process::exit(2);
+}
+
 /// Pushes `n` jobs of `input` through `t`, at most `window` outstanding; returns the
 /// wall time, the largest batch seen and the device of the last answer.
 fn pump(
     t: &GpuThread,
-    op: Op,
+    ops: &[Arc<dyn Op>],
+    op: usize,
     input: &[u8],
     n: usize,
     window: usize,
@@ -48,7 +71,9 @@ fn pump(
             body.push(Segment::Memory(input.to_vec()));
             let job = Job {
                 id: sent as u64,
-                op,
+                op: ops[op].clone(),
+                op_key: op,
+                params: Params::default(),
                 fallback: Fallback::Cpu,
                 batching: Batching {
                     size: batch,
@@ -82,10 +107,16 @@ fn main() {
         eprintln!("no libnvrtc: nothing to measure");
         std::process::exit(2);
     }
-    let ptx: Arc<str> = compile_kernels(KERNEL_SOURCE)
-        .expect("kernels compile")
-        .into();
-    let mut gpu = match Gpu::open(&ptx, 1 << 30) {
+    let ops: Vec<Arc<dyn Op>> = vec![
+        ops::parse(&["echo"]).unwrap().op,
+        ops::parse(&["blake3"]).unwrap().op,
+    ];
+    let mut compiled = Compiled::default();
+    for p in ops.iter().flat_map(|op| op.programs()) {
+        compiled.insert(&p, Arc::from(compile(&p).expect("kernels compile")));
+    }
+    let ptx = Arc::new(compiled);
+    let mut gpu = match Gpu::open(1 << 30, None) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("no usable GPU: {e}");
@@ -108,8 +139,9 @@ fn main() {
     }
     drop(gpu);
 
-    let cfg = Config::new(16 * MIB as u64, Duration::ZERO, 1 << 30);
+    let cfg = Config::new(ops.clone(), 16 * MIB as u64, Duration::ZERO, 1 << 30);
     let gpu_t = GpuThread::spawn(cfg.clone(), Kernels::Ptx(ptx.clone())).expect("thread");
+    wait_open(&gpu_t);
     let cpu_t =
         GpuThread::spawn(cfg.clone(), Kernels::Unavailable("benchmark".into())).expect("thread");
 
@@ -120,10 +152,10 @@ fn main() {
         assert_eq!(*::blake3::hash(&big).as_bytes(), want);
     }
     let crate_gbps = 5.0 * big.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
-    pump(&gpu_t, Op::Blake3, &big, 8, 8, 128); // warm-up: buffers grow once
-    let (d, _, dev) = pump(&gpu_t, Op::Blake3, &big, 64, 8, 128);
+    pump(&gpu_t, &ops, BLAKE3, &big, 8, 8, 128); // warm-up: buffers grow once
+    let (d, _, dev) = pump(&gpu_t, &ops, BLAKE3, &big, 64, 8, 128);
     let gpu_gbps = 64.0 * big.len() as f64 / d.as_secs_f64() / 1e9;
-    let (d, _, _) = pump(&cpu_t, Op::Blake3, &big, 8, 8, 128);
+    let (d, _, _) = pump(&cpu_t, &ops, BLAKE3, &big, 8, 8, 128);
     let cpu_gbps = 8.0 * big.len() as f64 / d.as_secs_f64() / 1e9;
     rows.push((
         "blake3 16 MiB, blake3 crate 1 core".into(),
@@ -143,9 +175,9 @@ fn main() {
 
     let small = data(1024, 9);
     for (batch, window) in [(1usize, 1usize), (1, 256), (128, 256), (128, 2048)] {
-        pump(&gpu_t, Op::Echo, &small, 2000, window, batch);
+        pump(&gpu_t, &ops, ECHO, &small, 2000, window, batch);
         let n = 100_000;
-        let (d, max_batch, _) = pump(&gpu_t, Op::Echo, &small, n, window, batch);
+        let (d, max_batch, _) = pump(&gpu_t, &ops, ECHO, &small, n, window, batch);
         rows.push((
             format!("echo 1 KiB, GPU path, gpu_batch_size {batch}, {window} outstanding"),
             format!(
@@ -163,10 +195,11 @@ fn main() {
         Kernels::Ptx(ptx.clone()),
     )
     .expect("thread");
+    wait_open(&polled);
     for (batch, window) in [(1usize, 1usize), (128, 256)] {
-        pump(&polled, Op::Echo, &small, 2000, window, batch);
+        pump(&polled, &ops, ECHO, &small, 2000, window, batch);
         let n = 100_000;
-        let (d, max_batch, _) = pump(&polled, Op::Echo, &small, n, window, batch);
+        let (d, max_batch, _) = pump(&polled, &ops, ECHO, &small, n, window, batch);
         rows.push((
             format!("echo 1 KiB, GPU path, gpu_poll 100us, gpu_batch_size {batch}, {window} outstanding"),
             format!("{:.0} requests/s (largest batch {max_batch})", n as f64 / d.as_secs_f64()),
@@ -176,7 +209,7 @@ fn main() {
         "GPU thread counters, gpu_poll 100us: {}",
         polled.stats().summary()
     );
-    let (d, _, _) = pump(&cpu_t, Op::Echo, &small, 100_000, 256, 128);
+    let (d, _, _) = pump(&cpu_t, &ops, ECHO, &small, 100_000, 256, 128);
     rows.push((
         "echo 1 KiB, CPU path, 256 outstanding".into(),
         format!("{:.0} requests/s", 1e5 / d.as_secs_f64()),

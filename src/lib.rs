@@ -5,10 +5,9 @@
 
 use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut};
-use std::sync::Arc;
 
 use ngx::ffi::*;
-use ngx::{ngx_conf_log_error, ngx_log_error};
+use ngx::ngx_log_error;
 
 mod conf;
 pub mod engine;
@@ -55,32 +54,21 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     variables::add(cf)
 }
 
-/// Checks what spans directives, and compiles the kernels once per configuration load,
-/// before any worker starts (in a child process: see gpu::compile_isolated): a kernel that
-/// does not compile stops nginx here, with NVRTC's log. The result is kept with this
-/// configuration. `nginx -s` parses the configuration too, but starts no worker: no compile.
+/// Binds, checks and compiles what the configuration declares (`conf::finish`), once per
+/// configuration load, before any worker starts: a kernel that does not compile stops
+/// nginx here, with NVRTC's log. `nginx -s` reads the configuration too, but starts no
+/// worker: nothing to do then.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let mcf = conf::main_conf_of(cf);
-    if !mcf.used || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
+    let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty();
+    if !declared || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
     }
-    if !conf::check_pinned(cf) {
-        return NGX_ERROR as ngx_int_t;
+    if conf::finish(cf) {
+        NGX_OK as ngx_int_t
+    } else {
+        NGX_ERROR as ngx_int_t
     }
-    let kernels = match gpu::compile_isolated(gpu::KERNEL_SOURCE) {
-        gpu::Compiled::Ptx(ptx) => Ok(Arc::from(ptx)),
-        gpu::Compiled::NoNvrtc(why) => {
-            let why = format!("{why}, the GPU path is off (gpu_fallback applies)");
-            ngx_conf_log_error!(NGX_LOG_WARN, cf, "gpu: {why}");
-            Err(why)
-        }
-        gpu::Compiled::Failed(log) => {
-            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "gpu: {log}");
-            return NGX_ERROR as ngx_int_t;
-        }
-    };
-    mcf.kernels = Some(kernels);
-    NGX_OK as ngx_int_t
 }
 
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
@@ -98,13 +86,14 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     }
     let kernels = match &mcf.kernels {
-        Some(Ok(ptx)) => Kernels::Ptx(ptx.clone()),
+        Some(Ok(compiled)) => Kernels::Ptx(compiled.clone()),
         Some(Err(why)) => Kernels::Unavailable(why.clone()),
         None => Kernels::Unavailable("kernels were not compiled".into()),
     };
-    let started = std::panic::catch_unwind(|| {
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         #[allow(unused_mut)]
         let mut config = gpu_thread::Config::new(
+            mcf.ops.clone(),
             mcf.batch_bytes as u64,
             std::time::Duration::from_micros(mcf.poll_us as u64),
             mcf.pinned_limit,
@@ -124,7 +113,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             Err(e) => return Err(format!("NGX_GPU_FAULTS: {e}")),
         };
         worker::start(cycle, config, mcf.queue_size as usize, kernels)
-    });
+    }));
     match started {
         Ok(Ok(())) => NGX_OK as ngx_int_t,
         Ok(Err(e)) => {

@@ -5,9 +5,40 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, OnceLock};
+
 use crate::engine::job::{Batching, Body, Completion, Device, Event, Fallback, Job, Segment};
 use crate::engine::thread::GpuThread;
-use crate::ops::Op;
+use crate::ops::{self, Params};
+
+/// The built-in ops the thread tests use, as a configuration would have them: `Echo` is op
+/// instance 0, `Blake3` instance 1 (see `ops()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Echo,
+    Blake3,
+}
+
+impl Op {
+    pub fn key(self) -> usize {
+        match self {
+            Op::Echo => 0,
+            Op::Blake3 => 1,
+        }
+    }
+}
+
+/// The op instances of the tests' configuration, by key.
+pub fn ops() -> Vec<Arc<dyn ops::Op>> {
+    static OPS: OnceLock<Vec<Arc<dyn ops::Op>>> = OnceLock::new();
+    OPS.get_or_init(|| {
+        vec![
+            ops::parse(&["echo"]).unwrap().op,
+            ops::parse(&["blake3"]).unwrap().op,
+        ]
+    })
+    .clone()
+}
 
 /// splitmix64, seeded from the clock so every run sees new data; the seed is printed.
 pub struct Rng(u64);
@@ -52,7 +83,9 @@ pub fn job(id: u64, op: Op, data: &[u8], batching: Batching) -> Job {
     body.push(Segment::Memory(data[cut..].to_vec()));
     Job {
         id,
-        op,
+        op: ops()[op.key()].clone(),
+        op_key: op.key(),
+        params: Params::default(),
         fallback: Fallback::Cpu,
         batching,
         body,

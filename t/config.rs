@@ -29,7 +29,7 @@ fn unknown_op() {
     let e = emerg(&server("gpu_process sha1;"));
     assert!(
         e.contains(
-            "[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3)"
+            "[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3, kernel)"
         ),
         "{e}"
     );
@@ -97,9 +97,16 @@ fn bad_timeout_and_queue_size() {
         e.contains("[emerg] invalid value \"0\" in \"gpu_queue_size\" directive"),
         "{e}"
     );
-    let e = emerg(&server("gpu_process echo; gpu_queue_size 5;"));
+    let e = emerg(&server(
+        "gpu_process echo; gpu_queue_size 5; gpu_queue_size 6;",
+    ));
     assert!(
-        e.contains("[emerg] \"gpu_queue_size\" directive is not allowed here"),
+        e.contains("[emerg] \"gpu_queue_size\" directive is duplicate"),
+        "{e}"
+    );
+    let e = emerg(&server("gpu_process echo; gpu_queue_size 16777217;"));
+    assert!(
+        e.contains("[emerg] invalid value \"16777217\" in \"gpu_queue_size\" directive"),
         "{e}"
     );
 }
@@ -182,15 +189,24 @@ fn gpu_timeout_must_be_more_than_zero() {
 
 #[test]
 fn batches_that_would_pass_the_pinned_limit_are_refused_at_start() {
-    // 2 slots x (17 MiB in + 16 MiB out) = 66 MiB at the default 16m.
+    // echo: 2 slots x (16 MiB in + 16 MiB out) = 64 MiB at the default 16m; blake3's
+    // descriptors add a MiB to each input (counted only where blake3 is configured).
     let e = emerg(&format!(
-        "gpu_pinned_limit 64m; {}",
+        "gpu_pinned_limit 63m; {}",
         server("gpu_process echo;")
     ));
     assert!(
         e.contains(
-            "[emerg] gpu: \"gpu_batch_bytes\" 16384k with \"gpu_batch_size\" up to 128 needs up to 66 MiB of pinned memory per worker, more than \"gpu_pinned_limit\" 64 MiB"
+            "[emerg] gpu: \"gpu_batch_bytes\" 16384k with \"gpu_batch_size\" up to 128 needs up to 64 MiB of pinned memory per worker, more than \"gpu_pinned_limit\" 63 MiB"
         ),
+        "{e}"
+    );
+    let e = emerg(
+        "gpu_pinned_limit 65m; server { listen 127.0.0.1:{PORT};\n\
+           location /e { gpu_process echo; } location /b { gpu_process blake3; } }",
+    );
+    assert!(
+        e.contains("needs up to 66 MiB of pinned memory per worker"),
         "{e}"
     );
     let e = emerg(&format!(
@@ -198,7 +214,7 @@ fn batches_that_would_pass_the_pinned_limit_are_refused_at_start() {
         server("gpu_process echo;")
     ));
     assert!(
-        e.contains("needs up to 4098 MiB of pinned memory per worker"),
+        e.contains("needs up to 4096 MiB of pinned memory per worker"),
         "{e}"
     );
     for v in ["1m", "65g", "lots"] {

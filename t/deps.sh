@@ -11,8 +11,9 @@
 set -eu
 
 build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev"
-# curl: the integration tests' h2c client checks; python3: the GPU bundle's artifact lister.
-tests="curl python3"
+# curl: the integration tests' h2c client checks; python3 and pip: the GPU bundle's artifact
+# lister, and t/nvrtc.sh (NVRTC from its PyPI wheel, for compiling kernels without CUDA).
+tests="curl python3 python3-pip"
 
 want=$build
 case "${1:-}" in

@@ -1,5 +1,8 @@
 //! Configuration: the directive table, the main and location configuration, and the
-//! directive handlers.
+//! directive handlers. The registry of what the http block declares by name (kernels) is
+//! `Declared` in the main configuration; `gpu_kernel` is in `kernels.rs`.
+
+mod kernels;
 
 use core::ffi::{c_char, c_void};
 use core::mem::offset_of;
@@ -11,12 +14,15 @@ use ngx::{ngx_conf_log_error, ngx_string};
 
 use std::sync::Arc;
 
+use crate::engine::batch::OpKey;
 use crate::engine::job::Fallback;
+use crate::gpu::Compiled;
 use crate::http::handler::gpu_content_handler;
 use crate::ngx_http_gpu_module;
-use crate::ops::Op;
+use crate::ops::{Declared, Op};
 
 pub const DEFAULT_QUEUE_SIZE: ngx_int_t = 1024;
+pub const MAX_QUEUE_SIZE: usize = 1 << 24;
 /// NGX_CONF_UNSET_MSEC, which bindgen does not export.
 const UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 pub const DEFAULT_TIMEOUT_MS: ngx_msec_t = 60_000;
@@ -46,16 +52,28 @@ pub struct MainConf {
     pub used: bool,
     /// The largest `gpu_batch_size` of a `gpu_process` location (for the memory bound).
     pub max_batch_size: usize,
-    /// This configuration's compiled kernels (PTX), or why there are none. Kept with the
+    /// Every `gpu_process` location's op, by `OpKey`, and where it was configured
+    /// (`file:line`, for messages about it after the whole configuration is read).
+    pub ops: Vec<Arc<dyn Op>>,
+    pub op_sites: Vec<String>,
+    /// What the http block declares by name (`gpu_kernel`).
+    pub declared: Declared,
+    /// This configuration's compiled programs, or why there are none. Kept with the
     /// configuration, not in a process-wide variable: a reload that fails after compiling
     /// leaves the running configuration's kernels as they were, for workers the master
     /// starts later.
-    pub kernels: Option<Result<Arc<str>, String>>,
+    pub kernels: Option<Result<Arc<Compiled>, String>>,
 }
 
 #[repr(C)]
 pub struct LocConf {
-    pub op: Option<Op>,
+    /// `gpu_process`: the location's op, its key, and the values it evaluates per request.
+    pub op: Option<Arc<dyn Op>>,
+    pub op_key: OpKey,
+    pub values: Vec<*mut ngx_http_complex_value_t>,
+    /// `gpu_queue_size` in a server or location: requests of this location one worker
+    /// holds at most (the http-level one bounds the worker).
+    pub queue_size: usize,
     pub fallback: Option<Fallback>,
     /// `gpu_timeout`, in ms.
     pub timeout: ngx_msec_t,
@@ -77,7 +95,7 @@ pub enum ClientEof {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 11] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 12] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -106,8 +124,17 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 11] = [
     },
     ngx_command_t {
         name: ngx_string!("gpu_queue_size"),
-        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
         set: Some(cmd_gpu_queue_size),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_kernel"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE) as ngx_uint_t,
+        set: Some(kernels::cmd_gpu_kernel),
         conf: NGX_HTTP_MAIN_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -199,6 +226,9 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             pinned_limit: UNSET_SIZE,
             used: false,
             max_batch_size: 0,
+            ops: Vec::new(),
+            op_sites: Vec::new(),
+            declared: Declared::default(),
             kernels: None,
         },
     )
@@ -226,6 +256,9 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         cf,
         LocConf {
             op: None,
+            op_key: 0,
+            values: Vec::new(),
+            queue_size: UNSET_SIZE,
             fallback: None,
             timeout: UNSET_MSEC,
             batch_size: UNSET_SIZE,
@@ -259,6 +292,9 @@ pub unsafe extern "C" fn merge_loc_conf(
             prev.batch_size
         };
     }
+    if conf.queue_size == UNSET_SIZE {
+        conf.queue_size = prev.queue_size;
+    }
     if conf.client_eof.is_none() {
         conf.client_eof = Some(prev.client_eof.unwrap_or(ClientEof::Answer));
     }
@@ -272,7 +308,7 @@ pub unsafe extern "C" fn merge_loc_conf(
 /* helpers */
 
 /// The directive's arguments after its name, as UTF-8 (nginx passes bytes).
-unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a str> {
+pub(crate) unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a str> {
     // SAFETY: cf->args is an array of ngx_str_t that lives for the whole directive.
     let all = (*(*cf).args).as_slice::<ngx_str_t>();
     all[1..]
@@ -306,20 +342,73 @@ unsafe extern "C" fn cmd_gpu_process(
     if lcf.op.is_some() {
         return c"is duplicate".as_ptr().cast_mut();
     }
-    match Op::parse(&args(cf)) {
-        Ok(op) => lcf.op = Some(op),
+    let configured = match crate::ops::parse(&args(cf)) {
+        Ok(c) => c,
         Err(e) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpu_process\" directive: {e}");
             return NGX_CONF_ERROR;
         }
+    };
+    // Values evaluated per request: nginx variables allowed.
+    for v in &configured.values {
+        match compile_value(cf, v) {
+            Some(cv) => lcf.values.push(cv),
+            None => return NGX_CONF_ERROR,
+        }
     }
-    main_conf_of(cf).used = true;
+    let mcf = main_conf_of(cf);
+    lcf.op_key = mcf.ops.len();
+    lcf.op = Some(configured.op.clone());
+    mcf.ops.push(configured.op);
+    mcf.op_sites.push(site(cf));
+    mcf.used = true;
 
     let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
     let clcf =
         *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
     (*clcf).handler = Some(gpu_content_handler);
     NGX_CONF_OK
+}
+
+/// `file:line` of the directive being read, for messages given after the whole
+/// configuration is read.
+unsafe fn site(cf: *mut ngx_conf_t) -> String {
+    let f = (*cf).conf_file;
+    if f.is_null() {
+        return String::from("?");
+    }
+    format!(
+        "{}:{}",
+        String::from_utf8_lossy((*f).file.name.as_bytes()),
+        (*f).line
+    )
+}
+
+/// Compiles `text` (which may hold nginx variables) into a complex value in the
+/// configuration pool; None after an `[emerg]`.
+unsafe fn compile_value(cf: *mut ngx_conf_t, text: &str) -> Option<*mut ngx_http_complex_value_t> {
+    let pool = (*cf).pool;
+    let data = ngx_pnalloc(pool, text.len()) as *mut u8;
+    let value = ngx_pcalloc(pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
+    let cv =
+        ngx_pcalloc(pool, size_of::<ngx_http_complex_value_t>()) as *mut ngx_http_complex_value_t;
+    if data.is_null() || value.is_null() || cv.is_null() {
+        return None;
+    }
+    ptr::copy_nonoverlapping(text.as_ptr(), data, text.len());
+    *value = ngx_str_t {
+        len: text.len(),
+        data,
+    };
+    // SAFETY: zeroed is the documented initial state (no flags).
+    let mut ccv: ngx_http_compile_complex_value_t = core::mem::zeroed();
+    ccv.cf = cf;
+    ccv.value = value;
+    ccv.complex_value = cv;
+    if ngx_http_compile_complex_value(&mut ccv) != NGX_OK as ngx_int_t {
+        return None;
+    }
+    Some(cv)
 }
 
 unsafe extern "C" fn cmd_gpu_fallback(
@@ -421,20 +510,19 @@ unsafe extern "C" fn cmd_gpu_pinned_limit(
 }
 
 /// The most pinned host memory one worker's batches can take with these settings, over
-/// every op (see `gpu::buffers::pinned_worst_case`).
-pub fn pinned_worst_case(batch_bytes: usize, max_batch_size: usize) -> usize {
+/// the configured ops (see `gpu::buffers::pinned_worst_case`).
+pub fn pinned_worst_case(ops: &[Arc<dyn Op>], batch_bytes: usize, max_batch_size: usize) -> usize {
+    let worst = |n: usize, data: usize| {
+        ops.iter()
+            .map(|op| op.worst_case(n, data))
+            .fold((0, 0), |(d, o), (d2, o2)| (d.max(d2), o.max(o2)))
+    };
     crate::gpu::buffers::pinned_worst_case(
         crate::gpu::SLOTS,
         batch_bytes,
         max_batch_size.max(1),
-        |n| Op::ALL.iter().map(|op| op.desc_len(n)).max().unwrap_or(0),
-        |n, data| {
-            Op::ALL
-                .iter()
-                .map(|op| op.out_len(n, data as u64))
-                .max()
-                .unwrap_or(0)
-        },
+        |n| worst(n, batch_bytes).0,
+        |n, data| worst(n, data).1,
     )
 }
 
@@ -442,7 +530,7 @@ pub fn pinned_worst_case(batch_bytes: usize, max_batch_size: usize) -> usize {
 /// `gpu_pinned_limit` (false, with an `[emerg]`, if not). Called from postconfiguration.
 pub unsafe fn check_pinned(cf: *mut ngx_conf_t) -> bool {
     let mcf = main_conf_of(cf);
-    let need = pinned_worst_case(mcf.batch_bytes, mcf.max_batch_size);
+    let need = pinned_worst_case(&mcf.ops, mcf.batch_bytes, mcf.max_batch_size);
     if need > mcf.pinned_limit {
         ngx_conf_log_error!(
             NGX_LOG_EMERG,
@@ -546,26 +634,105 @@ unsafe extern "C" fn cmd_gpu_poll(
     NGX_CONF_OK
 }
 
+/// In the http block, the bound of a worker's queue; in a server or a location, the bound
+/// of that location's requests in it (one slow endpoint cannot fill the worker's queue).
 unsafe extern "C" fn cmd_gpu_queue_size(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let mcf = &mut *(conf as *mut MainConf);
-    if mcf.queue_size != NGX_CONF_UNSET as ngx_int_t {
-        return c"is duplicate".as_ptr().cast_mut();
-    }
     let v = args(cf)[0];
-    match v.parse::<ngx_int_t>() {
-        Ok(n) if (1..=1 << 24).contains(&n) => mcf.queue_size = n,
+    let n = match v.parse::<usize>() {
+        Ok(n) if (1..=MAX_QUEUE_SIZE).contains(&n) => n,
         _ => {
             ngx_conf_log_error!(
                 NGX_LOG_EMERG,
                 cf,
-                "invalid value \"{v}\" in \"gpu_queue_size\" directive, it must be a number from 1 to 16777216"
+                "invalid value \"{v}\" in \"gpu_queue_size\" directive, it must be a number from 1 to {MAX_QUEUE_SIZE}"
             );
             return NGX_CONF_ERROR;
         }
+    };
+    if (*cf).cmd_type == NGX_HTTP_MAIN_CONF as ngx_uint_t {
+        let mcf = main_conf_of(cf);
+        if mcf.queue_size != NGX_CONF_UNSET as ngx_int_t {
+            return c"is duplicate".as_ptr().cast_mut();
+        }
+        mcf.queue_size = n as ngx_int_t;
+    } else {
+        let lcf = &mut *(conf as *mut LocConf);
+        if lcf.queue_size != UNSET_SIZE {
+            return c"is duplicate".as_ptr().cast_mut();
+        }
+        lcf.queue_size = n;
     }
     NGX_CONF_OK
+}
+
+/// Once the whole configuration is read: binds the ops to what the http block declares,
+/// checks the memory bound, and compiles every program (the ops' and every declared
+/// kernel's, used or not) in the compile child, then checks what only compiled code
+/// tells. The result is kept with this configuration. False after an `[emerg]`.
+pub unsafe fn finish(cf: *mut ngx_conf_t) -> bool {
+    let mcf = main_conf_of(cf);
+    mcf.declared.max_body = mcf.batch_bytes as u64;
+    for (op, site) in mcf.ops.iter().zip(&mcf.op_sites) {
+        if let Err(e) = op.resolve(&mcf.declared) {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                (*cf).log,
+                "\"gpu_process\" directive: {e} in {site}"
+            );
+            return false;
+        }
+    }
+    if !check_pinned(cf) {
+        return false;
+    }
+    let mut programs: Vec<Arc<crate::gpu::Program>> =
+        mcf.ops.iter().flat_map(|op| op.programs()).collect();
+    programs.extend(mcf.declared.kernels.iter().map(|k| k.program.clone()));
+    #[cfg(feature = "fault-injection")]
+    programs.push(Arc::new(crate::gpu::Program::new(
+        crate::faults::program().name.clone(),
+        crate::faults::program().source.clone(),
+        Vec::new(),
+        Vec::new(),
+    )));
+    let compiled = match crate::gpu::compile_isolated(&programs) {
+        crate::gpu::Outcome::Ptx { compiled, cached } => {
+            ngx_conf_log_error!(
+                NGX_LOG_INFO,
+                cf,
+                "gpu: {} kernel programs ready, {} compiled and {cached} from earlier loads",
+                compiled.len(),
+                compiled.len() - cached
+            );
+            compiled
+        }
+        crate::gpu::Outcome::NoNvrtc(why) => {
+            let why = format!("{why}, the GPU path is off (gpu_fallback applies)");
+            ngx_conf_log_error!(NGX_LOG_WARN, cf, "gpu: {why}");
+            mcf.kernels = Some(Err(why));
+            return true;
+        }
+        crate::gpu::Outcome::Failed(log) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "gpu: {log}");
+            return false;
+        }
+    };
+    let ptx = |p: &crate::gpu::Program| compiled.ptx(p);
+    let checks = mcf
+        .ops
+        .iter()
+        .map(|op| op.check_compiled(&ptx))
+        .chain(mcf.declared.kernels.iter().map(|k| k.check_compiled(&ptx)));
+    for check in checks {
+        if let Err(e) = check {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"gpu_kernel\" directive: {e}");
+            return false;
+        }
+    }
+    mcf.kernels = Some(Ok(Arc::new(compiled)));
+    true
 }

@@ -1,21 +1,26 @@
-//! Forming batches: the GPU thread's queue of waiting requests, one FIFO per op, and the
-//! rules that cut it into batches (`gpu_batch_size`, `gpu_batch_delay`, `gpu_batch_bytes`).
+//! Forming batches: the GPU thread's queue of waiting requests, one FIFO per op instance
+//! (a `gpu_process` location: two locations never share a batch), and the rules that cut
+//! it into batches (`gpu_batch_size`, `gpu_batch_delay`, `gpu_batch_bytes`).
 //!
 //! Pure bookkeeping, no CUDA: the same batches are formed whether they then run on the
 //! GPU or on the CPU fallback, so the CPU tests exercise exactly this logic.
 //!
-//! A body larger than the piece length (the largest power of two, in 1 KiB units, not over
-//! the byte bound) is cut into pieces at multiples of the piece length; after each piece the
-//! rest of the body goes to the back of its op's queue, so small requests behind a huge one
-//! get into the next batch instead of waiting for the whole body. Every op supports pieces:
-//! `echo` copies each piece to its place, and for `blake3` an aligned power-of-two run of
-//! chunks is a complete BLAKE3 subtree, whose chaining values are merged at the end.
+//! For ops that allow it (`Op::splittable`), a body larger than the piece length (the
+//! largest power of two, in 1 KiB units, not over the byte bound) is cut into pieces at
+//! multiples of the piece length; after each piece the rest of the body goes to the back of
+//! its op's queue, so small requests behind a huge one get into the next batch instead of
+//! waiting for the whole body (`echo` copies each piece to its place; for `blake3` an
+//! aligned power-of-two run of chunks is a complete BLAKE3 subtree, whose chaining values
+//! are merged at the end). Other ops' bodies go whole; one larger than the byte bound is a
+//! batch of its own.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use crate::engine::job::Batching;
-use crate::ops::Op;
+
+/// Identifies an op instance (a `gpu_process` location) in a configuration.
+pub type OpKey = usize;
 
 /// Each piece starts at a multiple of this in the staging buffer (16-byte vector loads).
 pub const STAGE_ALIGN: u64 = 64;
@@ -41,7 +46,7 @@ pub struct Piece {
 
 #[derive(Debug)]
 pub struct Batch {
-    pub op: Op,
+    pub op: OpKey,
     pub pieces: Vec<Piece>,
 }
 
@@ -60,24 +65,17 @@ struct Entry {
     len: u64,
     /// First byte not yet handed to a batch.
     next: u64,
+    /// The body may be cut into pieces.
+    split: bool,
 }
 
 pub struct Queue {
-    /// One FIFO per op, indexed by `op_index`.
-    fifos: Vec<VecDeque<Entry>>,
+    /// One FIFO per op instance.
+    fifos: BTreeMap<OpKey, VecDeque<Entry>>,
     max_bytes: u64,
     piece_len: u64,
     waiting: usize,
 }
-
-fn op_index(op: Op) -> usize {
-    match op {
-        Op::Echo => 0,
-        Op::Blake3 => 1,
-    }
-}
-
-const OPS: [Op; 2] = [Op::Echo, Op::Blake3];
 
 /// The largest power of two (times 1 KiB) not over `max_bytes`.
 pub fn piece_len(max_bytes: u64) -> u64 {
@@ -94,7 +92,7 @@ impl Queue {
     pub fn new(max_bytes: u64) -> Queue {
         let max_bytes = max_bytes.max(MIN_BATCH_BYTES);
         Queue {
-            fifos: OPS.iter().map(|_| VecDeque::new()).collect(),
+            fifos: BTreeMap::new(),
             max_bytes,
             piece_len: piece_len(max_bytes),
             waiting: 0,
@@ -114,13 +112,24 @@ impl Queue {
         self.waiting
     }
 
-    pub fn push(&mut self, id: u64, op: Op, len: u64, batching: Batching, queued_at: Instant) {
-        self.fifos[op_index(op)].push_back(Entry {
+    /// Queues request `id` of op instance `op`, `len` body bytes; `split`: the body may be
+    /// cut into pieces.
+    pub fn push(
+        &mut self,
+        id: u64,
+        op: OpKey,
+        split: bool,
+        len: u64,
+        batching: Batching,
+        queued_at: Instant,
+    ) {
+        self.fifos.entry(op).or_default().push_back(Entry {
             id,
             queued_at,
             batching,
             len,
             next: 0,
+            split,
         });
         self.waiting += 1;
     }
@@ -128,9 +137,9 @@ impl Queue {
     /// The op whose batch should go next at `now`, if one is due: a batch is due when its
     /// oldest request's `gpu_batch_delay` has run out, or it is already full (by count or
     /// bytes). Among due ops the one with the oldest request goes first.
-    pub fn due(&self, now: Instant) -> Option<Op> {
-        let mut best: Option<(Instant, Op)> = None;
-        for (fifo, op) in self.fifos.iter().zip(OPS) {
+    pub fn due(&self, now: Instant) -> Option<OpKey> {
+        let mut best: Option<(Instant, OpKey)> = None;
+        for (&op, fifo) in &self.fifos {
             let Some(head) = fifo.front() else { continue };
             if best.is_some_and(|(t, _)| t <= head.queued_at) {
                 continue;
@@ -149,7 +158,7 @@ impl Queue {
     /// request has waited its `gpu_batch_delay`.
     pub fn next_due(&self) -> Option<Instant> {
         self.fifos
-            .iter()
+            .values()
             .filter_map(|f| f.front())
             .map(|h| h.queued_at + h.batching.delay)
             .min()
@@ -158,8 +167,8 @@ impl Queue {
     /// Cuts the next batch of `op`: requests in arrival order, up to the oldest one's
     /// `gpu_batch_size` and the byte bound (a batch always takes at least one piece).
     /// Requests for which `gone(id)` holds are dropped; their ids are returned.
-    pub fn take(&mut self, op: Op, gone: impl Fn(u64) -> bool) -> (Batch, Vec<u64>) {
-        let fifo = &mut self.fifos[op_index(op)];
+    pub fn take(&mut self, op: OpKey, gone: impl Fn(u64) -> bool) -> (Batch, Vec<u64>) {
+        let fifo = self.fifos.entry(op).or_default();
         let mut batch = Batch {
             op,
             pieces: Vec::new(),
@@ -179,7 +188,11 @@ impl Queue {
             if batch.pieces.len() >= limit {
                 break;
             }
-            let len = (e.len - e.next).min(self.piece_len);
+            let len = if e.split {
+                (e.len - e.next).min(self.piece_len)
+            } else {
+                e.len
+            };
             if !batch.pieces.is_empty() && bytes + align(len) > self.max_bytes {
                 break;
             }
@@ -188,7 +201,7 @@ impl Queue {
                 offset: e.next,
                 len,
                 index: (e.next / self.piece_len) as u32,
-                whole: e.len <= self.piece_len,
+                whole: !e.split || e.len <= self.piece_len,
             });
             bytes += align(len);
             e.next += len;
@@ -208,6 +221,9 @@ impl Queue {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    const ECHO: OpKey = 0;
+    const BLAKE3: OpKey = 1;
 
     fn batching(size: usize, delay_ms: u64) -> Batching {
         Batching {
@@ -232,9 +248,9 @@ mod tests {
         let mut q = Queue::new(1 << 20);
         let t = Instant::now();
         for id in 1..=5 {
-            q.push(id, Op::Echo, 100, batching(3, 0), t);
+            q.push(id, ECHO, true, 100, batching(3, 0), t);
         }
-        let (b, dropped) = q.take(Op::Echo, |_| false);
+        let (b, dropped) = q.take(ECHO, |_| false);
         assert!(dropped.is_empty());
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(b
@@ -242,7 +258,7 @@ mod tests {
             .iter()
             .all(|p| p.whole && p.offset == 0 && p.len == 100));
         assert_eq!(q.waiting(), 2);
-        let (b, _) = q.take(Op::Echo, |_| false);
+        let (b, _) = q.take(ECHO, |_| false);
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [4, 5]);
         assert_eq!(q.waiting(), 0);
     }
@@ -251,42 +267,44 @@ mod tests {
     fn ops_are_never_mixed_and_the_oldest_op_goes_first() {
         let mut q = Queue::new(1 << 20);
         let t = Instant::now();
-        q.push(1, Op::Blake3, 10, batching(8, 0), t);
+        q.push(1, BLAKE3, true, 10, batching(8, 0), t);
         q.push(
             2,
-            Op::Echo,
+            ECHO,
+            true,
             10,
             batching(8, 0),
             t + Duration::from_micros(1),
         );
         q.push(
             3,
-            Op::Blake3,
+            BLAKE3,
+            true,
             10,
             batching(8, 0),
             t + Duration::from_micros(2),
         );
         let now = t + Duration::from_millis(1);
-        assert_eq!(q.due(now), Some(Op::Blake3));
-        let (b, _) = q.take(Op::Blake3, |_| false);
-        assert_eq!(b.op, Op::Blake3);
+        assert_eq!(q.due(now), Some(BLAKE3));
+        let (b, _) = q.take(BLAKE3, |_| false);
+        assert_eq!(b.op, BLAKE3);
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 3]);
-        assert_eq!(q.due(now), Some(Op::Echo));
+        assert_eq!(q.due(now), Some(ECHO));
     }
 
     #[test]
     fn delay_holds_a_partial_batch_until_the_oldest_has_waited() {
         let mut q = Queue::new(1 << 20);
         let t = Instant::now();
-        q.push(1, Op::Echo, 10, batching(4, 5), t);
-        q.push(2, Op::Echo, 10, batching(4, 5), t);
+        q.push(1, ECHO, true, 10, batching(4, 5), t);
+        q.push(2, ECHO, true, 10, batching(4, 5), t);
         assert_eq!(q.due(t + Duration::from_millis(1)), None);
         assert_eq!(q.next_due(), Some(t + Duration::from_millis(5)));
-        assert_eq!(q.due(t + Duration::from_millis(5)), Some(Op::Echo));
+        assert_eq!(q.due(t + Duration::from_millis(5)), Some(ECHO));
         // A full batch is due at once.
-        q.push(3, Op::Echo, 10, batching(4, 5), t);
-        q.push(4, Op::Echo, 10, batching(4, 5), t);
-        assert_eq!(q.due(t), Some(Op::Echo));
+        q.push(3, ECHO, true, 10, batching(4, 5), t);
+        q.push(4, ECHO, true, 10, batching(4, 5), t);
+        assert_eq!(q.due(t), Some(ECHO));
     }
 
     #[test]
@@ -294,9 +312,9 @@ mod tests {
         let mut q = Queue::new(MIN_BATCH_BYTES);
         let t = Instant::now();
         for id in 1..=4 {
-            q.push(id, Op::Echo, 30_000, batching(100, 0), t);
+            q.push(id, ECHO, true, 30_000, batching(100, 0), t);
         }
-        let (b, _) = q.take(Op::Echo, |_| false);
+        let (b, _) = q.take(ECHO, |_| false);
         assert_eq!(b.pieces.len(), 2);
         assert!(b.staged_len() <= MIN_BATCH_BYTES);
     }
@@ -306,11 +324,11 @@ mod tests {
         let mut q = Queue::new(MIN_BATCH_BYTES);
         let p = q.piece_len();
         let t = Instant::now();
-        q.push(1, Op::Blake3, 3 * p + 5, batching(100, 0), t);
-        q.push(2, Op::Blake3, 7, batching(100, 0), t);
+        q.push(1, BLAKE3, true, 3 * p + 5, batching(100, 0), t);
+        q.push(2, BLAKE3, true, 7, batching(100, 0), t);
         let mut seen = Vec::new();
         while q.waiting() > 0 {
-            let (b, _) = q.take(Op::Blake3, |_| false);
+            let (b, _) = q.take(BLAKE3, |_| false);
             assert!(b.staged_len() <= MIN_BATCH_BYTES);
             seen.push(b.pieces);
         }
@@ -338,13 +356,35 @@ mod tests {
     }
 
     #[test]
+    fn bodies_of_ops_that_cannot_split_go_whole_even_past_the_bound() {
+        let mut q = Queue::new(MIN_BATCH_BYTES);
+        let t = Instant::now();
+        q.push(1, ECHO, false, 3 * MIN_BATCH_BYTES + 5, batching(100, 0), t);
+        q.push(2, ECHO, false, 10, batching(100, 0), t);
+        let (b, _) = q.take(ECHO, |_| false);
+        assert_eq!(
+            b.pieces,
+            [Piece {
+                id: 1,
+                offset: 0,
+                len: 3 * MIN_BATCH_BYTES + 5,
+                index: 0,
+                whole: true
+            }]
+        );
+        let (b, _) = q.take(ECHO, |_| false);
+        assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
     fn gone_requests_are_dropped_and_reported() {
         let mut q = Queue::new(1 << 20);
         let t = Instant::now();
         for id in 1..=4 {
-            q.push(id, Op::Echo, 1, batching(10, 0), t);
+            q.push(id, ECHO, true, 1, batching(10, 0), t);
         }
-        let (b, dropped) = q.take(Op::Echo, |id| id % 2 == 0);
+        let (b, dropped) = q.take(ECHO, |id| id % 2 == 0);
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(dropped, [2, 4]);
         assert_eq!(q.waiting(), 0);
@@ -353,8 +393,8 @@ mod tests {
     #[test]
     fn empty_bodies_are_one_whole_piece() {
         let mut q = Queue::new(1 << 20);
-        q.push(9, Op::Blake3, 0, batching(1, 0), Instant::now());
-        let (b, _) = q.take(Op::Blake3, |_| false);
+        q.push(9, BLAKE3, true, 0, batching(1, 0), Instant::now());
+        let (b, _) = q.take(BLAKE3, |_| false);
         assert_eq!(
             b.pieces,
             [Piece {

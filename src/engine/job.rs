@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ops::{Op, Output};
+use crate::engine::batch::OpKey;
+use crate::ops::{Op, Output, Params};
 
 /// What to do when the worker has no usable GPU (`gpu_fallback`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,10 +189,13 @@ impl Default for Batching {
 }
 
 /// One request's work.
-#[derive(Debug)]
 pub struct Job {
     pub id: u64,
-    pub op: Op,
+    /// Its location's op instance, and that instance's key (batches never mix keys).
+    pub op: Arc<dyn Op>,
+    pub op_key: OpKey,
+    /// Its parameters, from the location's `gpu_process` values (see `Op::admit`).
+    pub params: Params,
     pub fallback: Fallback,
     pub batching: Batching,
     pub body: Body,
@@ -203,6 +207,17 @@ pub struct Job {
     pub queued_at: Instant,
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("op", &self.op.name())
+            .field("op_key", &self.op_key)
+            .field("len", &self.body.len())
+            .finish()
+    }
+}
+
 impl Job {
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
@@ -212,8 +227,10 @@ impl Job {
 /// Why a job produced no output; each maps to one HTTP status at the nginx edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobError {
-    /// 400: the body is not valid input for the op.
+    /// 400: the body or a parameter is not valid input for the op.
     BadInput(String),
+    /// 413: the body is larger than the op takes.
+    TooLarge(String),
     /// 503: no GPU and `gpu_fallback off`.
     Unavailable(String),
     /// 500: anything else (a failed temp-file read, a GPU failure without fallback).

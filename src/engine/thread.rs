@@ -29,19 +29,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{never, select, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{never, select, unbounded, Receiver, Sender};
 
-use crate::engine::batch::{align, pieces_of, Batch, Piece, Queue};
+use crate::engine::batch::{pieces_of, Batch, OpKey, Piece, Queue};
 use crate::engine::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
 use crate::engine::notify::Notifier;
 use crate::engine::stats::{self, Stats};
-use crate::gpu::{no_panic, panic_message, Device, Gpu, GpuError, Memory};
-use crate::ops::{Assembly, Output, Staged};
+use crate::gpu::{no_panic, panic_message, Compiled, Device, Gpu, GpuError, Memory};
+use crate::ops::{Assembly, Item, Layout, Op, OpOnDevice, Output};
 
-/// Where the thread gets its kernels from: PTX compiled at configuration time, or the
-/// reason there is none (then the thread never touches CUDA).
+/// Where the thread gets its kernels from: the configuration's compiled programs, or the
+/// reason there are none (then the thread never touches CUDA).
 pub enum Kernels {
-    Ptx(Arc<str>),
+    Ptx(Arc<Compiled>),
     Unavailable(String),
     /// The test device of `gpu/fake.rs` (tests, fault-injection builds).
     #[cfg(any(test, feature = "fault-injection"))]
@@ -49,8 +49,11 @@ pub enum Kernels {
 }
 
 /// Per-worker settings of the thread.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Config {
+    /// The configuration's op instances, by `OpKey`: each one is loaded on the device when
+    /// it opens.
+    pub ops: Vec<Arc<dyn Op>>,
     /// `gpu_batch_bytes`: the most body bytes in one batch.
     pub batch_bytes: u64,
     /// `gpu_poll`: how long the thread spins on in-flight batches and new jobs before it
@@ -68,8 +71,14 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(batch_bytes: u64, poll: Duration, pinned_limit: usize) -> Config {
+    pub fn new(
+        ops: Vec<Arc<dyn Op>>,
+        batch_bytes: u64,
+        poll: Duration,
+        pinned_limit: usize,
+    ) -> Config {
         Config {
+            ops,
             batch_bytes,
             poll,
             pinned_limit,
@@ -96,6 +105,10 @@ const PANIC_LIMIT: usize = 3;
 const PANIC_WINDOW: Duration = Duration::from_secs(60);
 /// At exit, in-flight batches are waited for this long at most, then abandoned.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The GPU thread has stopped: it takes no more jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
 
 pub struct GpuThread {
     jobs: Option<Sender<Job>>,
@@ -158,11 +171,12 @@ impl GpuThread {
         self.alive.load(Ordering::Acquire)
     }
 
-    /// Queues a job without blocking; a stopped thread hands the job back.
-    pub fn submit(&self, job: Job) -> Result<(), TrySendError<Job>> {
+    /// Queues a job without blocking (the channel is unbounded: the event loop bounds what
+    /// it holds); fails only once the thread has stopped.
+    pub fn submit(&self, job: Job) -> Result<(), Stopped> {
         match &self.jobs {
-            Some(tx) => tx.try_send(job),
-            None => Err(TrySendError::Disconnected(job)),
+            Some(tx) => tx.send(job).map_err(|_| Stopped),
+            None => Err(Stopped),
         }
     }
 
@@ -282,20 +296,67 @@ struct Active {
     /// When its first piece went into a batch.
     started: Option<Instant>,
     /// The pieces' results so far, for a body cut into pieces.
-    assembly: Option<Assembly>,
+    assembly: Option<Box<dyn Assembly>>,
 }
 
 /// A batch on a GPU slot. A batch whose requests were answered elsewhere (the thread
 /// panicked while it ran) has no pieces: the slot stays busy until the device is done.
 struct InFlight {
     batch: Batch,
-    staged: Vec<Staged>,
+    layout: Layout,
     launched: Instant,
     deadline: Instant,
 }
 
+/// An open device, and each op's state on it. Dropping it waits for the device's streams
+/// before the ops' modules go: a module must not be unloaded under a running kernel.
+struct Open {
+    ops: Option<HashMap<OpKey, Box<dyn OpOnDevice>>>,
+    device: Option<Box<dyn Device>>,
+}
+
+impl Open {
+    fn device(&self) -> &dyn Device {
+        self.device.as_deref().expect("an open device")
+    }
+
+    fn device_mut(&mut self) -> &mut dyn Device {
+        self.device.as_deref_mut().expect("an open device")
+    }
+
+    /// Whether `op` runs on this device (else its batches take the CPU path).
+    fn runs(&self, op: OpKey) -> bool {
+        self.ops.as_ref().is_some_and(|o| o.contains_key(&op))
+    }
+
+    /// Leaves the device without waiting for it (see `Device::abandon`).
+    fn abandon(mut self) {
+        std::mem::forget(self.ops.take());
+        if let Some(d) = self.device.take() {
+            d.abandon();
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(d) = &self.device {
+            d.quiesce();
+        }
+        drop(self.ops.take());
+    }
+}
+
 /// What opening the device gave.
-type Opened = Result<Box<dyn Device>, GpuError>;
+type Opened = Result<Open, GpuError>;
+
+/// What failed under a batch, for the requests it hits (see `State::fall_back`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Transient,
+    Lost,
+    Panic,
+}
 
 /// The device: open, being opened (on a thread of its own, so that this thread keeps
 /// serving: creating a context takes a third of a second, and after a GPU fault far
@@ -316,7 +377,7 @@ enum Opener {
 struct State {
     queue: Queue,
     active: HashMap<u64, Active>,
-    device: Option<Box<dyn Device>>,
+    device: Option<Open>,
     opener: Opener,
     /// `gpu_fallback off` requests that came while the device was being opened: they wait
     /// for it (the CPU path is not theirs to take).
@@ -392,40 +453,48 @@ impl State {
         }
     }
 
-    /// What the opening thread runs.
+    /// What the opening thread runs: the device, then every op's state on it.
     fn open_fn(&self, attempt: u32) -> Box<dyn FnOnce() -> Opened + Send> {
         let injected = self.injected_open_failure(attempt);
         let slow = self.injected_open_delay();
         let limit = self.config.pinned_limit;
-        let busy = || {
-            Err(GpuError::Busy(
-                "opening the device: injected failure".into(),
-            ))
-        };
-        match &self.kernels {
+        let ops = self.config.ops.clone();
+        let compiled = match &self.kernels {
             Kernels::Unavailable(why) => {
                 let why = why.clone();
-                Box::new(move || Err(GpuError::Unavailable(why)))
+                return Box::new(move || Err(GpuError::Unavailable(why)));
             }
-            Kernels::Ptx(ptx) => {
-                let ptx = ptx.clone();
-                Box::new(move || {
-                    std::thread::sleep(slow);
-                    if injected {
-                        return busy();
-                    }
-                    Gpu::open(&ptx, limit).map(|g| Box::new(g) as Box<dyn Device>)
-                })
-            }
+            Kernels::Ptx(compiled) => compiled.clone(),
             #[cfg(any(test, feature = "fault-injection"))]
-            Kernels::Fake => Box::new(move || {
-                std::thread::sleep(slow);
-                if injected {
-                    return busy();
+            Kernels::Fake => Arc::new(Compiled::default()),
+        };
+        let fake = !matches!(self.kernels, Kernels::Ptx(_));
+        Box::new(move || {
+            std::thread::sleep(slow);
+            if injected {
+                return Err(GpuError::Busy(
+                    "opening the device: injected failure".into(),
+                ));
+            }
+            let device: Box<dyn Device> = if fake {
+                fake_device(limit)?
+            } else {
+                Box::new(Gpu::open(limit, fault_kernels(&compiled))?)
+            };
+            let mut states = HashMap::new();
+            {
+                let mut loader = device.loader(&compiled);
+                for (key, op) in ops.iter().enumerate() {
+                    if let Some(state) = op.load(&mut loader)? {
+                        states.insert(key, state);
+                    }
                 }
-                Ok(Box::new(crate::gpu::fake::FakeDevice::new(limit)) as Box<dyn Device>)
-            }),
-        }
+            }
+            Ok(Open {
+                ops: Some(states),
+                device: Some(device),
+            })
+        })
     }
 
     /// An attempt to open the device ended: use the device, or log why not and schedule a
@@ -433,7 +502,7 @@ impl State {
     fn opened(&mut self, attempt: u32, opened: Opened) {
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         match opened {
-            Ok(device) => {
+            Ok(open) => {
                 let after = if attempt > 1 {
                     format!(" (attempt {attempt})")
                 } else {
@@ -441,11 +510,11 @@ impl State {
                 };
                 self.out.log(
                     Level::Notice,
-                    format!("gpu: using {}{after}", device.info()),
+                    format!("gpu: using {}{after}", open.device().info()),
                 );
-                self.done = device.done().clone();
-                self.in_flight = (0..device.slots()).map(|_| None).collect();
-                self.device = Some(device);
+                self.done = open.device().done().clone();
+                self.in_flight = (0..open.device().slots()).map(|_| None).collect();
+                self.device = Some(open);
                 self.opener = Opener::Open;
             }
             Err(e @ GpuError::Busy(_)) => {
@@ -591,17 +660,17 @@ impl State {
     fn tick(&mut self) {
         let now = Instant::now();
         for slot in 0..self.in_flight.len() {
-            let Some(device) = self.device.as_ref() else {
+            let Some(open) = self.device.as_ref() else {
                 return;
             };
             let Some(fl) = self.in_flight.get(slot).and_then(Option::as_ref) else {
                 continue;
             };
-            match device.finished(slot) {
+            match open.device().finished(slot) {
                 Ok(true) => self.retire(slot),
                 Ok(false) if now >= fl.deadline => {
                     let e = GpuError::Hung {
-                        op: fl.batch.op.name(),
+                        op: self.op_name(fl.batch.op),
                         secs: now.duration_since(fl.launched).as_secs_f64(),
                     };
                     self.gpu_failed(Some(slot), e);
@@ -618,9 +687,10 @@ impl State {
 
     /// Frees the idle slots' buffers that were larger than batches needed lately.
     fn trim(&mut self) {
-        let Some(device) = self.device.as_mut() else {
+        let Some(open) = self.device.as_mut() else {
             return;
         };
+        let device = open.device_mut();
         let mut freed = 0;
         for slot in 0..device.slots() {
             if self.in_flight[slot].is_none() {
@@ -643,7 +713,7 @@ impl State {
     fn memory(&self) -> Memory {
         self.device
             .as_ref()
-            .map_or_else(Memory::default, |d| d.memory())
+            .map_or_else(Memory::default, |o| o.device().memory())
     }
 
     /// Spins for up to `gpu_poll` on new jobs and in-flight batches; true if either
@@ -664,7 +734,7 @@ impl State {
                     && self
                         .device
                         .as_ref()
-                        .is_some_and(|d| !matches!(d.finished(slot), Ok(false)));
+                        .is_some_and(|o| !matches!(o.device().finished(slot), Ok(false)));
                 if ready {
                     self.retire(slot);
                     moved = true;
@@ -701,8 +771,14 @@ impl State {
             );
             return;
         }
-        self.queue
-            .push(job.id, job.op, job.body.len(), job.batching, job.queued_at);
+        self.queue.push(
+            job.id,
+            job.op_key,
+            job.op.splittable(),
+            job.body.len(),
+            job.batching,
+            job.queued_at,
+        );
         self.active.insert(
             job.id,
             Active {
@@ -751,7 +827,7 @@ impl State {
             self.stats
                 .bytes
                 .fetch_add(batch.pieces.iter().map(|p| p.len).sum(), Ordering::Relaxed);
-            if self.device.is_some() {
+            if self.device.as_ref().is_some_and(|o| o.runs(op)) {
                 self.launch(slot, batch);
                 self.stats.set_memory(self.memory());
                 stats::add(&self.stats.pack_ns, started.elapsed());
@@ -777,13 +853,24 @@ impl State {
     /// Packs `batch` into `slot`'s pinned buffer and launches it, without waiting.
     fn launch(&mut self, slot: usize, batch: Batch) {
         self.launches += 1;
-        let op = batch.op;
-        let data_len = batch.staged_len();
-        let mut staged = Vec::with_capacity(batch.pieces.len());
-        let mut unreadable = Vec::new();
         let fault = self.planned_fault();
-        let device = self.device.as_mut().expect("launch needs a device");
+        let open = self.device.as_mut().expect("launch needs a device");
+        let op_dev = &open.ops.as_ref().expect("an open device")[&batch.op];
+        let device = open.device.as_deref_mut().expect("an open device");
         let active = &self.active;
+        let items: Vec<Item> = batch
+            .pieces
+            .iter()
+            .map(|p| {
+                let a = &active[&p.id];
+                Item {
+                    piece: p,
+                    body: &a.job.body,
+                    params: &a.job.params,
+                }
+            })
+            .collect();
+        let mut unpacked = Vec::new();
         let res = (|| {
             #[cfg(any(test, feature = "fault-injection"))]
             {
@@ -805,56 +892,43 @@ impl State {
             }
             #[cfg(not(any(test, feature = "fault-injection")))]
             let _ = fault;
-            let (desc, data) =
-                device.stage(slot, op.desc_len(batch.pieces.len()), data_len as usize)?;
-            let mut at = 0u64;
-            for p in &batch.pieces {
-                let dst = &mut data[at as usize..(at + p.len) as usize];
-                if let Some(a) = active.get(&p.id) {
-                    if let Err(e) = a.job.body.read_range_into(p.offset, dst) {
-                        unreadable.push((p.id, e));
-                    }
-                }
-                staged.push(Staged {
-                    data_off: at,
-                    len: p.len,
-                    offset: p.offset,
-                    whole: p.whole,
-                });
-                at += align(p.len);
-            }
-            op.describe(&staged, desc);
-            device.launch(slot, op, &staged, data_len)
+            let layout = op_dev.layout(&items);
+            let (desc, data) = device.stage(slot, layout.desc_len, layout.data_len)?;
+            unpacked = op_dev.pack(&items, &layout, desc, data);
+            device.launch(slot, &layout, &mut |target| op_dev.launch(&layout, target))?;
+            Ok::<Layout, GpuError>(layout)
         })();
-        for (id, e) in unreadable {
-            self.fail(
-                id,
-                JobError::Internal(format!("reading the request body: {e}")),
-            );
+        drop(items);
+        for (i, e) in unpacked {
+            self.fail(batch.pieces[i].id, e);
         }
         let launched = Instant::now();
         let deadline = self.deadline_of(&batch, launched);
-        let fl = InFlight {
-            batch,
-            staged,
-            launched,
-            deadline,
-        };
         match res {
-            Ok(()) => {
-                self.in_flight[slot] = Some(fl);
+            Ok(layout) => {
+                self.in_flight[slot] = Some(InFlight {
+                    batch,
+                    layout,
+                    launched,
+                    deadline,
+                });
                 #[cfg(any(test, feature = "fault-injection"))]
                 if fault == Some(crate::faults::Fault::PanicInFlight) {
                     panic!("injected panic with a batch in flight");
                 }
             }
             Err(e) if e.is_lost() => {
-                self.in_flight[slot] = Some(fl);
+                self.in_flight[slot] = Some(InFlight {
+                    batch,
+                    layout: Layout::default(),
+                    launched,
+                    deadline,
+                });
                 self.gpu_failed(Some(slot), e);
             }
             Err(e) => {
                 // Nothing of this batch runs: its slot is free again.
-                self.transient_failure(&e, fl.batch.pieces.iter().map(|p| p.id).collect());
+                self.transient_failure(&e, batch.pieces.iter().map(|p| p.id).collect());
             }
         }
     }
@@ -864,13 +938,13 @@ impl State {
         let Some(fl) = self.in_flight.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        let Some(device) = self.device.as_ref() else {
+        let Some(open) = self.device.as_ref() else {
             return;
         };
         // The callback also runs after a failure: the event says which it was. A done
         // message for a batch the spin loop already retired finds the slot busy with the
         // next batch: not finished yet, so it is ignored (its own callback follows).
-        match device.finished(slot) {
+        match open.device().finished(slot) {
             Err(e) => {
                 self.in_flight[slot] = Some(fl);
                 self.gpu_failed(Some(slot), e);
@@ -890,22 +964,33 @@ impl State {
             &self.stats.gpu_ns,
             seen.saturating_duration_since(fl.launched),
         );
-        let ordinal = device.info().ordinal;
-        let op = fl.batch.op;
+        let ordinal = open.device().info().ordinal;
         let n = fl.batch.pieces.len();
-        let device = self.device.take().expect("checked above");
-        let res = device.output(slot).map(|out| {
-            for (i, (p, s)) in fl.batch.pieces.iter().zip(&fl.staged).enumerate() {
-                self.deliver(p, op.result(out, i, s), n, Ran::Gpu(ordinal));
+        let open = self.device.take().expect("checked above");
+        let op_dev = &open.ops.as_ref().expect("an open device")[&fl.batch.op];
+        let res = open.device().output(slot).map(|out| {
+            for (i, p) in fl.batch.pieces.iter().enumerate() {
+                match op_dev.result(&fl.layout, i, out) {
+                    Ok(bytes) => self.deliver(p, bytes, n, Ran::Gpu(ordinal)),
+                    Err(e) => self.fail(p.id, e),
+                }
             }
         });
-        self.device = Some(device);
+        self.device = Some(open);
         stats::add(&self.stats.finish_ns, seen.elapsed());
         if let Err(e) = res {
             // Nothing was delivered: the batch is still the slot's, for the failure path.
             self.in_flight[slot] = Some(fl);
             self.gpu_failed(Some(slot), e);
         }
+    }
+
+    /// The name of op instance `key`, for log lines.
+    fn op_name(&self, key: OpKey) -> String {
+        self.config
+            .ops
+            .get(key)
+            .map_or_else(|| format!("op {key}"), |op| op.name().to_string())
     }
 
     /// A CUDA failure at `slot` (or outside any slot).
@@ -935,31 +1020,46 @@ impl State {
         if matches!(e, GpuError::OutOfMemory(_)) {
             self.trim();
         }
-        self.fall_back(ids, "the GPU failed this batch", JobError::Unavailable);
+        self.fall_back(
+            ids,
+            &format!("the GPU failed this batch: {e}"),
+            Failure::Transient,
+        );
     }
 
     /// The device is lost: stop using it in this worker, ask for a fresh worker, and answer
     /// every request that had a batch in flight from the CPU path (or 503 with
     /// `gpu_fallback off`). Requests still queued go through the CPU path as usual.
     fn lose_device(&mut self, e: GpuError) {
-        let Some(device) = self.device.take() else {
+        let Some(open) = self.device.take() else {
             return;
         };
         self.stats.gpu_errors.fetch_add(1, Ordering::Relaxed);
-        let info = device.info().clone();
-        let hit: Vec<u64> = self
-            .in_flight
-            .iter_mut()
-            .filter_map(Option::take)
-            .flat_map(|fl| fl.batch.pieces.into_iter().map(|p| p.id))
-            .collect();
+        let info = open.device().info().clone();
+        let mut ops: Vec<String> = Vec::new();
+        let mut hit: Vec<u64> = Vec::new();
+        for fl in self.in_flight.iter_mut().filter_map(Option::take) {
+            if !fl.batch.pieces.is_empty() {
+                let name = self.config.ops.get(fl.batch.op).map_or("?", |o| o.name());
+                if !ops.iter().any(|o| o == name) {
+                    ops.push(name.to_string());
+                }
+            }
+            hit.extend(fl.batch.pieces.into_iter().map(|p| p.id));
+        }
         self.out.log(
             Level::Alert,
             format!(
-                "gpu: gpu{} failed: {e}; {} requests in flight fall back (gpu_fallback); \
-                 the GPU is given up in this worker (its CUDA context cannot be used again)",
+                "gpu: gpu{} failed: {e}; {} requests in flight (batches of {}) fall back or \
+                 get 500; the GPU is given up in this worker (its CUDA context cannot be used \
+                 again)",
                 info.ordinal,
-                hit.len()
+                hit.len(),
+                if ops.is_empty() {
+                    "none".to_string()
+                } else {
+                    ops.join(", ")
+                }
             ),
         );
         self.out
@@ -967,13 +1067,13 @@ impl State {
         // No waiting for streams that may never finish: leak the context, the process is
         // replaced.
         let _ = no_panic("releasing the GPU", || {
-            device.abandon();
+            open.abandon();
             Ok(())
         });
         self.done = never();
         self.in_flight = vec![None];
         self.opener = Opener::Never;
-        self.fall_back(hit, "the GPU failed", JobError::Unavailable);
+        self.fall_back(hit, &format!("the GPU failed: {e}"), Failure::Lost);
         // Jobs still queued with `gpu_fallback off` get their 503 now.
         let off: Vec<u64> = self
             .active
@@ -986,8 +1086,11 @@ impl State {
         }
     }
 
-    /// Answers each of `ids` from the CPU path (`gpu_fallback cpu`), or with `off(why)`.
-    fn fall_back(&mut self, mut ids: Vec<u64>, why: &str, off: fn(String) -> JobError) {
+    /// Answers each of `ids`, whose batch (or thread) failed with `why`: from the CPU path
+    /// where the op has one and `gpu_fallback cpu` allows; else 503 (try again) for a
+    /// transient failure, and 500 after a panic, or for an op without a CPU path whose
+    /// batch died with the device (a faulting user kernel).
+    fn fall_back(&mut self, mut ids: Vec<u64>, why: &str, failure: Failure) {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
@@ -996,12 +1099,22 @@ impl State {
             };
             self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
             let started = a.started.unwrap_or_else(Instant::now);
-            let (res, ran) = match a.job.fallback {
-                Fallback::Cpu => match cpu_whole(&a.job) {
+            let op = &a.job.op;
+            let cpu = op.has_cpu() && a.job.fallback == Fallback::Cpu;
+            let failed = |why: &str| match failure {
+                Failure::Panic => JobError::Internal(why.to_string()),
+                Failure::Lost if !op.has_cpu() => {
+                    JobError::Internal(format!("{}: {why}", op.name()))
+                }
+                Failure::Lost | Failure::Transient => JobError::Unavailable(why.to_string()),
+            };
+            let (res, ran) = if cpu {
+                match cpu_whole(&a.job) {
                     Ok(out) => (Ok(out), Ran::Cpu),
                     Err(e) => (Err(e), Ran::None),
-                },
-                Fallback::Off => (Err(off(why.to_string())), Ran::None),
+                }
+            } else {
+                (Err(failed(why)), Ran::None)
             };
             self.answer(a.job, started, Instant::now(), 1, ran, res);
         }
@@ -1045,7 +1158,7 @@ impl State {
             fl.batch.pieces.clear();
         }
         self.queue = Queue::new(self.config.batch_bytes);
-        self.fall_back(ids, "the GPU thread failed", JobError::Internal);
+        self.fall_back(ids, "the GPU thread failed", Failure::Panic);
         if self.panics.len() >= PANIC_LIMIT {
             self.panics.clear();
             self.out.send(Event::Restart(format!(
@@ -1058,14 +1171,14 @@ impl State {
     /// At exit: wait a little for batches in flight, then release the device, or abandon it
     /// if a batch is still running (a hung kernel must not hang the worker's exit).
     fn shutdown(&mut self) {
-        let Some(device) = self.device.take() else {
+        let Some(open) = self.device.take() else {
             return;
         };
         let limit = Instant::now() + self.config.exit_wait;
         let finished = loop {
             let running = (0..self.in_flight.len())
                 .filter(|&s| self.in_flight[s].is_some())
-                .any(|s| matches!(device.finished(s), Ok(false)));
+                .any(|s| matches!(open.device().finished(s), Ok(false)));
             if !running {
                 break true;
             }
@@ -1076,9 +1189,9 @@ impl State {
         };
         let _ = no_panic("releasing the GPU", || {
             if finished {
-                drop(device);
+                drop(open);
             } else {
-                device.abandon();
+                open.abandon();
             }
             Ok(())
         });
@@ -1090,7 +1203,7 @@ impl State {
             let Some(a) = self.active.get(&p.id) else {
                 continue;
             };
-            let op = a.job.op;
+            let op = a.job.op.clone();
             if p.whole {
                 let res = cpu_whole(&a.job);
                 let a = self.active.remove(&p.id).expect("present");
@@ -1131,19 +1244,15 @@ impl State {
             self.active.remove(&p.id);
             return;
         }
-        let op = a.job.op;
+        let op = a.job.op.clone();
         let output = if p.whole {
-            op.finish_whole(result)
+            op.finish(result)
         } else {
             let piece_len = self.queue.piece_len();
-            let asm = a.assembly.get_or_insert_with(|| {
-                Assembly::new(
-                    op,
-                    a.job.body.len(),
-                    pieces_of(a.job.body.len(), piece_len),
-                    piece_len,
-                )
-            });
+            let len = a.job.body.len();
+            let asm = a
+                .assembly
+                .get_or_insert_with(|| op.assembly(len, pieces_of(len, piece_len), piece_len));
             if !asm.add(p.index, result) {
                 return;
             }
@@ -1198,8 +1307,34 @@ fn cpu_whole(job: &Job) -> Result<Output, JobError> {
         .body
         .to_vec()
         .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?;
-    let op = job.op;
-    no_panic("CPU op", || Ok(op.run_cpu(input))).map_err(JobError::Internal)
+    let op = &job.op;
+    no_panic("CPU op", || Ok(op.run_cpu(input, &job.params))).map_err(JobError::Internal)?
+}
+
+/// The test device, in builds that have it.
+#[cfg(any(test, feature = "fault-injection"))]
+fn fake_device(pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
+    Ok(Box::new(crate::gpu::fake::FakeDevice::new(pinned_limit)))
+}
+
+#[cfg(not(any(test, feature = "fault-injection")))]
+fn fake_device(_pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
+    Err(GpuError::Unavailable("no test device in this build".into()))
+}
+
+/// The fault-injection kernels, where this build has them and they were compiled.
+#[cfg(any(test, feature = "fault-injection"))]
+fn fault_kernels(compiled: &Compiled) -> Option<(&'static crate::gpu::Program, &Compiled)> {
+    let program = crate::faults::program();
+    compiled
+        .ptx(program)
+        .is_some()
+        .then_some((program, compiled))
+}
+
+#[cfg(not(any(test, feature = "fault-injection")))]
+fn fault_kernels(_compiled: &Compiled) -> Option<(&'static crate::gpu::Program, &Compiled)> {
+    None
 }
 
 #[cfg(test)]

@@ -9,10 +9,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
+use crate::engine::batch::OpKey;
 use crate::engine::job::{Completion, Device, Event, Job, JobError, Level};
 use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::http::handler::{self, RequestCtx};
@@ -20,8 +20,12 @@ use crate::http::handler::{self, RequestCtx};
 struct Worker {
     thread: GpuThread,
     conn: *mut ngx_connection_t,
-    pending: HashMap<u64, *mut RequestCtx>,
-    /// `gpu_queue_size`: most requests waiting for (or running on) the GPU thread.
+    /// Requests waiting for their job's answer, and the op instance (location) of each.
+    pending: HashMap<u64, (*mut RequestCtx, OpKey)>,
+    /// Pending requests per location, for the locations' `gpu_queue_size`.
+    per_op: HashMap<OpKey, usize>,
+    /// `gpu_queue_size` in the http block: most requests waiting for (or running on) the
+    /// GPU thread.
     queue_size: usize,
     next_id: u64,
     log: *mut ngx_log_t,
@@ -71,6 +75,7 @@ pub unsafe fn start(
             thread,
             conn: c,
             pending: HashMap::new(),
+            per_op: HashMap::new(),
             queue_size,
             next_id: 1,
             log,
@@ -107,7 +112,9 @@ pub fn next_id() -> u64 {
     })
 }
 
-pub fn submit(job: Job) -> Result<(), String> {
+/// Hands `job` to the GPU thread, unless the worker's queue (`gpu_queue_size` of the http
+/// block) or its location's (`location_bound`) is full.
+pub fn submit(job: Job, location_bound: usize) -> Result<(), String> {
     WORKER.with_borrow(|w| match w {
         None => Err("the GPU thread is not running".into()),
         // Counted here, where requests wait: the thread drains its channel into batches.
@@ -115,20 +122,34 @@ pub fn submit(job: Job) -> Result<(), String> {
             "GPU queue is full ({} requests waiting)",
             w.pending.len()
         )),
-        Some(w) => match w.thread.submit(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err("GPU queue is full".into()),
-            Err(TrySendError::Disconnected(_)) => Err("the GPU thread has stopped".into()),
-        },
+        Some(w) if w.per_op.get(&job.op_key).copied().unwrap_or(0) >= location_bound => Err(
+            format!("GPU queue of this location is full ({location_bound} requests waiting)"),
+        ),
+        Some(w) => w
+            .thread
+            .submit(job)
+            .map_err(|_| "the GPU thread has stopped".into()),
     })
 }
 
-pub fn remember(id: u64, ctx: *mut RequestCtx) {
+pub fn remember(id: u64, op: OpKey, ctx: *mut RequestCtx) {
     WORKER.with_borrow_mut(|w| {
         if let Some(w) = w {
-            w.pending.insert(id, ctx);
+            w.pending.insert(id, (ctx, op));
+            *w.per_op.entry(op).or_default() += 1;
         }
     });
+}
+
+impl Worker {
+    /// Removes a pending request; its context if it was there.
+    fn take(&mut self, id: u64) -> Option<*mut RequestCtx> {
+        let (ctx, op) = self.pending.remove(&id)?;
+        if let Some(n) = self.per_op.get_mut(&op) {
+            *n = n.saturating_sub(1);
+        }
+        Some(ctx)
+    }
 }
 
 pub fn forget(id: u64) {
@@ -136,7 +157,7 @@ pub fn forget(id: u64) {
     let _ = WORKER.try_with(|w| {
         if let Ok(mut w) = w.try_borrow_mut() {
             if let Some(w) = w.as_mut() {
-                w.pending.remove(&id);
+                w.take(id);
             }
         }
     });
@@ -152,8 +173,7 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
         for event in events {
             match event {
                 Event::Done(done) => {
-                    let ctx = WORKER
-                        .with_borrow_mut(|w| w.as_mut().and_then(|w| w.pending.remove(&done.id)));
+                    let ctx = WORKER.with_borrow_mut(|w| w.as_mut().and_then(|w| w.take(done.id)));
                     // No entry: the request already went away (client gone, timed out).
                     if let Some(ctx) = ctx {
                         handler::complete(ctx, done);
@@ -185,8 +205,10 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
 /// Answers every waiting request with 500 (nothing else will answer them).
 unsafe fn fail_pending(why: &str) {
     let pending: Vec<(u64, *mut RequestCtx)> = WORKER.with_borrow_mut(|w| {
-        w.as_mut()
-            .map_or_else(Vec::new, |w| w.pending.drain().collect())
+        w.as_mut().map_or_else(Vec::new, |w| {
+            w.per_op.clear();
+            w.pending.drain().map(|(id, (ctx, _))| (id, ctx)).collect()
+        })
     });
     for (id, ctx) in pending {
         handler::complete(

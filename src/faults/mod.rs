@@ -19,6 +19,20 @@
 //!
 //! `N` may be `N+` for "the N-th batch and every one after it".
 
+/// The kernels that fail on purpose (`faults.cu`), as a program of their own: compiled
+/// into test and fault-injection builds only.
+pub fn program() -> &'static crate::gpu::Program {
+    static P: std::sync::OnceLock<crate::gpu::Program> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        crate::gpu::Program::new(
+            "faults.cu",
+            include_str!("faults.cu"),
+            Vec::new(),
+            Vec::new(),
+        )
+    })
+}
+
 /// What goes wrong at one batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {

@@ -8,19 +8,21 @@
 //! the thread can wait for new jobs and finished slots at once). While the GPU works on one
 //! slot the thread packs the next.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, LaunchConfig, PinnedHostSlice,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice,
 };
 use cudarc::nvrtc::Ptx;
 
 use super::buffers::Held;
+use super::compile::{Compiled, Program};
 use super::{no_panic, GpuError};
-use crate::ops::{Op, Staged};
+use crate::ops::{Layout, Target};
 
 /// Batches in flight per worker.
 pub const SLOTS: usize = 2;
@@ -73,14 +75,14 @@ pub trait Device: Send {
         desc_len: usize,
         data_len: usize,
     ) -> Result<(&mut [u8], &mut [u8]), GpuError>;
-    /// Queues the staged batch of `op` on `slot`: input copy, kernels, output copy, done
-    /// signal. Returns without waiting.
+    /// Queues the staged batch on `slot`: the input copy, the op's kernels (`run`, given
+    /// the slot's buffers sized to `layout`), the output copy and the done signal. Returns
+    /// without waiting.
     fn launch(
         &mut self,
         slot: usize,
-        op: Op,
-        pieces: &[Staged],
-        data_len: u64,
+        layout: &Layout,
+        run: &mut dyn FnMut(Target) -> Result<(), GpuError>,
     ) -> Result<(), GpuError>;
     /// Whether `slot`'s batch has finished; an error if the device failed.
     fn finished(&self, slot: usize) -> Result<bool, GpuError>;
@@ -90,6 +92,10 @@ pub trait Device: Send {
     /// is idle); returns the bytes freed.
     fn trim(&mut self, slot: usize) -> usize;
     fn memory(&self) -> Memory;
+    /// Waits for every slot's queued work (before the ops' modules may go).
+    fn quiesce(&self);
+    /// How the ops load their kernels and device memory on this device.
+    fn loader<'a>(&'a self, compiled: &'a Compiled) -> Loader<'a>;
     /// Gives the device up without waiting for it: a hung kernel never finishes, and a
     /// failed context need not be cleaned up by a process that is about to be replaced.
     /// Everything is leaked.
@@ -100,11 +106,41 @@ pub trait Device: Send {
     fn inject(&mut self, slot: usize, fault: crate::faults::KernelFault) -> Result<(), GpuError>;
 }
 
-/// The kernels of every op, loaded from the configuration-time PTX.
-pub struct Functions {
-    pub echo_copy: CudaFunction,
-    pub blake3_chunks: CudaFunction,
-    pub blake3_parents: CudaFunction,
+/// How an op loads what it needs when a worker's device opens: its kernels from the
+/// configuration's PTX (each program's module loaded once), and device memory of its own.
+/// The test device has no CUDA: ops run their CPU version of the batch there, or decline.
+pub enum Loader<'a> {
+    Device(DeviceLoader<'a>),
+    Host,
+}
+
+pub struct DeviceLoader<'a> {
+    pub ctx: &'a Arc<CudaContext>,
+    compiled: &'a Compiled,
+    modules: HashMap<u64, Arc<CudaModule>>,
+}
+
+impl DeviceLoader<'_> {
+    /// Kernel `name` of `program`.
+    pub fn function(&mut self, program: &Program, name: &str) -> Result<CudaFunction, GpuError> {
+        let module = match self.modules.get(&program.key) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = self.compiled.ptx(program).ok_or_else(|| {
+                    GpuError::Unavailable(format!("{} was not compiled", program.name))
+                })?;
+                let m = self
+                    .ctx
+                    .load_module(Ptx::from_src(ptx.as_ref()))
+                    .map_err(|e| GpuError::opening(e, &format!("loading {}", program.name)))?;
+                self.modules.insert(program.key, m.clone());
+                m
+            }
+        };
+        module
+            .load_function(name)
+            .map_err(|e| GpuError::opening(e, &format!("kernel \"{name}\" of {}", program.name)))
+    }
 }
 
 /// Told to the GPU thread by the driver's callback thread when a slot's batch is done.
@@ -129,8 +165,8 @@ struct Slot {
     host_out: Held<PinnedHostSlice<u8>>,
     dev_in: Held<CudaSlice<u8>>,
     dev_out: Held<CudaSlice<u8>>,
-    cv_a: Held<CudaSlice<u8>>,
-    cv_b: Held<CudaSlice<u8>>,
+    /// The op's scratch buffers for a batch (`Layout::scratch`).
+    scratch: Vec<Held<CudaSlice<u8>>>,
     signal: Box<DoneSignal>,
     /// Bytes of descriptors before the data in `host_in`/`dev_in` for the staged batch.
     desc_len: usize,
@@ -144,10 +180,9 @@ impl Slot {
     }
 
     fn device(&self) -> usize {
-        [&self.dev_in, &self.dev_out, &self.cv_a, &self.cv_b]
-            .iter()
-            .map(|h| h.capacity())
-            .sum()
+        self.dev_in.capacity()
+            + self.dev_out.capacity()
+            + self.scratch.iter().map(Held::capacity).sum::<usize>()
     }
 }
 
@@ -159,8 +194,22 @@ pub struct Launch<'a> {
     /// The packed data (after the descriptors).
     pub data: u64,
     pub out: u64,
-    pub cv_a: u64,
-    pub cv_b: u64,
+    /// The op's scratch buffers, as `Layout::scratch` asked.
+    pub scratch: Vec<u64>,
+    /// The staged (pinned) input, for ops that copy part of it elsewhere too.
+    host_in: &'a [u8],
+}
+
+impl Launch<'_> {
+    /// Queues a copy of staged input bytes `from` (offsets into the descriptors and data,
+    /// as staged) to device address `to`, on this launch's stream.
+    pub fn copy_in(&self, to: u64, from: std::ops::Range<usize>) -> Result<(), GpuError> {
+        let src = &self.host_in[from];
+        // SAFETY: the caller's `to` addresses one of this launch's buffers with room for
+        // src; the staging stays untouched until the slot's done signal.
+        unsafe { cudarc::driver::result::memcpy_htod_async(to, src, self.stream.cu_stream()) }
+            .map_err(|e| GpuError::from_driver(e, "copying descriptors"))
+    }
 }
 
 /// Kernels that fail on purpose, for the fault-injection build.
@@ -176,7 +225,6 @@ pub struct Gpu {
     // (streams, buffers, the callbacks' signals), then the kernels' module, then the
     // context. A module must not be unloaded while a stream may still run its kernels.
     slots: Vec<Slot>,
-    pub functions: Functions,
     #[cfg(any(test, feature = "fault-injection"))]
     faults: Option<FaultKernels>,
     pub info: DeviceInfo,
@@ -207,16 +255,24 @@ impl From<DriverError> for GpuError {
 }
 
 impl Gpu {
-    /// Opens device 0 (as `CUDA_VISIBLE_DEVICES` shows it) and loads `ptx`.
-    /// Must run on the thread that will use the device; never panics.
-    pub fn open(ptx: &str, pinned_limit: usize) -> Result<Gpu, GpuError> {
+    /// Opens device 0 (as `CUDA_VISIBLE_DEVICES` shows it): context and streams; the ops
+    /// load their kernels through `Device::loader`. `faults` is the fault-injection program
+    /// (test and fault-injection builds). Never panics.
+    pub fn open(
+        pinned_limit: usize,
+        faults: Option<(&Program, &Compiled)>,
+    ) -> Result<Gpu, GpuError> {
         let opened = no_panic("CUDA initialization", || {
-            Ok(Self::open_inner(ptx, pinned_limit))
+            Ok(Self::open_inner(pinned_limit, faults))
         });
         opened.unwrap_or_else(|panic| Err(GpuError::Unavailable(panic)))
     }
 
-    fn open_inner(ptx: &str, pinned_limit: usize) -> Result<Gpu, GpuError> {
+    #[cfg_attr(not(any(test, feature = "fault-injection")), allow(unused_variables))]
+    fn open_inner(
+        pinned_limit: usize,
+        faults: Option<(&Program, &Compiled)>,
+    ) -> Result<Gpu, GpuError> {
         // SAFETY: only tries dlopen on candidate names.
         if !unsafe { sys::is_culib_present() } {
             return Err(GpuError::Unavailable(
@@ -241,30 +297,24 @@ impl Gpu {
             compute_capability: ctx.compute_capability().map_err(query)?,
             total_mem: ctx.total_mem().map_err(query)?,
         };
-        let module = ctx
-            .load_module(Ptx::from_src(ptx))
-            .map_err(|e| GpuError::opening(e, "loading the kernels"))?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| GpuError::opening(e, &format!("kernel \"{name}\"")))
-        };
-        let functions = Functions {
-            echo_copy: f("echo_copy")?,
-            blake3_chunks: f("blake3_chunks")?,
-            blake3_parents: f("blake3_parents")?,
-        };
         #[cfg(any(test, feature = "fault-injection"))]
-        let faults = match (f("ngx_gpu_fault_illegal_address"), f("ngx_gpu_fault_hang")) {
-            (Ok(illegal_address), Ok(hang)) => Some(FaultKernels {
-                illegal_address,
-                hang,
-                flag: ctx
-                    .default_stream()
-                    .alloc_zeros::<u32>(1)
-                    .map_err(|e| GpuError::opening(e, "allocating"))?,
-            }),
-            _ => None,
+        let faults = match faults {
+            Some((program, compiled)) => {
+                let mut loader = DeviceLoader {
+                    ctx: &ctx,
+                    compiled,
+                    modules: HashMap::new(),
+                };
+                Some(FaultKernels {
+                    illegal_address: loader.function(program, "ngx_gpu_fault_illegal_address")?,
+                    hang: loader.function(program, "ngx_gpu_fault_hang")?,
+                    flag: ctx
+                        .default_stream()
+                        .alloc_zeros::<u32>(1)
+                        .map_err(|e| GpuError::opening(e, "allocating"))?,
+                })
+            }
+            None => None,
         };
         let (tx, done) = unbounded();
         let mut slots = Vec::with_capacity(SLOTS);
@@ -280,8 +330,7 @@ impl Gpu {
                 host_out: Held::default(),
                 dev_in: Held::default(),
                 dev_out: Held::default(),
-                cv_a: Held::default(),
-                cv_b: Held::default(),
+                scratch: Vec::new(),
                 signal: Box::new(DoneSignal {
                     tx: tx.clone(),
                     slot,
@@ -292,7 +341,6 @@ impl Gpu {
         }
         Ok(Gpu {
             slots,
-            functions,
             #[cfg(any(test, feature = "fault-injection"))]
             faults,
             info,
@@ -383,41 +431,46 @@ impl Device for Gpu {
     fn launch(
         &mut self,
         slot: usize,
-        op: Op,
-        pieces: &[Staged],
-        data_len: u64,
+        layout: &Layout,
+        run: &mut dyn FnMut(Target) -> Result<(), GpuError>,
     ) -> Result<(), GpuError> {
         let ctx = self.ctx.clone();
         let budget = self.pinned_budget();
-        let out_len = op.out_len(pieces.len(), data_len);
-        let cv_bytes = 4 * op.cv_words(pieces);
+        let out_len = layout.out_len;
         let s = &mut self.slots[slot];
-        let in_len = s.desc_len + data_len as usize;
+        let in_len = s.desc_len + layout.data_len;
         s.out_len = out_len;
         let stream = s.stream.clone();
         let dev_in = ptr_of(&stream, device(&stream, &mut s.dev_in, in_len.max(16))?);
         let dev_out = ptr_of(&stream, device(&stream, &mut s.dev_out, out_len.max(16))?);
-        let cv_a = ptr_of(&stream, device(&stream, &mut s.cv_a, cv_bytes.max(32))?);
-        let cv_b = ptr_of(&stream, device(&stream, &mut s.cv_b, cv_bytes.max(32))?);
+        if s.scratch.len() < layout.scratch.len() {
+            s.scratch.resize_with(layout.scratch.len(), Held::default);
+        }
+        let mut scratch = Vec::with_capacity(layout.scratch.len());
+        for (held, &bytes) in s.scratch.iter_mut().zip(&layout.scratch) {
+            scratch.push(ptr_of(&stream, device(&stream, held, bytes.max(32))?));
+        }
         pinned(&ctx, &mut s.host_out, out_len.max(16), true, budget)?;
         let d = |what: &'static str| move |e| GpuError::from_driver(e, what);
+        let host_in = s.host_in.buf.as_ref().expect("staged");
+        let staged = &host_in.as_slice().map_err(d("copying the batch in"))?[..in_len];
         if in_len > 0 {
-            let host_in = s.host_in.buf.as_ref().expect("staged");
-            let src = &host_in.as_slice().map_err(d("copying the batch in"))?[..in_len];
-            // SAFETY: dev_in holds at least in_len bytes; src is pinned and stays untouched
-            // until the slot's done signal (the thread does not stage a busy slot).
-            unsafe { cudarc::driver::result::memcpy_htod_async(dev_in, src, stream.cu_stream()) }
-                .map_err(d("copying the batch in"))?;
+            // SAFETY: dev_in holds at least in_len bytes; the staging is pinned and stays
+            // untouched until the slot's done signal (the thread does not stage a busy slot).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dev_in, staged, stream.cu_stream())
+            }
+            .map_err(d("copying the batch in"))?;
         }
         let launch = Launch {
             stream: &stream,
             desc: dev_in,
             data: dev_in + s.desc_len as u64,
             out: dev_out,
-            cv_a,
-            cv_b,
+            scratch,
+            host_in: staged,
         };
-        op.gpu_launch(&self.functions, &launch, pieces, data_len)?;
+        run(Target::Device(&launch))?;
         if out_len > 0 {
             let host_out = s.host_out.buf.as_mut().expect("allocated");
             let dst = &mut host_out
@@ -461,8 +514,7 @@ impl Device for Gpu {
             + s.host_out.trim()
             + s.dev_in.trim()
             + s.dev_out.trim()
-            + s.cv_a.trim()
-            + s.cv_b.trim()
+            + s.scratch.iter_mut().map(Held::trim).sum::<usize>()
     }
 
     fn memory(&self) -> Memory {
@@ -470,6 +522,20 @@ impl Device for Gpu {
             pinned: self.slots.iter().map(Slot::pinned).sum(),
             device: self.slots.iter().map(Slot::device).sum(),
         }
+    }
+
+    fn quiesce(&self) {
+        for s in &self.slots {
+            let _ = s.stream.synchronize();
+        }
+    }
+
+    fn loader<'a>(&'a self, compiled: &'a Compiled) -> Loader<'a> {
+        Loader::Device(DeviceLoader {
+            ctx: &self.ctx,
+            compiled,
+            modules: HashMap::new(),
+        })
     }
 
     fn abandon(self: Box<Self>) {
@@ -504,9 +570,7 @@ impl Drop for Gpu {
         // unloaded: wait for every stream before any field goes. On a failed context this
         // returns at once with the error, and no callback runs any more. (A hung stream is
         // never dropped: the GPU thread abandons it.)
-        for s in &self.slots {
-            let _ = s.stream.synchronize();
-        }
+        self.quiesce();
     }
 }
 

@@ -19,7 +19,7 @@ pub enum GpuError {
     Lost(String),
     /// A batch ran past its deadline: its kernel cannot be stopped, the device is lost.
     #[error("a {op} batch has not finished {secs:.1} s after its launch (deadline passed)")]
-    Hung { op: &'static str, secs: f64 },
+    Hung { op: String, secs: f64 },
     /// No usable GPU here, and waiting will not change that (no driver, no device, a PTX
     /// the driver cannot load).
     #[error("{0}")]
@@ -130,7 +130,7 @@ mod tests {
             );
         }
         assert!(GpuError::Hung {
-            op: "echo",
+            op: "echo".into(),
             secs: 2.0
         }
         .is_lost());

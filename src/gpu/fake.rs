@@ -1,5 +1,6 @@
 //! A device without a GPU, for the tests and the fault-injection build: it runs each
-//! batch through the op's CPU version of its batched GPU path (the same output layout),
+//! batch through the op's CPU version of its batched GPU path (`Target::Host`: the same
+//! output layout),
 //! reports slots done over the same kind of channel, sizes its buffers with the same
 //! policy, and can fail the way a real device fails (`faults.rs`).
 
@@ -8,10 +9,11 @@ use std::cell::Cell;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use super::buffers::Held;
-use super::device::{align_desc, Device, DeviceInfo, Memory, SLOTS};
+use super::compile::Compiled;
+use super::device::{align_desc, Device, DeviceInfo, Loader, Memory, SLOTS};
 use super::GpuError;
 use crate::faults::KernelFault;
-use crate::ops::{Op, Staged};
+use crate::ops::{Layout, Target};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SlotState {
@@ -121,23 +123,26 @@ impl Device for FakeDevice {
     fn launch(
         &mut self,
         slot: usize,
-        op: Op,
-        pieces: &[Staged],
-        data_len: u64,
+        layout: &Layout,
+        run: &mut dyn FnMut(Target) -> Result<(), GpuError>,
     ) -> Result<(), GpuError> {
         if self.poisoned.get() {
             return Err(self.lost());
         }
         let budget = self.budget();
-        let out_len = op.out_len(pieces.len(), data_len);
+        let out_len = layout.out_len;
         let s = &mut self.slots[slot];
         s.out_len = out_len;
         s.output
             .ensure(out_len, Some(budget), over, |cap| Ok(vec![0u8; cap]))?;
         let input = s.input.buf.as_ref().expect("staged");
-        let data = &input[s.desc_len..s.desc_len + data_len as usize];
+        let (desc, rest) = input.split_at(s.desc_len);
         let out = &mut s.output.buf.as_mut().expect("allocated")[..out_len];
-        op.cpu_batch(pieces, data, out);
+        run(Target::Host {
+            desc,
+            data: &rest[..layout.data_len],
+            out,
+        })?;
         match s.pending.take() {
             Some(KernelFault::IllegalAddress) => {
                 s.state = SlotState::Faulted;
@@ -182,6 +187,12 @@ impl Device for FakeDevice {
             .map(|s| s.input.capacity() + s.output.capacity())
             .sum();
         Memory { pinned, device: 0 }
+    }
+
+    fn quiesce(&self) {}
+
+    fn loader<'a>(&'a self, _compiled: &'a Compiled) -> Loader<'a> {
+        Loader::Host
     }
 
     fn abandon(self: Box<Self>) {

@@ -1,5 +1,6 @@
 //! The CUDA side: kernel compilation (NVRTC, at configuration time), the per-worker device
-//! behind the `Device` trait (context, module, pipeline slots, buffers), and typed errors.
+//! behind the `Device` trait (context, pipeline slots, buffers, the loader ops take their
+//! kernels from), and typed errors. It knows no op by name.
 //! Used only on the worker's GPU thread, and by the configuration-time compile child.
 
 pub mod buffers;
@@ -11,9 +12,10 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{compile_isolated, compile_kernels, nvrtc_present, Compiled, KERNEL_SOURCE};
+pub use compile::{compile, compile_isolated, entries, nvrtc_present, Compiled, Outcome, Program};
 pub use device::{
-    align_desc, host_copy, launch_config, Device, DeviceInfo, Functions, Gpu, Launch, Memory, SLOTS,
+    align_desc, host_copy, launch_config, Device, DeviceInfo, DeviceLoader, Gpu, Launch, Loader,
+    Memory, SLOTS,
 };
 pub use error::GpuError;
 

@@ -8,27 +8,34 @@ use std::time::Duration;
 use super::*;
 use crate::engine::job::{Batching, Device};
 use crate::engine::thread::{Config, GpuThread, Kernels};
-use crate::testing::{run_mixed, Rng};
+use crate::testing::{collect, log_lines, ops, run_mixed, Rng};
 
 fn require_gpu() -> bool {
     std::env::var("NGX_GPU_REQUIRE").as_deref() == Ok("1")
 }
 
-/// The kernels, if this machine can run them (checked by opening the device once).
-fn ptx() -> Option<Arc<str>> {
+/// The test ops' programs compiled (in this process), if this machine can run them
+/// (checked by opening the device once).
+fn ptx() -> Option<Arc<Compiled>> {
     let opened = if nvrtc_present() {
-        compile_kernels(KERNEL_SOURCE).and_then(|ptx| {
-            Gpu::open(&ptx, 1 << 30)
-                .map(|g| (g.info.clone(), ptx))
-                .map_err(|e| e.to_string())
-        })
+        let mut compiled = Compiled::default();
+        ops()
+            .iter()
+            .flat_map(|op| op.programs())
+            .try_for_each(|p| compile(&p).map(|ptx| compiled.insert(&p, Arc::from(ptx))))
+            .and_then(|()| {
+                Gpu::open(1 << 30, None)
+                    .map(|g| g.info.clone())
+                    .map_err(|e| e.to_string())
+            })
+            .map(|info| (info, compiled))
     } else {
         Err("libnvrtc not found".into())
     };
     match opened {
-        Ok((info, ptx)) => {
+        Ok((info, compiled)) => {
             eprintln!("device: {info}");
-            Some(ptx.into())
+            Some(Arc::new(compiled))
         }
         Err(e) if require_gpu() => panic!("NGX_GPU_REQUIRE=1 but no usable GPU: {e}"),
         Err(e) => {
@@ -85,12 +92,21 @@ fn awkward(rng: &mut Rng, big: bool) -> Vec<Vec<u8>> {
     s.iter().map(|&n| rng.bytes(n)).collect()
 }
 
-fn gpu_thread(ptx: &Arc<str>, batch_bytes: u64, poll: Duration) -> GpuThread {
-    GpuThread::spawn(
-        Config::new(batch_bytes, poll, 1 << 30),
+/// A thread on the GPU, once its device is open (requests before that take the CPU path).
+fn gpu_thread(ptx: &Arc<Compiled>, batch_bytes: u64, poll: Duration) -> GpuThread {
+    let t = GpuThread::spawn(
+        Config::new(ops(), batch_bytes, poll, 1 << 30),
         Kernels::Ptx(ptx.clone()),
     )
-    .unwrap()
+    .unwrap();
+    let events = collect(&t, Duration::from_secs(30), |e| {
+        log_lines(e).iter().any(|m| m.contains("gpu: using"))
+    });
+    assert!(
+        log_lines(&events).iter().any(|m| m.contains("gpu: using")),
+        "the device did not open: {events:?}"
+    );
+    t
 }
 
 #[test]
@@ -145,9 +161,18 @@ fn broken_kernel_source_fails_with_the_nvrtc_log() {
         eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let err =
-        compile_kernels("extern \"C\" __global__ void k() { undeclared_thing(); }").unwrap_err();
-    assert!(err.contains("kernel compilation failed"), "{err}");
+    let p = Program::new(
+        "broken.cu",
+        "extern \"C\" __global__ void k() { undeclared_thing(); }",
+        Vec::new(),
+        Vec::new(),
+    );
+    let err = compile(&p).unwrap_err();
+    assert!(err.contains("broken.cu does not compile"), "{err}");
+    assert!(
+        err.contains("broken.cu(1): error"),
+        "the log names file and line: {err}"
+    );
     assert!(
         err.contains("undeclared_thing"),
         "the NVRTC log names the error: {err}"

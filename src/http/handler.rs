@@ -161,10 +161,23 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             return send_error(r, 500, "internal error", &[]);
         }
     };
-    let op = lcf.op.expect("gpu_process sets the op with the handler");
+    let op = lcf
+        .op
+        .clone()
+        .expect("gpu_process sets the op with the handler");
+    let Some(values) = evaluate(r, &lcf.values) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    // The op's checks that need no body bytes: its parameters, the body's length.
+    let params = match op.admit(body.len(), &values) {
+        Ok(p) => p,
+        Err(e) => return respond_error(r, e),
+    };
     let job = Job {
         id: worker::next_id(),
         op,
+        op_key: lcf.op_key,
+        params,
         fallback: lcf.fallback.unwrap_or(crate::engine::job::Fallback::Cpu),
         batching: Batching {
             size: lcf.batch_size,
@@ -176,7 +189,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
         queued_at: Instant::now(),
     };
     let id = job.id;
-    if let Err(e) = worker::submit(job) {
+    if let Err(e) = worker::submit(job, lcf.queue_size) {
         log_repeated(
             Repeated::QueueFull,
             log,
@@ -186,7 +199,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
     ctx.id = id;
     ctx.queued = true;
-    worker::remember(id, ctx);
+    worker::remember(id, lcf.op_key, ctx);
     ctx.timer.handler = Some(timeout_handler);
     ctx.timer.data = (ctx as *mut RequestCtx).cast();
     ctx.timer.log = log;
@@ -277,6 +290,42 @@ unsafe extern "C" fn timeout_handler(ev: *mut ngx_event_t) {
     });
 }
 
+/// The `gpu_process` values of the request's location, evaluated (nginx variables); None
+/// if nginx could not.
+unsafe fn evaluate(
+    r: *mut ngx_http_request_t,
+    values: &[*mut ngx_http_complex_value_t],
+) -> Option<Vec<Vec<u8>>> {
+    values
+        .iter()
+        .map(|&cv| {
+            let mut v = ngx_str_t::default();
+            (ngx_http_complex_value(r, cv, &mut v) == NGX_OK as ngx_int_t)
+                .then(|| v.as_bytes().to_vec())
+        })
+        .collect()
+}
+
+/// Answers a request with `e`'s status and message (JSON, or the location's error_page).
+unsafe fn respond_error(r: *mut ngx_http_request_t, e: JobError) -> ngx_int_t {
+    match e {
+        JobError::BadInput(m) => send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[]),
+        JobError::TooLarge(m) => {
+            send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_uint_t, &m, &[])
+        }
+        JobError::Unavailable(m) => send_error(r, 503, &m, &[("Retry-After", "1")]),
+        JobError::Internal(m) => {
+            ngx_log_error!(NGX_LOG_ERR, (*(*r).connection).log, "gpu: {m}");
+            send_error(
+                r,
+                NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_uint_t,
+                "internal error",
+                &[],
+            )
+        }
+    }
+}
+
 /// Answers the request of a completed job (already removed from the worker's map).
 pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
     guard((), || {
@@ -296,23 +345,11 @@ pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
             Ok(out) => send(
                 r,
                 NGX_HTTP_OK as ngx_uint_t,
-                out.content_type,
+                &out.content_type,
                 out.body,
                 &[],
             ),
-            Err(JobError::BadInput(m)) => {
-                send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[])
-            }
-            Err(JobError::Unavailable(m)) => send_error(r, 503, &m, &[("Retry-After", "1")]),
-            Err(JobError::Internal(m)) => {
-                ngx_log_error!(NGX_LOG_ERR, (*c).log, "gpu: {m}");
-                send_error(
-                    r,
-                    NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_uint_t,
-                    "internal error",
-                    &[],
-                )
-            }
+            Err(e) => respond_error(r, e),
         };
         ngx_http_finalize_request(r, rc);
         ngx_http_run_posted_requests(c);

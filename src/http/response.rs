@@ -10,17 +10,24 @@ use ngx::ffi::*;
 pub unsafe fn send(
     r: *mut ngx_http_request_t,
     status: ngx_uint_t,
-    content_type: &'static str,
+    content_type: &str,
     body: Vec<u8>,
     headers: &[(&str, &str)],
 ) -> ngx_int_t {
     let pool = (*r).pool;
+    // The type is read again after this (the access log's $sent_http_content_type): a
+    // copy in the request pool.
+    let ct = ngx_pnalloc(pool, content_type.len()) as *mut u8;
+    if ct.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    ptr::copy_nonoverlapping(content_type.as_ptr(), ct, content_type.len());
     let out = &mut (*r).headers_out;
     out.status = status;
     out.content_length_n = body.len() as off_t;
     out.content_type = ngx_str_t {
         len: content_type.len(),
-        data: content_type.as_ptr().cast_mut(),
+        data: ct,
     };
     out.content_type_len = content_type.len();
     out.content_type_lowcase = ptr::null_mut();

@@ -1,8 +1,6 @@
-// Shared definitions for every kernel of ngx_http_gpu_module.
-//
-// NVRTC has no include path here: the module concatenates this header and each
-// .cu file of src/kernels/ into one program (see src/gpu/kernels.rs), so .cu
-// files use what is declared here without an #include.
+// Shared definitions for the built-in ops' kernels. NVRTC has no include path here:
+// the module serves this file from memory as "ngx_gpu_common.cuh" (src/ops/mod.rs).
+#pragma once
 
 typedef unsigned char u8;
 typedef unsigned int u32;

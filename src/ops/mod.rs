@@ -1,225 +1,261 @@
-//! Ops: the kinds of payload work `gpu_process` can run, with their CPU and GPU paths.
+//! Ops: the kinds of payload work `gpu_process` runs.
 //!
-//! Each op lives in its own file: the CPU implementation (test reference, fallback and
-//! benchmark baseline), the batched GPU launch and the encoder. This file dispatches on
-//! the op and puts a body's result back together from its pieces.
+//! An op is one folder here that owns everything about itself: its `gpu_process` arguments,
+//! its kernels (CUDA C beside it), its per-worker device state, how a batch of its requests
+//! is laid out, packed, launched and cut back into answers, its CPU path (or why it has
+//! none) and its encoder. It implements two traits:
+//! - `Op`: one instance per `gpu_process` location, made at configuration time and shared,
+//!   read-only, by every worker's event loop and GPU thread;
+//! - `OpOnDevice`: the op on one worker's device (kernels loaded, device memory held),
+//!   made when the device opens.
+//!
+//! The engine (`engine/`) and the device (`gpu/`) know no op by name. Adding an op: a
+//! folder with a `parse` function, and one line in `REGISTRY`.
 
 pub mod blake3;
+pub mod bytes;
 pub mod echo;
+pub mod kernel;
+
+use std::sync::Arc;
 
 use crate::engine::batch::Piece;
-use crate::gpu::{host_copy, Functions, GpuError, Launch};
+use crate::engine::job::{Body, JobError};
+use crate::gpu::{GpuError, Launch, Loader, Program};
 
-/// One configured op, as parsed from `gpu_process <op> [args];`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    Echo,
-    Blake3,
+/// The ops `gpu_process` knows; its first argument names one.
+pub const REGISTRY: &[(&str, Parse)] = &[
+    ("echo", echo::parse),
+    ("blake3", blake3::parse),
+    ("kernel", kernel::parse),
+];
+
+/// The header the built-in ops' kernels share, served to NVRTC by name.
+pub const COMMON_HEADER: (&str, &str) = ("ngx_gpu_common.cuh", include_str!("common.cuh"));
+
+/// A built-in op's program: its `.cu` file with the common header, made once per process.
+pub fn builtin_program(
+    cell: &'static std::sync::OnceLock<Arc<Program>>,
+    name: &str,
+    source: &str,
+) -> Arc<Program> {
+    cell.get_or_init(|| Arc::new(Program::new(name, source, Vec::new(), vec![COMMON_HEADER])))
+        .clone()
 }
 
-/// The result of running an op on one request body.
+/// Makes an op from the arguments of `gpu_process` after its name.
+pub type Parse = fn(&[&str]) -> Result<Configured, String>;
+
+/// A `gpu_process` location's op, and the values it evaluates per request (nginx
+/// variables allowed: `$arg_width`); `Op::admit` receives them evaluated.
+pub struct Configured {
+    pub op: Arc<dyn Op>,
+    pub values: Vec<String>,
+}
+
+impl Configured {
+    pub fn plain(op: impl Op) -> Result<Configured, String> {
+        Ok(Configured {
+            op: Arc::new(op),
+            values: Vec::new(),
+        })
+    }
+}
+
+/// Parses `gpu_process <op> [args]`.
+pub fn parse(args: &[&str]) -> Result<Configured, String> {
+    let Some((name, rest)) = args.split_first() else {
+        return Err("needs an op".into());
+    };
+    match REGISTRY.iter().find(|(n, _)| n == name) {
+        Some((_, parse)) => parse(rest),
+        None => {
+            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            Err(format!(
+                "unknown op \"{name}\" (known ops: {})",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
+/// What the http block declares by name, for ops that refer to it (`gpu_kernel`), and the
+/// limits ops check requests against.
+#[derive(Default)]
+pub struct Declared {
+    pub kernels: Vec<Arc<kernel::Decl>>,
+    /// `gpu_batch_bytes`: ops whose bodies cannot be cut refuse larger ones.
+    pub max_body: u64,
+}
+
+/// A request's parameters, from its evaluated `gpu_process` values (see `Op::admit`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Params(pub Vec<Value>);
+
+/// One typed parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    I64(i64),
+    U64(u64),
+    F64(f64),
+}
+
+/// The answer to one request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Output {
-    pub content_type: &'static str,
+    pub content_type: Arc<str>,
     pub body: Vec<u8>,
 }
 
-/// A piece of a batch as staged for the GPU: where its bytes are in the packed data.
-#[derive(Clone, Copy, Debug)]
-pub struct Staged {
+/// A configured op (one per `gpu_process` location).
+pub trait Op: Send + Sync + 'static {
+    /// `echo`, `kernel blur`: in log lines and error messages.
+    fn name(&self) -> &str;
+
+    /// Binds names to what the http block declares, once the whole configuration is read
+    /// (a kernel may be declared after the locations that use it), and checks what needed
+    /// them (argument counts, literal values).
+    fn resolve(&self, _declared: &Declared) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The CUDA C programs the op's kernels come from, compiled once per configuration load
+    /// (programs with the same source and options are compiled once).
+    fn programs(&self) -> Vec<Arc<Program>>;
+
+    /// After compiling: checks what only the compiled code can tell (an entry point's
+    /// name and signature). `ptx` finds a program's PTX.
+    fn check_compiled(&self, _ptx: &dyn Fn(&Program) -> Option<Arc<str>>) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether a body may be cut into pieces that go in separate batches (see
+    /// `engine/batch.rs`); such an op implements `cpu_piece` and `assembly`.
+    fn splittable(&self) -> bool {
+        false
+    }
+
+    /// The most staging a batch of `n` requests with `bytes` body bytes can take:
+    /// (descriptor bytes, output bytes). For `gpu_pinned_limit`.
+    fn worst_case(&self, n: usize, bytes: usize) -> (usize, usize);
+
+    /// Checks a request at the event loop before it is queued (cheap: no body bytes, only
+    /// its length) and turns its evaluated values into parameters. An error is the
+    /// request's answer (400, 413).
+    fn admit(&self, _body_len: u64, _values: &[Vec<u8>]) -> Result<Params, JobError> {
+        Ok(Params::default())
+    }
+
+    /// Whether the op has a CPU path (`run_cpu`). Without one, its requests get 503 where
+    /// there is no GPU, and 500 when the GPU fails under their batch.
+    fn has_cpu(&self) -> bool {
+        true
+    }
+
+    /// The CPU path over one whole request (the fallback, and the tests' reference);
+    /// `JobError::Unavailable` (503) where the op has none.
+    fn run_cpu(&self, body: Vec<u8>, params: &Params) -> Result<Output, JobError>;
+
+    /// The answer from a whole request's result bytes.
+    fn finish(&self, result: &[u8]) -> Output;
+
+    /// For splittable ops: one piece on the CPU, giving what the device leaves for it.
+    fn cpu_piece(&self, _data: &[u8], _piece: &Piece, _out: &mut Vec<u8>) {
+        unreachable!("{} is not splittable", self.name())
+    }
+
+    /// For splittable ops: puts a body's answer together from its pieces' results.
+    fn assembly(&self, _body_len: u64, _pieces: u32, _piece_len: u64) -> Box<dyn Assembly> {
+        unreachable!("{} is not splittable", self.name())
+    }
+
+    /// The op on a worker's device: its kernels loaded, its device memory allocated. On the
+    /// test device (`Loader::Host`) an op runs a CPU version of its batched output, or
+    /// declines.
+    /// `None`: the op does not run on this device (its requests take the CPU path, or get
+    /// 503 where it has none).
+    fn load(&self, loader: &mut Loader) -> Result<Option<Box<dyn OpOnDevice>>, GpuError>;
+}
+
+/// `gpu_process <op>` for ops that take no arguments.
+pub fn no_args(op: &str, args: &[&str]) -> Result<(), String> {
+    match args.first() {
+        Some(extra) => Err(format!("op \"{op}\" takes no arguments, got \"{extra}\"")),
+        None => Ok(()),
+    }
+}
+
+/// Puts a body cut into pieces back together as the pieces' results arrive (any order).
+pub trait Assembly: Send {
+    /// Takes piece `index`'s result; true when every piece has arrived.
+    fn add(&mut self, index: u32, result: &[u8]) -> bool;
+    fn finish(self: Box<Self>) -> Output;
+}
+
+/// One piece of one request in a batch, as the op sees it.
+pub struct Item<'a> {
+    pub piece: &'a Piece,
+    pub body: &'a Body,
+    pub params: &'a Params,
+}
+
+/// Where a batch's items go: in the staged input (after the descriptors), in the output,
+/// and the device scratch the batch needs. Made by `OpOnDevice::layout`.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub desc_len: usize,
+    pub data_len: usize,
+    pub out_len: usize,
+    /// Bytes of each device scratch buffer the launch uses (`Launch::scratch`).
+    pub scratch: Vec<usize>,
+    pub items: Vec<Placed>,
+}
+
+/// One item's place in a batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placed {
+    /// Where its bytes start in the staged data.
     pub data_off: u64,
     pub len: u64,
-    /// Where the piece starts in its body.
-    pub offset: u64,
-    pub whole: bool,
+    /// Where its output starts, and how much of it there may be.
+    pub out_off: u64,
+    pub out_cap: u64,
 }
 
-pub const OP_NAMES: &str = "echo, blake3";
-
-impl Op {
-    /// Every op, for limits that must hold for any of them.
-    pub const ALL: [Op; 2] = [Op::Echo, Op::Blake3];
-
-    /// Parses the arguments of `gpu_process` (the op name first).
-    pub fn parse(args: &[&str]) -> Result<Op, String> {
-        let (name, rest) = match args.split_first() {
-            Some(x) => x,
-            None => return Err("needs an op".into()),
-        };
-        let op = match *name {
-            "echo" => Op::Echo,
-            "blake3" => Op::Blake3,
-            _ => return Err(format!("unknown op \"{name}\" (known ops: {OP_NAMES})")),
-        };
-        if let Some(extra) = rest.first() {
-            return Err(format!("op \"{name}\" takes no arguments, got \"{extra}\""));
-        }
-        Ok(op)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Echo => "echo",
-            Op::Blake3 => "blake3",
-        }
-    }
-
-    /// Runs the op on the CPU over a whole body it may keep (echo answers with it).
-    pub fn run_cpu(self, input: Vec<u8>) -> Output {
-        match self {
-            Op::Echo => echo::cpu(input),
-            Op::Blake3 => blake3::cpu(&input),
-        }
-    }
-
-    /// The CPU path for one piece: what the GPU path would leave for it in its output.
-    /// `scratch` receives the result; the piece's data is `data`.
-    pub fn cpu_piece(self, data: &[u8], piece: &Piece, scratch: &mut Vec<u8>) {
-        scratch.clear();
-        match self {
-            Op::Echo => scratch.extend_from_slice(data),
-            Op::Blake3 => {
-                scratch.extend_from_slice(&blake3::cpu_piece(data, piece.offset, piece.whole))
-            }
-        }
-    }
-
-    /// What the batched GPU path leaves in its output buffer for `pieces` (packed in `data`
-    /// as staged), computed on the CPU: the test device runs this, so the GPU thread's
-    /// handling of outputs is tested without a GPU, and the GPU tests compare against it.
-    pub fn cpu_batch(self, pieces: &[Staged], data: &[u8], out: &mut [u8]) {
-        match self {
-            Op::Echo => out[..data.len()].copy_from_slice(data),
-            Op::Blake3 => {
-                for (i, p) in pieces.iter().enumerate() {
-                    let bytes = &data[p.data_off as usize..(p.data_off + p.len) as usize];
-                    out[32 * i..32 * i + 32]
-                        .copy_from_slice(&blake3::cpu_piece(bytes, p.offset, p.whole));
-                }
-            }
-        }
-    }
-
-    /// Bytes of descriptors a batch of `n` pieces needs in front of its data.
-    pub fn desc_len(self, n: usize) -> usize {
-        match self {
-            Op::Echo => 0,
-            Op::Blake3 => 8 * blake3::DESC_WORDS * n,
-        }
-    }
-
-    /// Bytes of result a batch of `n` pieces and `data_len` staged bytes leaves in its
-    /// output buffer.
-    pub fn out_len(self, n: usize, data_len: u64) -> usize {
-        match self {
-            Op::Echo => data_len as usize,
-            Op::Blake3 => 32 * n,
-        }
-    }
-
-    /// Work-buffer words a batch needs (per chunk chaining values).
-    pub fn cv_words(self, pieces: &[Staged]) -> usize {
-        match self {
-            Op::Echo => 0,
-            Op::Blake3 => {
-                8 * pieces
-                    .iter()
-                    .map(|p| blake3::chunks_of(p.len) as usize)
-                    .sum::<usize>()
-            }
-        }
-    }
-
-    /// Writes the batch's descriptors and queues its kernels.
-    pub fn gpu_launch(
-        self,
-        k: &Functions,
-        l: &Launch,
-        pieces: &[Staged],
-        data_len: u64,
-    ) -> Result<(), GpuError> {
-        match self {
-            Op::Echo => echo::gpu_launch(k, l, data_len),
-            Op::Blake3 => {
-                let total = pieces.iter().map(|p| blake3::chunks_of(p.len)).sum();
-                blake3::gpu_launch(k, l, pieces, total)
-            }
-        }
-    }
-
-    /// Fills the descriptor region of a staged batch (before the upload).
-    pub fn describe(self, pieces: &[Staged], desc: &mut [u8]) {
-        if let Op::Blake3 = self {
-            blake3::describe(pieces, desc);
-        }
-    }
-
-    /// Piece `i`'s result bytes in the batch's output.
-    pub fn result<'a>(self, out: &'a [u8], i: usize, piece: &Staged) -> &'a [u8] {
-        match self {
-            Op::Echo => echo::result(out, piece),
-            Op::Blake3 => blake3::result(out, i),
-        }
-    }
-
-    /// The answer for a body that was one whole piece, from that piece's result.
-    pub fn finish_whole(self, result: &[u8]) -> Output {
-        match self {
-            Op::Echo => Output {
-                content_type: echo::CONTENT_TYPE,
-                body: host_copy(result),
-            },
-            Op::Blake3 => blake3::encode(result.try_into().expect("32-byte digest")),
-        }
-    }
+/// Where a batch runs: on the device (addresses of the slot's buffers, the stream), or on
+/// the test device, which hands the op host memory to compute the same output in.
+pub enum Target<'a> {
+    Device(&'a Launch<'a>),
+    Host {
+        desc: &'a [u8],
+        data: &'a [u8],
+        out: &'a mut [u8],
+    },
 }
 
-/// A body cut into pieces, put back together as its pieces' results arrive (in any order).
-pub struct Assembly {
-    op: Op,
-    left: u32,
-    piece_len: u64,
-    echo: Vec<u8>,
-    cvs: Vec<[u8; 32]>,
-}
+/// An op on one worker's device.
+pub trait OpOnDevice: Send {
+    /// Where the items go, and what the batch needs.
+    fn layout(&self, items: &[Item]) -> Layout;
 
-impl Assembly {
-    pub fn new(op: Op, len: u64, pieces: u32, piece_len: u64) -> Assembly {
-        let (echo, cvs) = match op {
-            Op::Echo => (vec![0u8; len as usize], Vec::new()),
-            Op::Blake3 => (Vec::new(), vec![[0u8; 32]; pieces as usize]),
-        };
-        Assembly {
-            op,
-            left: pieces,
-            piece_len,
-            echo,
-            cvs,
-        }
-    }
+    /// Writes the descriptors and the items' data into the slot's staging input. Items
+    /// that cannot be packed (a temp file that cannot be read) are returned with their
+    /// error; the rest of the batch goes on.
+    fn pack(
+        &self,
+        items: &[Item],
+        layout: &Layout,
+        desc: &mut [u8],
+        data: &mut [u8],
+    ) -> Vec<(usize, JobError)>;
 
-    /// Takes one piece's result; true when every piece has arrived.
-    pub fn add(&mut self, index: u32, result: &[u8]) -> bool {
-        match self.op {
-            Op::Echo => {
-                let at = (index as u64 * self.piece_len) as usize;
-                self.echo[at..at + result.len()].copy_from_slice(result);
-            }
-            Op::Blake3 => self.cvs[index as usize].copy_from_slice(result),
-        }
-        self.left -= 1;
-        self.left == 0
-    }
+    /// Queues the batch's kernels (device), or computes its output (test device). What
+    /// the kernels need of the items, `pack` put in the descriptors.
+    fn launch(&self, layout: &Layout, target: Target) -> Result<(), GpuError>;
 
-    pub fn finish(self) -> Output {
-        match self.op {
-            Op::Echo => Output {
-                content_type: echo::CONTENT_TYPE,
-                body: self.echo,
-            },
-            Op::Blake3 => blake3::encode(&blake3::merge(&self.cvs)),
-        }
-    }
+    /// Item `i`'s result bytes in the batch's output, or why it has none (a kernel that
+    /// rejected its input, or wrote past its capacity).
+    fn result<'o>(&self, layout: &Layout, i: usize, out: &'o [u8]) -> Result<&'o [u8], JobError>;
 }
 
 #[cfg(test)]
@@ -227,17 +263,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_known_ops() {
-        assert_eq!(Op::parse(&["echo"]), Ok(Op::Echo));
-        assert_eq!(Op::parse(&["blake3"]), Ok(Op::Blake3));
+    fn gpu_process_selects_an_op_from_the_registry() {
+        for name in ["echo", "blake3"] {
+            let c = parse(&[name]).unwrap();
+            assert_eq!(c.op.name(), name);
+            assert!(c.values.is_empty());
+        }
+        let c = parse(&["kernel", "blur", "$arg_width", "3"]).unwrap();
+        assert_eq!(c.op.name(), "kernel blur");
+        assert_eq!(c.values, ["$arg_width", "3"]);
     }
 
     #[test]
-    fn rejects_unknown_ops_and_extra_args() {
-        let e = Op::parse(&["sha1"]).unwrap_err();
-        assert!(e.contains("unknown op \"sha1\""), "{e}");
-        let e = Op::parse(&["echo", "x"]).unwrap_err();
-        assert!(e.contains("takes no arguments"), "{e}");
-        assert!(Op::parse(&[]).is_err());
+    fn unknown_ops_and_extra_arguments_are_refused() {
+        let e = parse(&["sha1"]).err().unwrap();
+        assert_eq!(e, "unknown op \"sha1\" (known ops: echo, blake3, kernel)");
+        let e = parse(&["echo", "x"]).err().unwrap();
+        assert_eq!(e, "op \"echo\" takes no arguments, got \"x\"");
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["kernel"]).is_err());
+    }
+
+    #[test]
+    fn only_splittable_ops_cut_bodies_and_only_kernels_have_no_cpu_path() {
+        let echo = parse(&["echo"]).unwrap().op;
+        let kernel = parse(&["kernel", "k"]).unwrap().op;
+        assert!(echo.splittable() && echo.has_cpu());
+        assert!(!kernel.splittable() && !kernel.has_cpu());
+        assert!(matches!(
+            kernel.run_cpu(Vec::new(), &Params::default()),
+            Err(JobError::Unavailable(_))
+        ));
     }
 }

@@ -109,6 +109,8 @@ fn fresh_prefix_with(module: &Path) -> PathBuf {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
     std::os::unix::fs::symlink(module, dir.join("modules/ngx_http_gpu_module.so")).unwrap();
+    // The example kernels, where the example configuration finds them (conf/kernels/).
+    std::os::unix::fs::symlink(conf_dir().join("kernels"), dir.join("conf/kernels")).unwrap();
     dir
 }
 
@@ -144,9 +146,24 @@ impl Nginx {
         Self::start_module(conf, env, &module_path())
     }
 
+    /// Starts nginx with `files` (path under conf/, text) written into its prefix first.
+    pub fn start_with_files(conf: &str, files: &[(&str, &str)]) -> Nginx {
+        Self::start_full(conf, &[], &module_path(), files)
+    }
+
     /// Starts nginx with `module` (say, the fault-injection build) instead of the module.
     pub fn start_module(conf: &str, env: &[(&str, &str)], module: &Path) -> Nginx {
+        Self::start_full(conf, env, module, &[])
+    }
+
+    fn start_full(
+        conf: &str,
+        env: &[(&str, &str)],
+        module: &Path,
+        files: &[(&str, &str)],
+    ) -> Nginx {
         let prefix = fresh_prefix_with(module);
+        write_files(&prefix, files);
         let port = free_port();
         let conf = conf.replace("{PORT}", &port.to_string());
         std::fs::write(prefix.join("conf/nginx.conf"), &conf).unwrap();
@@ -316,7 +333,13 @@ impl Drop for Nginx {
 
 /// Runs `nginx -t` on `conf` and returns its output.
 pub fn nginx_t(conf: &str) -> Output {
+    nginx_t_with(conf, &[])
+}
+
+/// Runs `nginx -t` on `conf` with `files` (path under conf/, text) written first.
+pub fn nginx_t_with(conf: &str, files: &[(&str, &str)]) -> Output {
     let prefix = fresh_prefix();
+    write_files(&prefix, files);
     std::fs::write(
         prefix.join("conf/nginx.conf"),
         conf.replace("{PORT}", &free_port().to_string()),
@@ -762,4 +785,64 @@ pub fn try_post(addr: &str, path: &str, body: &[u8]) -> Result<Response, String>
 /// Open descriptors of a process.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Writes `files` (path under conf/, text) into a prefix.
+fn write_files(prefix: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        let path = prefix.join("conf").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// Writes (or rewrites) a file under this nginx's conf/, for a reload to read.
+impl Nginx {
+    pub fn write_conf_file(&self, name: &str, text: &str) {
+        write_files(&self.prefix, &[(name, text)]);
+    }
+
+    /// Rewrites conf/nginx.conf (`{PORT}` is this nginx's port) and sends SIGHUP; returns
+    /// once the master has logged the reload's outcome (new workers, or a failure).
+    pub fn reload_with(&self, conf: &str) {
+        let conf = conf.replace("{PORT}", &self.port.to_string());
+        std::fs::write(self.prefix.join("conf/nginx.conf"), conf).unwrap();
+        let before = self
+            .error_log()
+            .matches("signal 1 (SIGHUP) received")
+            .count();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self
+            .error_log()
+            .matches("signal 1 (SIGHUP) received")
+            .count()
+            == before
+        {
+            assert!(Instant::now() < deadline, "no reload: {}", self.error_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Whether NVRTC can be loaded here (`make check` puts t/nvrtc.sh's copy on
+/// LD_LIBRARY_PATH). Where it cannot, a test that needs it says so and passes, unless
+/// NGX_GPU_REQUIRE_NVRTC=1 (set by make check) or NGX_GPU_REQUIRE=1.
+pub fn nvrtc() -> bool {
+    // SAFETY: dlopen of a library name; the handle is kept (never closed).
+    let found = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+        .iter()
+        .any(|name| {
+            let c = std::ffi::CString::new(*name).unwrap();
+            unsafe { !libc::dlopen(c.as_ptr(), libc::RTLD_NOW).is_null() }
+        });
+    if !found {
+        let required =
+            std::env::var("NGX_GPU_REQUIRE_NVRTC").as_deref() == Ok("1") || gpu_required();
+        assert!(!required, "NVRTC is required here but cannot be loaded");
+        eprintln!("skipped: no libnvrtc (make check fetches one: sh t/nvrtc.sh)");
+    }
+    found
 }

@@ -7,11 +7,12 @@
 use super::*;
 use crate::engine::job::Batching;
 use crate::faults::Plan;
-use crate::ops::Op;
-use crate::testing::{collect, completions, job, log_lines, reference, run_mixed, wait_done, Rng};
+use crate::testing::{
+    collect, completions, job, log_lines, ops, reference, run_mixed, wait_done, Op, Rng,
+};
 
 fn config(batch_bytes: u64) -> Config {
-    Config::new(batch_bytes, Duration::ZERO, 1 << 30)
+    Config::new(ops(), batch_bytes, Duration::ZERO, 1 << 30)
 }
 
 fn cpu_thread(batch_bytes: u64) -> GpuThread {

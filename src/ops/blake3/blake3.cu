@@ -3,6 +3,8 @@
 // (blake3_parents), pairing neighbours and carrying an odd last node up: the same
 // left-full tree the BLAKE3 spec builds.
 
+#include "ngx_gpu_common.cuh"
+
 #define B3_CHUNK_LEN 1024
 #define B3_BLOCK_LEN 64
 #define B3_CHUNK_START 1u

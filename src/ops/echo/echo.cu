@@ -1,5 +1,7 @@
 // echo: copies the body through device memory unchanged (diagnostics, overhead).
 
+#include "ngx_gpu_common.cuh"
+
 // Copies n16 16-byte words, then the tail bytes; both buffers are 256-byte aligned
 // allocations, so the vector accesses are aligned.
 extern "C" __global__ void echo_copy(const u8 *in, u8 *out, u64 len)
