@@ -17,6 +17,8 @@ use crate::ops::{self, Params};
 pub enum Op {
     Echo,
     Blake3,
+    /// A user kernel: no CPU path, and it does not run on the test device.
+    Kernel,
 }
 
 impl Op {
@@ -24,20 +26,26 @@ impl Op {
         match self {
             Op::Echo => 0,
             Op::Blake3 => 1,
+            Op::Kernel => 2,
         }
     }
 }
 
-/// The op instances of the tests' configuration, by key.
+/// The op instances of the tests' configuration, by key: what a device loads. The test
+/// kernel (key 2, never declared) is not among them: it runs on no device here.
 pub fn ops() -> Vec<Arc<dyn ops::Op>> {
+    all_ops()[..2].to_vec()
+}
+
+fn all_ops() -> &'static [Arc<dyn ops::Op>] {
     static OPS: OnceLock<Vec<Arc<dyn ops::Op>>> = OnceLock::new();
     OPS.get_or_init(|| {
         vec![
             ops::parse(&["echo"]).unwrap().op,
             ops::parse(&["blake3"]).unwrap().op,
+            ops::parse(&["kernel", "k"]).unwrap().op,
         ]
     })
-    .clone()
 }
 
 /// splitmix64, seeded from the clock so every run sees new data; the seed is printed.
@@ -83,7 +91,7 @@ pub fn job(id: u64, op: Op, data: &[u8], batching: Batching) -> Job {
     body.push(Segment::Memory(data[cut..].to_vec()));
     Job {
         id,
-        op: ops()[op.key()].clone(),
+        op: all_ops()[op.key()].clone(),
         op_key: op.key(),
         params: Params::default(),
         fallback: Fallback::Cpu,
@@ -100,6 +108,7 @@ pub fn reference(op: Op, data: &[u8]) -> Vec<u8> {
     match op {
         Op::Echo => data.to_vec(),
         Op::Blake3 => format!("{}\n", ::blake3::hash(data).to_hex()).into_bytes(),
+        Op::Kernel => unreachable!("a user kernel has no CPU reference here"),
     }
 }
 

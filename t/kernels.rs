@@ -551,7 +551,7 @@ fn survive(kernel: &str, source: &str, poison: u8, extra: &str) {
                location /k {{ gpu_process kernel {kernel}; }}\n\
                location /hex {{ gpu_process kernel hex2; }}\n\
                location /b {{ gpu_process blake3; }} }}\n\
-             gpu_kernel hex2 kernels/hex.cu output=x2;"
+             gpu_kernel hex2 kernels/hex.cu entry=hex output=x2;"
         )),
         &[(&format!("t/{kernel}.cu"), source)],
     );
@@ -618,10 +618,17 @@ fn survive(kernel: &str, source: &str, poison: u8, extra: &str) {
         c.join().unwrap();
     }
     let log = ngx.wait_log("the master starts a fresh one");
-    assert!(
-        log.contains(&format!("batches of kernel {kernel}")),
-        "{log}"
-    );
+    // The alert names the failure and the ops of every batch that was in flight.
+    let alert = log
+        .lines()
+        .find(|l| l.contains("[alert]") && l.contains("gpu0 failed"))
+        .unwrap_or_else(|| panic!("no alert: {log}"));
+    assert!(alert.contains(&format!("kernel {kernel}")), "{alert}");
+    if kernel == "fault" {
+        assert!(alert.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{alert}");
+    } else {
+        assert!(alert.contains("has not finished"), "{alert}");
+    }
     // After the respawn, the endpoint serves again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

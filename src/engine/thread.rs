@@ -207,19 +207,19 @@ impl Drop for GpuThread {
     }
 }
 
-/// Runs `f` (which starts a thread) with every asynchronous signal blocked, so that the
-/// new thread inherits that mask; the caller's mask is restored afterwards.
+/// Runs `f` (which starts a thread) with every asynchronous signal blocked and the
+/// synchronous ones (faults the thread itself raises) not, so that the new thread inherits
+/// exactly that mask, whatever the caller's; the caller's mask is restored afterwards.
 fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: plain signal-mask calls on sets this function owns.
     unsafe {
         let mut all: libc::sigset_t = core::mem::zeroed();
         let mut old: libc::sigset_t = core::mem::zeroed();
         libc::sigfillset(&mut all);
-        // Faults raised by the thread itself must still reach it.
         for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
             libc::sigdelset(&mut all, s);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let r = f();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
         r
@@ -755,11 +755,14 @@ impl State {
             // The request is gone: nobody is waiting for a result.
             return;
         }
+        // While the device opens, requests the CPU path cannot serve (gpu_fallback off, or
+        // an op without one) wait for it, within their gpu_timeout.
+        let cpu = job.fallback == Fallback::Cpu && job.op.has_cpu();
+        if self.device.is_none() && !cpu && matches!(self.opener, Opener::Opening { .. }) {
+            self.held.push(job);
+            return;
+        }
         if self.device.is_none() && job.fallback == Fallback::Off {
-            if matches!(self.opener, Opener::Opening { .. }) {
-                self.held.push(job);
-                return;
-            }
             let now = Instant::now();
             self.answer(
                 job,

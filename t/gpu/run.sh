@@ -26,11 +26,11 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
         name=$(basename "$t")
         start=$SECONDS
         # The fault and stress suites print their figures (counts, times) as they go.
-        case $name in test-faults|test-stress) extra=--nocapture ;; *) extra= ;; esac
+        case $name in test-faults|test-stress|test-kernels) extra=--nocapture ;; *) extra= ;; esac
         "$t" --test-threads=4 $extra >"$OUT/one.log" 2>&1; rc=$?
         [ $rc -ne 0 ] && status=1
         summary+="$name: $(grep -E '^test result' "$OUT/one.log" | tail -n1) (rc=$rc, $((SECONDS - start))s)"$'\n'
-        grep -E "^device: |skipped|largest batch|reloads:|killed:|leaving|against|hung batch|fresh worker" "$OUT/one.log" | sort | uniq -c | head -n 8
+        grep -E "^device: |skipped|largest batch|reloads:|killed:|leaving|against|hung batch|fresh worker|example kernels" "$OUT/one.log" | sort | uniq -c | head -n 8
         { echo "######## $name (rc=$rc)"; cat "$OUT/one.log"; } >>"$OUT/tests.log"
         rm -f "$OUT/one.log"
     done

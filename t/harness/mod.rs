@@ -201,9 +201,13 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                // Each worker logs its device line once its GPU thread is up.
+                // Each worker logs its device line once its device is open (or it knows it
+                // has none): requests before that would take the CPU path.
                 let log = self.error_log();
-                if log.contains("gpu: using") || log.contains("gpu: no usable GPU") {
+                let lines = log.matches("gpu: using").count()
+                    + log.matches("gpu: no usable GPU in this worker").count();
+                let workers = self.worker_pids().len();
+                if workers > 0 && lines >= workers {
                     return;
                 }
             }

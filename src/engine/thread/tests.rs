@@ -582,6 +582,28 @@ fn while_the_device_opens_requests_take_the_cpu_path_and_off_requests_wait_for_i
 }
 
 #[test]
+fn while_the_device_opens_requests_without_a_cpu_path_wait_for_it() {
+    let t = fake_thread(config(1 << 20), "open-slow:400");
+    let start = Instant::now();
+    t.submit(job(1, Op::Kernel, b"k", Batching::default()))
+        .unwrap();
+    let events = collect(&t, Duration::from_secs(5), |e| !completions(e).is_empty());
+    let done = completions(&events);
+    // Held until the device opened; the test device does not run user kernels, so then
+    // the answer is the op's own 503.
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(&done[0].result, Err(JobError::Unavailable(m)) if m.contains("runs on a GPU only")),
+        "{:?}",
+        done[0].result
+    );
+}
+
+#[test]
 fn buffers_are_sized_to_what_batches_need_and_shrink_when_quiet() {
     let mut c = config(16 << 20);
     c.trim_after = Duration::from_millis(150);
