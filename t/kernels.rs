@@ -721,3 +721,50 @@ fn a_failed_reload_leaves_the_running_kernels_for_respawned_workers() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The README's walkthrough, as written there: its first kernel compiles and serves, and
+/// the typo its step 3 shows is reported with the file and line it shows.
+#[test]
+fn the_readme_walkthrough_works_as_written() {
+    if !nvrtc() {
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## Your own kernel").expect("the section")..];
+    let start = section.find("```cuda\n").expect("a cuda block") + "```cuda\n".len();
+    let kernel: String = section[start..start + section[start..].find("```").unwrap()]
+        .lines()
+        .map(|l| l.strip_prefix("   ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(kernel.contains("void invert(ngx_gpu_batch b)"), "{kernel}");
+    let conf = config(
+        "gpu_kernel invert kernels/invert.cu;\n\
+         server { listen 127.0.0.1:{PORT}; location = /invert { gpu_process kernel invert; } }",
+    );
+    // Outside conf/kernels (the examples): the test's own copy.
+    let conf = conf.replace("kernels/invert.cu", "t/invert.cu");
+    let out = nginx_t_with(&conf, &[("t/invert.cu", &kernel)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let typo = kernel.replace("ngx_gpu_in(b, r)[j]", "ngx_gpu_in(b, r)[j2]");
+    let out = nginx_t_with(&conf, &[("t/invert.cu", &typo)]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("/conf/t/invert.cu(7): error: identifier \"j2\" is undefined"),
+        "the README shows line 7: {e}"
+    );
+    let ngx = Nginx::start_with_files(&conf, &[("t/invert.cu", &kernel)]);
+    let data = Rng::fresh().bytes(1000);
+    let r = post(&ngx.addr(), "/invert", &data);
+    if gpu_required() {
+        let want: Vec<u8> = data.iter().map(|b| 255 - b).collect();
+        assert!(r.status == 200 && r.body == want, "{}", r.status);
+    } else {
+        assert_eq!(r.status, 503);
+    }
+}
