@@ -763,15 +763,7 @@ impl State {
             return;
         }
         if self.device.is_none() && job.fallback == Fallback::Off {
-            let now = Instant::now();
-            self.answer(
-                job,
-                now,
-                now,
-                1,
-                Ran::None,
-                Err(JobError::Unavailable("no GPU available".into())),
-            );
+            self.refuse(job, JobError::Unavailable("no GPU available".into()));
             return;
         }
         self.queue.push(
@@ -1139,15 +1131,7 @@ impl State {
         }
         let ids: Vec<u64> = self.active.keys().copied().collect();
         for job in std::mem::take(&mut self.held) {
-            let now = Instant::now();
-            self.answer(
-                job,
-                now,
-                now,
-                1,
-                Ran::None,
-                Err(JobError::Internal("the GPU thread failed".into())),
-            );
+            self.refuse(job, JobError::Internal("the GPU thread failed".into()));
         }
         self.out.log(
             Level::Alert,
@@ -1271,6 +1255,12 @@ impl State {
             device,
             Ok(output),
         );
+    }
+
+    /// Answers a job that never ran with `err`.
+    fn refuse(&self, job: Job, err: JobError) {
+        let now = Instant::now();
+        self.answer(job, now, now, 1, Ran::None, Err(err));
     }
 
     fn fail(&mut self, id: u64, err: JobError) {
