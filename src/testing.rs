@@ -162,8 +162,9 @@ pub fn log_lines(events: &[Event]) -> Vec<&str> {
 
 /// Submits one job per input (ops alternating) from four threads at once, cancels the
 /// ids for which `cancel(id)` holds right after submitting them, and checks that every
-/// other job gets exactly its own correct answer from `device`, and the cancelled ones
-/// none. Returns the largest batch size seen.
+/// other job gets exactly its own correct answer from `device`. A cancelled job may still
+/// be answered, when the thread answered it before the cancel came (the event loop drops
+/// such an answer), but then once and rightly. Returns the largest batch size seen.
 pub fn run_mixed(
     t: &GpuThread,
     inputs: &[Vec<u8>],
@@ -195,26 +196,29 @@ pub fn run_mixed(
         }
     });
     let expected = (0..inputs.len() as u64).filter(|id| !cancel(*id)).count();
-    let done = wait_done(t, expected, Duration::from_secs(60));
-    // Give stray answers for cancelled jobs a moment to show up, to catch them.
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.iter().filter(|c: &&Completion| !cancel(c.id)).count() < expected
+        && Instant::now() < deadline
+    {
+        done.extend(wait_done(t, 1, Duration::from_millis(50)));
+    }
+    // Give stray answers a moment to show up, to catch a second answer to a job.
     std::thread::sleep(Duration::from_millis(20));
-    let mut done = done;
     for ev in t.drain() {
         if let Event::Done(c) = ev {
             done.push(c);
         }
     }
+    let answered = done.iter().filter(|c| !cancel(c.id)).count();
     assert_eq!(
-        done.len(),
-        expected,
-        "answers: {}, expected {expected}",
-        done.len()
+        answered, expected,
+        "answers: {answered}, expected {expected}"
     );
     let mut seen = vec![false; inputs.len()];
     let mut max_batch = 0;
     for c in done {
         let id = c.id as usize;
-        assert!(!cancel(c.id), "cancelled job {id} was answered");
         assert!(!seen[id], "job {id} answered twice");
         seen[id] = true;
         let out = c.result.unwrap_or_else(|e| panic!("job {id}: {e:?}"));

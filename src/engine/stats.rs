@@ -2,7 +2,7 @@
 //! (logged when the worker exits): how big batches were, where their time went, what
 //! failed, and the memory the device holds for batches.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::gpu::Memory;
@@ -35,6 +35,8 @@ pub struct Stats {
     /// Pinned host and device memory held for batches now.
     pub pinned: AtomicU64,
     pub device_mem: AtomicU64,
+    /// The GPU thread's kernel thread id (0 until it runs): for `top -H`, perf, /proc.
+    pub tid: AtomicI32,
 }
 
 pub fn add(c: &AtomicU64, d: Duration) {

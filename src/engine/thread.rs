@@ -141,6 +141,9 @@ impl GpuThread {
             std::thread::Builder::new()
                 .name("nginx-gpu".into())
                 .spawn(move || {
+                    // SAFETY: gettid has no arguments and cannot fail.
+                    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+                    stats2.tid.store(tid, Ordering::Relaxed);
                     let guard = Alive {
                         alive: alive2,
                         out: out.clone(),

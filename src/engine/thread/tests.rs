@@ -279,25 +279,24 @@ fn the_start_line_says_why_there_is_no_gpu() {
 #[test]
 fn the_gpu_thread_blocks_nginx_signals() {
     let t = cpu_thread(1 << 20);
+    // This thread's GPU thread by its id: other tests' GPU threads may be exiting, and
+    // glibc blocks every signal in a thread on its way out.
     let mut blocked = None;
     for _ in 0..100 {
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.trim() == "nginx-gpu" {
-                let status = std::fs::read_to_string(task.path().join("status")).unwrap();
-                let mask = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("SigBlk:"))
-                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
-                blocked = mask;
-            }
-        }
-        if blocked.is_some() {
+        let tid = t.stats().tid.load(Ordering::Relaxed);
+        if tid != 0 {
+            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"));
+            let status = status.expect("the GPU thread is listed in /proc/self/task");
+            assert!(status.contains("Name:\tnginx-gpu\n"), "{status}");
+            blocked = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mask = blocked.expect("the nginx-gpu thread is listed in /proc/self/task");
+    let mask = blocked.expect("the GPU thread records its thread id");
     for (name, sig) in [
         ("SIGHUP", libc::SIGHUP),
         ("SIGINT", libc::SIGINT),
