@@ -253,3 +253,25 @@ fn signalling_nginx_does_not_compile_kernels() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("gpu:"), "nginx -s printed: {stderr}");
 }
+
+#[test]
+fn gpu_model_of_an_unknown_kind_or_without_a_path() {
+    let e = emerg(&format!(
+        "gpu_model m resnet /dev/null; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("[emerg] \"gpu_model\" directive: unknown model kind \"resnet\""),
+        "{e}"
+    );
+    let e = emerg(&format!("gpu_model m knn; {}", server("gpu_process echo;")));
+    assert!(
+        e.contains("[emerg] \"gpu_model\" directive: needs a name, a kind and a path"),
+        "{e}"
+    );
+    let e = emerg(&server("gpu_process echo; gpu_model m knn /dev/null;"));
+    assert!(
+        e.contains("[emerg] \"gpu_model\" directive is not allowed here"),
+        "{e}"
+    );
+}

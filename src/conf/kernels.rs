@@ -72,7 +72,7 @@ fn read_source(path: &str) -> std::io::Result<String> {
 }
 
 /// `file` from nginx's configuration prefix, unless absolute.
-unsafe fn full_name(cf: *mut ngx_conf_t, file: &str) -> Option<String> {
+pub(super) unsafe fn full_name(cf: *mut ngx_conf_t, file: &str) -> Option<String> {
     let pool = (*cf).pool;
     let data = ngx_pnalloc(pool, file.len()) as *mut u8;
     if data.is_null() {

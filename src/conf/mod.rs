@@ -1,8 +1,10 @@
 //! Configuration: the directive table, the main and location configuration, and the
 //! directive handlers. The registry of what the http block declares by name (kernels) is
-//! `Declared` in the main configuration; `gpu_kernel` is in `kernels.rs`.
+//! `Declared` in the main configuration; `gpu_kernel` is in `kernels.rs`, `gpu_model` in
+//! `models.rs`.
 
 mod kernels;
+mod models;
 
 use core::ffi::{c_char, c_void};
 use core::mem::offset_of;
@@ -95,7 +97,7 @@ pub enum ClientEof {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 12] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 13] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -135,6 +137,14 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 12] = [
         name: ngx_string!("gpu_kernel"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE) as ngx_uint_t,
         set: Some(kernels::cmd_gpu_kernel),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_model"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE) as ngx_uint_t,
+        set: Some(models::cmd_gpu_model),
         conf: NGX_HTTP_MAIN_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

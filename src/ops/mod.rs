@@ -16,6 +16,7 @@ pub mod blake3;
 pub mod bytes;
 pub mod echo;
 pub mod kernel;
+pub mod model;
 
 use std::sync::Arc;
 
@@ -79,11 +80,13 @@ pub fn parse(args: &[&str]) -> Result<Configured, String> {
     }
 }
 
-/// What the http block declares by name, for ops that refer to it (`gpu_kernel`), and the
-/// limits ops check requests against.
+/// What the http block declares by name, for ops that refer to it (`gpu_kernel`,
+/// `gpu_model`), and the limits ops check requests against.
 #[derive(Default)]
 pub struct Declared {
     pub kernels: Vec<Arc<kernel::Decl>>,
+    /// `gpu_model`, in the order declared.
+    pub models: Vec<Arc<dyn model::Model>>,
     /// `gpu_batch_bytes`: ops whose bodies cannot be cut refuse larger ones.
     pub max_body: u64,
 }
