@@ -99,7 +99,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         );
         config.placement = engine::devices::Placement {
             devices: mcf.devices.clone().unwrap_or_default(),
-            worker: ngx_worker as usize,
+            worker: ngx_worker,
             workers: worker_count(cycle),
         };
         #[cfg(feature = "fault-injection")]

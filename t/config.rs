@@ -287,12 +287,18 @@ fn gpu_devices_syntax_duplicates_and_place() {
         assert!(e.contains(&want), "{v}: {e}");
         assert!(e.contains("nginx.conf:"), "names the file and line: {e}");
     }
-    let e = emerg(&format!("gpu_devices 0,1,0; {}", server("gpu_process echo;")));
+    let e = emerg(&format!(
+        "gpu_devices 0,1,0; {}",
+        server("gpu_process echo;")
+    ));
     assert!(
         e.contains("[emerg] device 0 is listed twice in \"gpu_devices\" directive \"0,1,0\""),
         "{e}"
     );
-    let e = emerg(&format!("gpu_devices 3,256; {}", server("gpu_process echo;")));
+    let e = emerg(&format!(
+        "gpu_devices 3,256; {}",
+        server("gpu_process echo;")
+    ));
     assert!(
         e.contains("[emerg] invalid device \"256\" in \"gpu_devices\" directive, it must be a number from 0 to 255"),
         "{e}"

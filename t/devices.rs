@@ -79,7 +79,9 @@ fn devices_by_pid(log: &str) -> BTreeMap<u32, String> {
 fn census(by_pid: &BTreeMap<u32, String>, pids: &[u32]) -> BTreeMap<String, usize> {
     let mut n = BTreeMap::new();
     for p in pids {
-        let dev = by_pid.get(p).unwrap_or_else(|| panic!("no start line of {p}"));
+        let dev = by_pid
+            .get(p)
+            .unwrap_or_else(|| panic!("no start line of {p}"));
         *n.entry(dev.clone()).or_default() += 1;
     }
     n
@@ -135,7 +137,8 @@ fn workers_spread_over_every_device_and_keep_theirs_across_respawn_and_reload() 
     for l in log.lines().filter(|l| l.contains("gpu: using")) {
         assert!(l.contains("[notice]") && l.ends_with(", MPS: off"), "{l}");
     }
-    let spread = "gpu: 5 workers over \"gpu_devices all\", workers per device: gpu0: 2, gpu1: 2, gpu2: 1";
+    let spread =
+        "gpu: 5 workers over \"gpu_devices all\", workers per device: gpu0: 2, gpu1: 2, gpu2: 1";
     assert_eq!(lines_at(&log, "notice", spread).len(), 1, "{log}");
     // MPS off and two workers on gpu0 and on gpu1: one warning for each, none for gpu2.
     for dev in ["gpu0", "gpu1"] {
@@ -170,13 +173,12 @@ fn workers_spread_over_every_device_and_keep_theirs_across_respawn_and_reload() 
     // Nothing went wrong but the kill itself.
     let log = ngx.error_log();
     let alerts: Vec<&str> = log.lines().filter(|l| l.contains("[alert]")).collect();
-    assert_eq!(
-        alerts.len(),
-        1,
-        "{alerts:?}"
-    );
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert!(alerts[0].contains(&format!("worker process {victim} exited on signal 9")));
-    assert!(!log.contains("panicked") && !log.contains("[emerg]"), "{log}");
+    assert!(
+        !log.contains("panicked") && !log.contains("[emerg]"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -190,7 +192,8 @@ fn a_listed_device_that_is_not_there_fails_only_its_workers() {
         "{log}"
     );
     assert_eq!(log.matches("gpu: using gpu1 ").count(), 1, "{log}");
-    let missing = "gpu: \"gpu_devices 1,4\" lists gpu4, which CUDA does not show (it shows 2 devices)";
+    let missing =
+        "gpu: \"gpu_devices 1,4\" lists gpu4, which CUDA does not show (it shows 2 devices)";
     assert_eq!(lines_at(&log, "warn", missing).len(), 1, "{log}");
     // Worker 0 serves from gpu1; worker 1 takes the fallback: the CPU path, or 503 with
     // gpu_fallback off. Both kinds of answer must come, on fresh connections.

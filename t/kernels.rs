@@ -624,7 +624,10 @@ fn survive(kernel: &str, source: &str, poison: u8, extra: &str) {
         .find(|l| {
             // Whichever worker (and so device) took the poisoned batch.
             l.contains("[alert]")
-                && l.split(" failed").next().and_then(|h| h.rsplit(' ').next()).is_some_and(is_gpu)
+                && l.split(" failed")
+                    .next()
+                    .and_then(|h| h.rsplit(' ').next())
+                    .is_some_and(is_gpu)
         })
         .unwrap_or_else(|| panic!("no alert: {log}"));
     assert!(alert.contains(&format!("kernel {kernel}")), "{alert}");

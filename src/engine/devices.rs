@@ -191,9 +191,7 @@ impl Placement {
             let each: Vec<String> = list
                 .iter()
                 .enumerate()
-                .map(|(pos, id)| {
-                    format!("gpu{id}: {}", workers_at(pos, list.len(), self.workers))
-                })
+                .map(|(pos, id)| format!("gpu{id}: {}", workers_at(pos, list.len(), self.workers)))
                 .collect();
             notes.push((
                 Level::Notice,
@@ -263,7 +261,11 @@ mod tests {
         for n in 1..=8usize {
             out.push((0..n).collect());
             // Distinct ids out of order and with gaps: 0, 9, 1, 10, 2, 11, 3, 12.
-            out.push((0..n).map(|i| (i * 7 + 2 * (i % 2)) % 13 + i / 13).collect());
+            out.push(
+                (0..n)
+                    .map(|i| (i * 7 + 2 * (i % 2)) % 13 + i / 13)
+                    .collect(),
+            );
         }
         for l in &out {
             let mut s = l.clone();
@@ -433,23 +435,36 @@ mod tests {
         let w0 = place(DeviceList::All, 0, 5)
             .mps_warning(2, Some(false))
             .unwrap();
-        assert!(w0.starts_with("gpu: 3 workers share gpu0 without MPS"), "{w0}");
+        assert!(
+            w0.starts_with("gpu: 3 workers share gpu0 without MPS"),
+            "{w0}"
+        );
         assert!(w0.contains("470 us") && w0.contains("60 us"), "{w0}");
         assert!(w0.contains("CUDA_MPS_PIPE_DIRECTORY"), "{w0}");
         let w1 = place(DeviceList::All, 1, 5)
             .mps_warning(2, Some(false))
             .unwrap();
-        assert!(w1.starts_with("gpu: 2 workers share gpu1 without MPS"), "{w1}");
+        assert!(
+            w1.starts_with("gpu: 2 workers share gpu1 without MPS"),
+            "{w1}"
+        );
         // 3 workers over 3 devices: nobody shares.
         assert!((0..3).all(|w| place(DeviceList::All, w, 3)
             .mps_warning(3, Some(false))
             .is_none()));
         // MPS on, or unknown: no warning.
-        assert!(place(DeviceList::All, 0, 4).mps_warning(1, Some(true)).is_none());
+        assert!(place(DeviceList::All, 0, 4)
+            .mps_warning(1, Some(true))
+            .is_none());
         assert!(place(DeviceList::All, 0, 4).mps_warning(1, None).is_none());
         // A listed device's lowest worker warns by its listed id.
-        let w = place(ids(&[3, 1]), 1, 4).mps_warning(4, Some(false)).unwrap();
-        assert!(w.starts_with("gpu: 2 workers share gpu1 without MPS"), "{w}");
+        let w = place(ids(&[3, 1]), 1, 4)
+            .mps_warning(4, Some(false))
+            .unwrap();
+        assert!(
+            w.starts_with("gpu: 2 workers share gpu1 without MPS"),
+            "{w}"
+        );
     }
 
     #[test]
@@ -460,8 +475,7 @@ mod tests {
         assert_eq!(DeviceList::parse("255"), Ok(ids(&[255])));
         assert_eq!(DeviceList::parse("007"), Ok(ids(&[7])));
         for bad in [
-            "", "ALL", "all,0", "0,", ",0", "0,,1", "gpu0", "-1", "+1", "1 2", "0;1", "0x1",
-            "1.5",
+            "", "ALL", "all,0", "0,", ",0", "0,,1", "gpu0", "-1", "+1", "1 2", "0;1", "0x1", "1.5",
         ] {
             let e = DeviceList::parse(bad).unwrap_err();
             assert_eq!(
@@ -472,7 +486,10 @@ mod tests {
                 )
             );
         }
-        for (bad, item) in [("256", "256"), ("0,99999999999999999999999", "99999999999999999999999")] {
+        for (bad, item) in [
+            ("256", "256"),
+            ("0,99999999999999999999999", "99999999999999999999999"),
+        ] {
             assert_eq!(
                 DeviceList::parse(bad).unwrap_err(),
                 format!(

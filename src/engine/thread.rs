@@ -1348,7 +1348,11 @@ fn cpu_whole(job: &Job) -> Result<Output, JobError> {
 
 /// The test device, in builds that have it.
 #[cfg(any(test, feature = "fault-injection"))]
-fn fake_device(ordinal: usize, mps: bool, pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
+fn fake_device(
+    ordinal: usize,
+    mps: bool,
+    pinned_limit: usize,
+) -> Result<Box<dyn Device>, GpuError> {
     Ok(Box::new(crate::gpu::fake::FakeDevice::new(
         ordinal,
         mps,
@@ -1357,7 +1361,11 @@ fn fake_device(ordinal: usize, mps: bool, pinned_limit: usize) -> Result<Box<dyn
 }
 
 #[cfg(not(any(test, feature = "fault-injection")))]
-fn fake_device(_ordinal: usize, _mps: bool, _pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
+fn fake_device(
+    _ordinal: usize,
+    _mps: bool,
+    _pinned_limit: usize,
+) -> Result<Box<dyn Device>, GpuError> {
     Err(GpuError::Unavailable("no test device in this build".into()))
 }
 

@@ -685,8 +685,14 @@ fn each_worker_opens_its_device_and_its_answers_say_which() {
     );
     // Not the lowest worker of gpu1 (worker 1 is): no MPS warning from this one, and
     // only worker 0 tells the spread.
-    assert!(!lines.iter().any(|m| m.contains("without MPS")), "{lines:?}");
-    assert!(!lines.iter().any(|m| m.contains("workers per device")), "{lines:?}");
+    assert!(
+        !lines.iter().any(|m| m.contains("without MPS")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|m| m.contains("workers per device")),
+        "{lines:?}"
+    );
     let done = one_by_one(&t, echo_jobs(2, Fallback::Off));
     assert!(done.iter().all(|c| c.device == Ran::Gpu(1)), "{done:?}");
     // A listed device: worker 1 of "2,0" takes gpu0.
@@ -711,14 +717,16 @@ fn the_lowest_worker_of_a_shared_device_warns_once_without_mps() {
     assert_eq!(warn.len(), 1, "{lines:?}");
     assert!(using.is_some_and(|u| u < warn[0]), "{lines:?}");
     assert!(
-        lines
-            .iter()
-            .any(|m| m == "gpu: 4 workers over \"gpu_devices all\", workers per device: gpu0: 2, gpu1: 2"),
+        lines.iter().any(|m| m
+            == "gpu: 4 workers over \"gpu_devices all\", workers per device: gpu0: 2, gpu1: 2"),
         "{lines:?}"
     );
     // With MPS on, nothing to warn about.
     let (_t, lines) = placed_thread("all", 0, 4, "fake-devices:2,fake-mps");
-    assert!(!lines.iter().any(|m| m.contains("without MPS")), "{lines:?}");
+    assert!(
+        !lines.iter().any(|m| m.contains("without MPS")),
+        "{lines:?}"
+    );
     assert!(lines.iter().any(|m| m.ends_with("MPS: on")), "{lines:?}");
 }
 
@@ -732,7 +740,9 @@ fn a_worker_given_a_missing_device_says_so_once_and_falls_back() {
         .collect();
     assert_eq!(said.len(), 1, "{lines:?}");
     assert!(
-        said[0].contains("\"gpu_devices 1,7\" gives this worker (worker 1) gpu7, but CUDA shows 2 devices"),
+        said[0].contains(
+            "\"gpu_devices 1,7\" gives this worker (worker 1) gpu7, but CUDA shows 2 devices"
+        ),
         "{lines:?}"
     );
     // It serves on the CPU path, or 503 with gpu_fallback off; never tries again.
@@ -747,9 +757,14 @@ fn a_worker_given_a_missing_device_says_so_once_and_falls_back() {
     assert_eq!(t.stats().opens.load(Ordering::Relaxed), 1);
     // Worker 0 of the same list serves on gpu1 and tells the missing one.
     let (t, lines) = placed_thread("1,7", 0, 2, "fake-devices:2");
-    assert!(lines.iter().any(|m| m.starts_with("gpu: using gpu1 ")), "{lines:?}");
     assert!(
-        lines.iter().any(|m| m.contains("lists gpu7, which CUDA does not show")),
+        lines.iter().any(|m| m.starts_with("gpu: using gpu1 ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|m| m.contains("lists gpu7, which CUDA does not show")),
         "{lines:?}"
     );
     let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
