@@ -15,7 +15,7 @@ pub mod engine;
 pub mod faults;
 pub mod gpu;
 mod http;
-pub mod metrics;
+mod metrics;
 pub mod ops;
 #[cfg(test)]
 mod testing;
@@ -73,6 +73,9 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             metrics::shm::worker_slots(cf),
         ));
     }
+    if mcf.used && add_log_handler(cf).is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
     let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty();
     if !declared || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
@@ -82,6 +85,22 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     } else {
         NGX_ERROR as ngx_int_t
     }
+}
+
+/// Registers the log-phase handler that counts nginx's own answers to `gpu_process`
+/// locations.
+unsafe fn add_log_handler(cf: *mut ngx_conf_t) -> Option<()> {
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    let cmcf =
+        *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
+    let phase = &mut (*cmcf).phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers;
+    let h = ngx_array_push(phase) as *mut ngx_http_handler_pt;
+    if h.is_null() {
+        return None;
+    }
+    // SAFETY: the array holds ngx_http_handler_pt elements (ngx_http_core's init).
+    *h = Some(http::handler::log_handler);
+    Some(())
 }
 
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
@@ -159,7 +178,7 @@ unsafe fn attach_metrics(cycle: *mut ngx_cycle_t, mcf: &conf::MainConf) {
         );
         return;
     };
-    let worker = ngx_worker as usize;
+    let worker = ngx_worker;
     if let Err(e) = metrics::attach(zone, Some(worker)) {
         ngx_log_error!(NGX_LOG_ALERT, (*cycle).log, "gpu: {e}");
         return;

@@ -71,7 +71,29 @@ unsafe fn record(r: *mut ngx_http_request_t, outcome: Outcome, bytes_out: u64) {
     metrics::answered(loc_conf(r).op_key, outcome, took, bytes_out);
 }
 
+/// Log phase: counts the answers nginx gave itself to requests of `gpu_process`
+/// locations (413 over client_max_body_size before the handler ran, 408 a body that
+/// never came, 400 a malformed one); 499, a client gone, is no outcome.
+pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard(NGX_OK as ngx_int_t, || {
+        let lcf = loc_conf(r);
+        let status = (*r).headers_out.status;
+        if lcf.op.is_some()
+            && ctx_of(r).is_none_or(|c| !c.counted)
+            && status >= 400
+            && status != NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_uint_t
+        {
+            record(r, Outcome::of_status(status), 0);
+        }
+        NGX_OK as ngx_int_t
+    })
+}
+
 unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // The context first: it marks the request counted, whichever way it is answered.
+    if create_ctx(r).is_none() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
     if (*r).method & (NGX_HTTP_POST | NGX_HTTP_PUT) as ngx_uint_t == 0 {
         let rc = ngx_http_discard_request_body(r);
         if rc != NGX_OK as ngx_int_t {
@@ -97,9 +119,6 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             "the GPU thread is not running in this process",
             &[("Retry-After", "1")],
         );
-    }
-    if create_ctx(r).is_none() {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
     let rc = ngx_http_read_client_request_body(r, Some(body_read));
     if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {

@@ -68,11 +68,6 @@ pub fn zone() -> Option<Zone> {
     ATTACHED.get().map(|a| a.zone)
 }
 
-/// This worker's slot number, if it holds one.
-pub fn worker_slot() -> Option<usize> {
-    ATTACHED.get().and_then(|a| a.slot)
-}
-
 /// This worker's slot, while it still holds it (a newer configuration's worker of the
 /// same number takes it over; the old worker then stops writing there).
 fn mine() -> Option<(&'static Attached, usize)> {

@@ -168,6 +168,7 @@ fn nvml_state(zone: &Zone) -> String {
     match zone.header().nvml.load(Relaxed) {
         NVML_OK => "ok".into(),
         NVML_UNAVAILABLE => format!("unavailable: {}", zone.header().nvml_error.get()),
+        // Worker 0 has not tried yet (or this configuration has no worker 0 running).
         _ => "not sampled".into(),
     }
 }

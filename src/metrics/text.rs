@@ -21,6 +21,9 @@ pub fn escape(v: &str) -> String {
     out
 }
 
+type HistOf = fn(&super::zone::LocStats) -> &Hist<19>;
+type DeviceValue = fn(&status::DeviceNow) -> f64;
+
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -150,7 +153,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
             labels(g)
         );
     }
-    let hists: [(&str, &str, fn(&super::zone::LocStats) -> &Hist<19>); 3] = [
+    let hists: [(&str, &str, HistOf); 3] = [
         (
             "ngx_gpu_request_duration_seconds",
             "Request duration, from the handler to the answer (every outcome)",
@@ -232,7 +235,7 @@ fn per_device(out: &mut String, zone: &Zone) {
     if devices.is_empty() {
         return;
     }
-    let series: [(&str, &str, fn(&status::DeviceNow) -> f64); 4] = [
+    let series: [(&str, &str, DeviceValue); 4] = [
         (
             "nv_gpu_memory_used_bytes",
             "GPU memory used, in bytes (NVML)",

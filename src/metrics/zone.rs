@@ -305,7 +305,6 @@ pub struct DeviceSample {
     pub name: Text<8>,
 }
 
-pub const NVML_NOT_TRIED: u32 = 0;
 pub const NVML_OK: u32 = 1;
 pub const NVML_UNAVAILABLE: u32 = 2;
 
@@ -552,5 +551,26 @@ mod tests {
         assert_eq!(z.slot(1).unwrap().last_error.get(), "");
         z.take_slot(1, 2, 102, 0); // a reload's worker
         assert!(!z.owns(1, 1, 101));
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    use super::*;
+
+    /// The README's figures for the zone's size.
+    #[test]
+    fn zone_sizes_as_documented() {
+        assert_eq!(size_of::<LocStats>(), 712);
+        assert_eq!(size_of::<WorkerSlot>(), 424);
+        assert_eq!(size_of::<DeviceSample>(), 208);
+        // 256 + 712 L + 424 W + 9 W L, rounded up to 64, + 16 devices x 208.
+        let formula =
+            |l: usize, w: usize| (256 + 712 * l + 424 * w + 9 * w * l).div_ceil(64) * 64 + 3328;
+        for (l, w) in [(0, 1), (1, 1), (10, 16), (1000, 128), (7, 3)] {
+            assert_eq!(Layout::new(l, w).size, formula(l, w), "{l} x {w}");
+        }
+        assert_eq!(formula(10, 16), 18_944);
+        assert_eq!(formula(1000, 128), 1_921_856);
     }
 }
