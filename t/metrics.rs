@@ -429,6 +429,109 @@ fn readiness_is_false_while_a_kernel_location_has_no_gpu_and_true_again_without_
     ngx.assert_healthy();
 }
 
+/// Waits until `gpu_status` shows exactly the running workers (by pid) and readiness.
+fn wait_workers(ngx: &Nginx) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status_json(&ngx.addr());
+        let mut pids: Vec<u64> = s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_u64().unwrap())
+            .collect();
+        pids.sort_unstable();
+        let mut want: Vec<u64> = ngx.worker_pids().iter().map(|&p| p as u64).collect();
+        want.sort_unstable();
+        if pids == want && want.len() == 2 && s["ready"] == true {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{s} vs {want:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn reloads_and_a_killed_worker_keep_counters_and_slots_right() {
+    let conf = |port: &str, more: &str| {
+        config(&format!(
+            "server {{ listen 127.0.0.1:{port};\n\
+               location /echo {{ gpu_process echo; }}\n\
+               location /held {{ gpu_process echo; gpu_batch_size 4; gpu_batch_delay 1500ms; }}\n\
+               {more}\n{ENDPOINTS} }}"
+        ))
+    };
+    let ngx = Nginx::start(&conf("{PORT}", ""));
+    let addr = ngx.addr();
+    let port = ngx.port.to_string();
+    let success = |loc: &str| {
+        v(
+            &metrics(&addr),
+            "nv_inference_request_success",
+            &[("location", loc)],
+        )
+    };
+    for i in 0..10u8 {
+        assert_eq!(post(&addr, "/echo", &[i]).status, 200);
+    }
+    assert_eq!(success("/echo"), 10);
+    let first = wait_workers(&ngx);
+    // The same layout again: the zone is reused and the counters go on; the new workers
+    // take the slots over.
+    ngx.reload_with(&conf(&port, ""));
+    let s = wait_workers(&ngx);
+    assert!(
+        s["generation"].as_u64().unwrap() > first["generation"].as_u64().unwrap(),
+        "{s}"
+    );
+    for i in 0..5u8 {
+        assert_eq!(post(&addr, "/echo", &[i]).status, 200);
+    }
+    assert_eq!(success("/echo"), 15);
+    // A request held by a worker across a reload to another layout: the old worker
+    // answers it and exits; the new ones count in a fresh zone.
+    let held = {
+        let addr = addr.clone();
+        thread::spawn(move || post(&addr, "/held", b"kept"))
+    };
+    thread::sleep(Duration::from_millis(300));
+    ngx.reload_with(&conf(&port, "location /other { gpu_process blake3; }"));
+    let r = held.join().unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"kept"[..]));
+    wait_workers(&ngx);
+    let m = metrics(&addr);
+    assert_eq!(
+        v(&m, "nv_inference_request_success", &[("location", "/echo")]),
+        0
+    );
+    assert_eq!(
+        v(
+            &m,
+            "nv_inference_request_success",
+            &[("location", "/other")]
+        ),
+        0
+    );
+    assert_eq!(post(&addr, "/other", b"abc").text(), b3(b"abc"));
+    assert_eq!(success("/other"), 1);
+    ngx.assert_healthy();
+    // A worker killed: the master's fresh one takes its slot back.
+    let victim = ngx.worker_pids()[0];
+    // SAFETY: kill(2) on a child of our nginx.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ngx.worker_pids().contains(&victim) || ngx.worker_pids().len() < 2 {
+        assert!(Instant::now() < deadline, "no fresh worker");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let s = wait_workers(&ngx);
+    assert!(
+        !s.to_string().contains(&format!("\"pid\":{victim},")),
+        "{s}"
+    );
+    assert_eq!(success("/other"), 1);
+}
+
 /// The fault-injection module, one worker, `faults` planned on the test device.
 fn start_faulty(faults: &str, locations: &str) -> Nginx {
     let conf = config(&format!(
