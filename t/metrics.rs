@@ -243,6 +243,30 @@ fn counters_move_by_exactly_the_requests_sent_by_outcome_summed_over_workers() {
     assert_eq!(per.iter().sum::<u64>(), 122 + 8 + 3);
     assert_eq!(v(&m, "ngx_gpu_worker_ready", &[("worker", "0")]), 1);
     assert_eq!(v(&m, "ngx_gpu_worker_ready", &[("worker", "1")]), 1);
+    // On the GPU machine worker 0 samples NVML: the device's memory is there.
+    if gpu_required() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while value(
+            &metrics(&addr),
+            "nv_gpu_memory_total_bytes",
+            &[("device", "gpu0")],
+        )
+        .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no NVML samples: {}",
+                status_json(&addr)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        let m = metrics(&addr);
+        let total = value(&m, "nv_gpu_memory_total_bytes", &[("device", "gpu0")]).unwrap();
+        let used = value(&m, "nv_gpu_memory_used_bytes", &[("device", "gpu0")]).unwrap();
+        assert!(total > 1e9 && used > 0.0 && used <= total, "{m}");
+        let util = value(&m, "nv_gpu_utilization", &[("device", "gpu0")]).unwrap();
+        assert!((0.0..=1.0).contains(&util));
+    }
     // No NVML on this machine: no device series, and the status says why.
     if !Path::new("/dev/nvidiactl").exists() {
         assert!(!m.contains("nv_gpu_"), "{m}");
