@@ -782,7 +782,10 @@ fn the_status_page_in_headless_chromium_charts_the_load_just_sent() {
         dom.contains("<td class=\"l\">/echo</td><td>64</td><td>64</td>"),
         "{dom}"
     );
-    assert!(dom.contains("<span id=\"state\" class=\"ok\">ready</span>"), "{dom}");
+    assert!(
+        dom.contains("<span id=\"state\" class=\"ok\">ready</span>"),
+        "{dom}"
+    );
 
     let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
     let _ = std::fs::remove_file(&png);

@@ -471,12 +471,8 @@ impl State {
             (None, Opener::Never) => DeviceState::Unavailable,
             (None, Opener::Open) => DeviceState::Starting,
         };
-        let info = self.device.as_ref().map(|o| o.device().info());
-        let desc = info.map(|i| i.to_string());
-        metrics::device(
-            state,
-            info.zip(desc.as_deref()).map(|(i, d)| (i.ordinal, d)),
-        );
+        let ordinal = self.device.as_ref().map(|o| o.device().info().ordinal);
+        metrics::device(state, ordinal);
         for (key, op) in self.config.ops.iter().enumerate() {
             let cpu = op.has_cpu() && self.config.fallbacks.get(key) != Some(&Fallback::Off);
             let st = if !op.ready() {

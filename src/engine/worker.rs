@@ -199,6 +199,8 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
                 Event::Log(level, msg) => {
                     if matches!(level, Level::Alert | Level::Error | Level::Warn) {
                         metrics::error(&msg);
+                    } else if msg.starts_with("gpu: using ") {
+                        metrics::start_line(&msg);
                     }
                     log_line(log, level, &msg)
                 }

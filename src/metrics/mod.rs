@@ -176,24 +176,39 @@ pub fn batch(loc: usize, n: usize) {
     }
 }
 
-/// The worker's device: its state, and once open its ordinal and description (the
-/// worker's start line, which says whether MPS shares the context).
-pub fn device(state: DeviceState, open: Option<(usize, &str)>) {
+/// The worker's device: its state, and once open its CUDA ordinal.
+pub fn device(state: DeviceState, ordinal: Option<usize>) {
     let Some((a, w)) = mine() else { return };
     let Some(s) = a.zone.slot(w) else { return };
-    if let Some((ordinal, desc)) = open {
+    if let Some(ordinal) = ordinal {
         s.device_ordinal.store(ordinal as u32, Relaxed);
-        s.device_name.set(desc.split('"').nth(1).unwrap_or(desc));
-        let mps = if desc.contains("MPS: on") {
-            MPS_ON
-        } else if desc.contains("MPS: off") {
-            MPS_OFF
-        } else {
-            MPS_UNKNOWN
-        };
-        s.mps.store(mps, Relaxed);
     }
     s.device_state.store(state as u32, Relaxed);
+}
+
+/* the event loop, from the GPU thread's log lines */
+
+/// The worker's start line (`gpu: using gpu0 "NAME", ..., MPS: on`): the device's name,
+/// and whether MPS shares its context, as the driver told.
+pub fn start_line(line: &str) {
+    let Some((a, w)) = mine() else { return };
+    let Some(s) = a.zone.slot(w) else { return };
+    let (name, mps) = parse_start_line(line);
+    if let Some(name) = name {
+        s.device_name.set(name);
+    }
+    s.mps.store(mps, Relaxed);
+}
+
+fn parse_start_line(line: &str) -> (Option<&str>, u32) {
+    let mps = if line.contains("MPS: on") {
+        MPS_ON
+    } else if line.contains("MPS: off") {
+        MPS_OFF
+    } else {
+        MPS_UNKNOWN
+    };
+    (line.split('"').nth(1), mps)
 }
 
 /// Whether this worker can serve location `loc`'s op now.
@@ -201,5 +216,24 @@ pub fn op_state(loc: usize, state: OpState) {
     let Some((a, w)) = mine() else { return };
     if let Some(st) = a.zone.op_state(w, loc) {
         st.store(state as u8, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_line_gives_the_device_name_and_mps() {
+        let line = "gpu: using gpu0 \"NVIDIA H100 80GB HBM3\", compute capability 9.0, \
+                    81079 MiB, MPS: on";
+        assert_eq!(
+            parse_start_line(line),
+            (Some("NVIDIA H100 80GB HBM3"), MPS_ON)
+        );
+        let off = line.replace("MPS: on", "MPS: off");
+        assert_eq!(parse_start_line(&off).1, MPS_OFF);
+        let before = "gpu: using gpu1 \"X\", compute capability 8.0, 100 MiB";
+        assert_eq!(parse_start_line(before), (Some("X"), MPS_UNKNOWN));
     }
 }
