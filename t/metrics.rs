@@ -806,3 +806,49 @@ fn the_status_page_in_headless_chromium_charts_the_load_just_sent() {
     );
     ngx.assert_healthy();
 }
+
+/// `nginx -t` on a server with one location holding `loc`; its stderr, and whether it passed.
+fn conf_test(loc: &str) -> (bool, String) {
+    let out = nginx_t(&config(&format!(
+        "server {{ listen 127.0.0.1:{{PORT}}; location /x {{ {loc} }} }}"
+    )));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn endpoint_directives_are_checked_at_configuration_time() {
+    let (ok, err) = conf_test("gpu_health maybe;");
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "[emerg] invalid value \"maybe\" in \"gpu_health\" directive, it must be \"live\" or \"ready\""
+        ),
+        "{err}"
+    );
+    for loc in [
+        "gpu_metrics; gpu_status;",
+        "gpu_process echo; gpu_metrics;",
+        "gpu_health live; gpu_process echo;",
+    ] {
+        let (ok, err) = conf_test(loc);
+        assert!(!ok, "{loc}");
+        assert!(err.contains("directive is duplicate"), "{loc}: {err}");
+    }
+    let (ok, err) = conf_test("gpu_metrics x;");
+    assert!(
+        !ok && err.contains("invalid number of arguments in \"gpu_metrics\""),
+        "{err}"
+    );
+    for loc in [
+        "gpu_metrics;",
+        "gpu_status;",
+        "gpu_health ready;",
+        "gpu_health live;",
+    ] {
+        let (ok, err) = conf_test(loc);
+        assert!(ok, "{loc}: {err}");
+    }
+}
