@@ -15,6 +15,7 @@ pub mod engine;
 pub mod faults;
 pub mod gpu;
 mod http;
+mod metrics;
 pub mod ops;
 #[cfg(test)]
 mod testing;
@@ -60,6 +61,21 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 /// worker: nothing to do then.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let mcf = conf::main_conf_of(cf);
+    if (mcf.used || mcf.endpoints) && ngx_process != NGX_PROCESS_SIGNALLER as ngx_uint_t {
+        let labels = mcf.metric_labels();
+        let zone = metrics::shm::add(cf, &labels);
+        if zone.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        mcf.metrics_zone = zone;
+        mcf.metrics_layout = Some(metrics::zone::Layout::new(
+            labels.len(),
+            metrics::shm::worker_slots(cf),
+        ));
+    }
+    if mcf.used && add_log_handler(cf).is_none() {
+        return NGX_ERROR as ngx_int_t;
+    }
     let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty();
     if !declared || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
@@ -69,6 +85,22 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     } else {
         NGX_ERROR as ngx_int_t
     }
+}
+
+/// Registers the log-phase handler that counts nginx's own answers to `gpu_process`
+/// locations.
+unsafe fn add_log_handler(cf: *mut ngx_conf_t) -> Option<()> {
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    let cmcf =
+        *(*ctx).main_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_main_conf_t;
+    let phase = &mut (*cmcf).phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers;
+    let h = ngx_array_push(phase) as *mut ngx_http_handler_pt;
+    if h.is_null() {
+        return None;
+    }
+    // SAFETY: the array holds ngx_http_handler_pt elements (ngx_http_core's init).
+    *h = Some(http::handler::log_handler);
+    Some(())
 }
 
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
@@ -82,6 +114,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let Some(mcf) = conf::main_conf_of_cycle(cycle) else {
         return NGX_OK as ngx_int_t;
     };
+    attach_metrics(cycle, mcf);
     if !mcf.used {
         return NGX_OK as ngx_int_t;
     }
@@ -102,6 +135,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             worker: ngx_worker,
             workers: worker_count(cycle),
         };
+        config.fallbacks = mcf.op_fallbacks.clone();
         #[cfg(feature = "fault-injection")]
         let kernels = match fault_plan(cycle) {
             Ok(Some(plan)) => {
@@ -148,6 +182,49 @@ unsafe fn worker_count(cycle: *mut ngx_cycle_t) -> usize {
     }
 }
 
+/// Attaches this worker to the metrics zone, takes its slot by worker number, and in
+/// worker 0 starts the NVML sampler. A failure here costs the metrics, never the worker.
+unsafe fn attach_metrics(cycle: *mut ngx_cycle_t, mcf: &conf::MainConf) {
+    let Some(layout) = mcf.metrics_layout else {
+        return;
+    };
+    let Some(zone) = metrics::shm::zone_of(mcf.metrics_zone, layout) else {
+        ngx_log_error!(
+            NGX_LOG_ALERT,
+            (*cycle).log,
+            "gpu: the metrics zone is not laid out; no metrics in this worker"
+        );
+        return;
+    };
+    let worker = ngx_worker;
+    if let Err(e) = metrics::attach(zone, Some(worker)) {
+        ngx_log_error!(NGX_LOG_ALERT, (*cycle).log, "gpu: {e}");
+        return;
+    }
+    if worker == 0 {
+        let started = metrics::nvml::Sampler::start(zone, |f| {
+            gpu_thread::with_signals_blocked(|| {
+                std::thread::Builder::new()
+                    .name("nginx-gpu-nvml".into())
+                    .spawn(f)
+            })
+        });
+        match started {
+            Ok(s) => *SAMPLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
+            Err(e) => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    (*cycle).log,
+                    "gpu: cannot start the NVML sampler: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// Worker 0's NVML sampling thread, stopped at exit.
+static SAMPLER: std::sync::Mutex<Option<metrics::nvml::Sampler>> = std::sync::Mutex::new(None);
+
 /// The fault plan of a fault-injection build, from `NGX_GPU_FAULTS` (kept with `env`).
 #[cfg(feature = "fault-injection")]
 unsafe fn fault_plan(cycle: *mut ngx_cycle_t) -> Result<Option<faults::Plan>, String> {
@@ -165,4 +242,7 @@ unsafe fn fault_plan(cycle: *mut ngx_cycle_t) -> Result<Option<faults::Plan>, St
 
 unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     let _ = std::panic::catch_unwind(|| worker::stop());
+    let _ = std::panic::catch_unwind(|| {
+        drop(SAMPLER.lock().ok().and_then(|mut s| s.take()));
+    });
 }

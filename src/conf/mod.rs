@@ -1,8 +1,9 @@
 //! Configuration: the directive table, the main and location configuration, and the
 //! directive handlers. The registry of what the http block declares by name (kernels) is
 //! `Declared` in the main configuration; `gpu_kernel` is in `kernels.rs`, `gpu_model` in
-//! `models.rs`.
+//! `models.rs`, `gpu_metrics`, `gpu_health` and `gpu_status` in `endpoints.rs`.
 
+mod endpoints;
 mod kernels;
 mod models;
 
@@ -61,6 +62,15 @@ pub struct MainConf {
     /// (`file:line`, for messages about it after the whole configuration is read).
     pub ops: Vec<Arc<dyn Op>>,
     pub op_sites: Vec<String>,
+    /// Each op's location (its URI prefix, the `location` label) and `gpu_fallback`, by
+    /// `OpKey`.
+    pub op_locations: Vec<String>,
+    pub op_fallbacks: Vec<Fallback>,
+    /// Whether a location serves `gpu_metrics`, `gpu_health` or `gpu_status`.
+    pub endpoints: bool,
+    /// The metrics zone (see `metrics::shm`) and its layout; null where none was added.
+    pub metrics_zone: *mut ngx_shm_zone_t,
+    pub metrics_layout: Option<crate::metrics::zone::Layout>,
     /// What the http block declares by name (`gpu_kernel`).
     pub declared: Declared,
     /// This configuration's compiled programs, or why there are none. Kept with the
@@ -88,6 +98,8 @@ pub struct LocConf {
     pub batch_delay: ngx_msec_t,
     /// `gpu_client_eof`: what a client's end of input means while its job waits.
     pub client_eof: Option<ClientEof>,
+    /// `gpu_metrics`, `gpu_health` or `gpu_status`: what the location serves instead.
+    pub endpoint: Option<crate::http::endpoints::Endpoint>,
 }
 
 /// `gpu_client_eof`: whether a client that closes its sending side (while its request's
@@ -100,7 +112,7 @@ pub enum ClientEof {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 14] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 17] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -211,6 +223,30 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 14] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("gpu_metrics"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(endpoints::cmd_gpu_metrics),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_health"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(endpoints::cmd_gpu_health),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(endpoints::cmd_gpu_status),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
@@ -250,6 +286,11 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             max_batch_size: 0,
             ops: Vec::new(),
             op_sites: Vec::new(),
+            op_locations: Vec::new(),
+            op_fallbacks: Vec::new(),
+            endpoints: false,
+            metrics_zone: ptr::null_mut(),
+            metrics_layout: None,
             declared: Declared::default(),
             kernels: None,
         },
@@ -286,6 +327,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             batch_size: UNSET_SIZE,
             batch_delay: UNSET_MSEC,
             client_eof: None,
+            endpoint: None,
         },
     )
 }
@@ -323,6 +365,9 @@ pub unsafe extern "C" fn merge_loc_conf(
     if conf.op.is_some() {
         let mcf = main_conf_of(cf);
         mcf.max_batch_size = mcf.max_batch_size.max(conf.batch_size);
+        if let Some(f) = mcf.op_fallbacks.get_mut(conf.op_key) {
+            *f = conf.fallback.unwrap_or(Fallback::Cpu);
+        }
     }
     NGX_CONF_OK
 }
@@ -337,6 +382,17 @@ pub(crate) unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Vec<&'a str> {
         .iter()
         .map(|s| core::str::from_utf8(s.as_bytes()).unwrap_or("\u{fffd}"))
         .collect()
+}
+
+impl MainConf {
+    /// (model, location) of every op, by `OpKey`: the labels of its series.
+    pub fn metric_labels(&self) -> Vec<(String, String)> {
+        self.ops
+            .iter()
+            .zip(&self.op_locations)
+            .map(|(op, loc)| (op.name().to_string(), loc.clone()))
+            .collect()
+    }
 }
 
 pub unsafe fn main_conf_of(cf: *mut ngx_conf_t) -> &'static mut MainConf {
@@ -361,7 +417,7 @@ unsafe extern "C" fn cmd_gpu_process(
     conf: *mut c_void,
 ) -> *mut c_char {
     let lcf = &mut *(conf as *mut LocConf);
-    if lcf.op.is_some() {
+    if lcf.op.is_some() || lcf.endpoint.is_some() {
         return c"is duplicate".as_ptr().cast_mut();
     }
     let configured = match crate::ops::parse(&args(cf)) {
@@ -388,6 +444,9 @@ unsafe extern "C" fn cmd_gpu_process(
     let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
     let clcf =
         *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+    mcf.op_locations
+        .push(String::from_utf8_lossy((*clcf).name.as_bytes()).into_owned());
+    mcf.op_fallbacks.push(Fallback::Cpu);
     (*clcf).handler = Some(gpu_content_handler);
     NGX_CONF_OK
 }

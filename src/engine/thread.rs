@@ -37,6 +37,7 @@ use crate::engine::job::{Completion, Device as Ran, Event, Fallback, Job, JobErr
 use crate::engine::notify::Notifier;
 use crate::engine::stats::{self, Stats};
 use crate::gpu::{no_panic, panic_message, Compiled, Device, Gpu, GpuError, Memory};
+use crate::metrics::{self, DeviceState, OpState};
 use crate::ops::{Assembly, Item, Layout, Op, OpOnDevice, Output};
 
 /// Where the thread gets its kernels from: the configuration's compiled programs, or the
@@ -62,6 +63,8 @@ pub struct Config {
     pub poll: Duration,
     /// `gpu_pinned_limit`: the most pinned host memory the device's slots may hold.
     pub pinned_limit: usize,
+    /// Each op's `gpu_fallback`, by `OpKey` (`cpu` where missing): for its readiness.
+    pub fallbacks: Vec<Fallback>,
     /// Buffers larger than what batches needed over this long are freed.
     pub trim_after: Duration,
     /// At exit, how long batches still running are waited for before the device is
@@ -85,6 +88,7 @@ impl Config {
             batch_bytes,
             poll,
             pinned_limit,
+            fallbacks: Vec::new(),
             trim_after: TRIM_AFTER,
             exit_wait: EXIT_WAIT,
             placement: Placement::default(),
@@ -217,7 +221,7 @@ impl Drop for GpuThread {
 /// Runs `f` (which starts a thread) with every asynchronous signal blocked and the
 /// synchronous ones (faults the thread itself raises) not, so that the new thread inherits
 /// exactly that mask, whatever the caller's; the caller's mask is restored afterwards.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: plain signal-mask calls on sets this function owns.
     unsafe {
         let mut all: libc::sigset_t = core::mem::zeroed();
@@ -464,6 +468,36 @@ impl State {
                 ))),
             ),
         }
+        self.publish();
+    }
+
+    /// Tells the metrics zone what this worker has of its device and whether it can serve
+    /// each op now (for readiness and `gpu_status`).
+    fn publish(&self) {
+        let state = match (&self.device, &self.opener) {
+            (Some(_), _) => DeviceState::Open,
+            (None, Opener::Opening { .. }) => DeviceState::Opening,
+            (None, Opener::Retry { .. }) => DeviceState::Retrying,
+            (None, Opener::Never) => DeviceState::Unavailable,
+            (None, Opener::Open) => DeviceState::Starting,
+        };
+        let ordinal = self.device.as_ref().map(|o| o.device().info().ordinal);
+        metrics::device(state, ordinal);
+        for (key, op) in self.config.ops.iter().enumerate() {
+            let cpu = op.has_cpu() && self.config.fallbacks.get(key) != Some(&Fallback::Off);
+            let st = if !op.ready() {
+                OpState::NotReady
+            } else if self.device.as_ref().is_some_and(|o| o.runs(key)) {
+                OpState::Gpu
+            } else if cpu {
+                OpState::Cpu
+            } else if state == DeviceState::Opening {
+                OpState::Waiting
+            } else {
+                OpState::NoDevice
+            };
+            metrics::op_state(key, st);
+        }
     }
 
     /// What the opening thread runs: how many devices CUDA shows, which one is this
@@ -576,6 +610,7 @@ impl State {
                 self.opener = Opener::Never;
             }
         }
+        self.publish();
         for job in std::mem::take(&mut self.held) {
             self.arrive(job);
         }
@@ -694,6 +729,10 @@ impl State {
         if self.device.is_some() {
             consider(self.next_trim);
         }
+        // An op that is not ready yet (a model loading) is looked at again each second.
+        if self.config.ops.iter().any(|op| !op.ready()) {
+            consider(now + STALL_CHECK);
+        }
         at
     }
 
@@ -725,6 +764,7 @@ impl State {
             self.next_trim = now + self.config.trim_after;
             self.trim();
         }
+        self.publish();
     }
 
     /// Frees the idle slots' buffers that were larger than batches needed lately.
@@ -858,6 +898,7 @@ impl State {
                 }
             }
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            metrics::batch(op, batch.pieces.len());
             self.stats
                 .pieces
                 .fetch_add(batch.pieces.len() as u64, Ordering::Relaxed);
@@ -1110,6 +1151,7 @@ impl State {
         self.done = never();
         self.in_flight = vec![None];
         self.opener = Opener::Never;
+        self.publish();
         self.fall_back(hit, &format!("the GPU failed: {e}"), Failure::Lost);
         // Jobs still queued with `gpu_fallback off` get their 503 now.
         let off: Vec<u64> = self

@@ -16,6 +16,7 @@ use crate::engine::batch::OpKey;
 use crate::engine::job::{Completion, Device, Event, Job, JobError, Level};
 use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::http::handler::{self, RequestCtx};
+use crate::metrics;
 
 struct Worker {
     thread: GpuThread,
@@ -83,6 +84,7 @@ pub unsafe fn start(
             noisy: Noisy::new(log),
         });
     });
+    metrics::thread_up(true);
     Ok(())
 }
 
@@ -95,6 +97,8 @@ pub unsafe fn stop() {
     w.noisy.disarm();
     ngx_close_connection(w.conn);
     w.thread.stop();
+    metrics::thread_up(false);
+    metrics::pending_cleared();
     ngx_log_error!(NGX_LOG_NOTICE, w.log, "{}", w.thread.stats().summary());
 }
 
@@ -112,23 +116,34 @@ pub fn next_id() -> u64 {
     })
 }
 
+/// Why a job was not queued: its queue is full (`full`), or the thread is gone.
+pub struct NotQueued {
+    pub full: bool,
+    pub why: String,
+}
+
 /// Hands `job` to the GPU thread, unless the worker's queue (`gpu_queue_size` of the http
 /// block) or its location's (`location_bound`) is full.
-pub fn submit(job: Job, location_bound: usize) -> Result<(), String> {
+pub fn submit(job: Job, location_bound: usize) -> Result<(), NotQueued> {
+    let full = |why: String| NotQueued { full: true, why };
+    let gone = |why: &str| NotQueued {
+        full: false,
+        why: why.into(),
+    };
     WORKER.with_borrow(|w| match w {
-        None => Err("the GPU thread is not running".into()),
+        None => Err(gone("the GPU thread is not running")),
         // Counted here, where requests wait: the thread drains its channel into batches.
-        Some(w) if w.pending.len() >= w.queue_size => Err(format!(
+        Some(w) if w.pending.len() >= w.queue_size => Err(full(format!(
             "GPU queue is full ({} requests waiting)",
             w.pending.len()
-        )),
-        Some(w) if w.per_op.get(&job.op_key).copied().unwrap_or(0) >= location_bound => Err(
+        ))),
+        Some(w) if w.per_op.get(&job.op_key).copied().unwrap_or(0) >= location_bound => Err(full(
             format!("GPU queue of this location is full ({location_bound} requests waiting)"),
-        ),
+        )),
         Some(w) => w
             .thread
             .submit(job)
-            .map_err(|_| "the GPU thread has stopped".into()),
+            .map_err(|_| gone("the GPU thread has stopped")),
     })
 }
 
@@ -137,6 +152,7 @@ pub fn remember(id: u64, op: OpKey, ctx: *mut RequestCtx) {
         if let Some(w) = w {
             w.pending.insert(id, (ctx, op));
             *w.per_op.entry(op).or_default() += 1;
+            metrics::pending(op, 1, w.pending.len());
         }
     });
 }
@@ -148,6 +164,7 @@ impl Worker {
         if let Some(n) = self.per_op.get_mut(&op) {
             *n = n.saturating_sub(1);
         }
+        metrics::pending(op, -1, self.pending.len());
         Some(ctx)
     }
 }
@@ -179,9 +196,21 @@ unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
                         handler::complete(ctx, done);
                     }
                 }
-                Event::Log(level, msg) => log_line(log, level, &msg),
-                Event::Restart(why) => restart(log, &why),
+                Event::Log(level, msg) => {
+                    if matches!(level, Level::Alert | Level::Error | Level::Warn) {
+                        metrics::error(&msg);
+                    } else if msg.starts_with("gpu: using ") {
+                        metrics::start_line(&msg);
+                    }
+                    log_line(log, level, &msg)
+                }
+                Event::Restart(why) => {
+                    metrics::error(&why);
+                    restart(log, &why)
+                }
                 Event::Stopped => {
+                    metrics::thread_up(false);
+                    metrics::error("the GPU thread stopped unexpectedly");
                     ngx_log_error!(
                         NGX_LOG_ALERT,
                         log,
@@ -207,6 +236,7 @@ unsafe fn fail_pending(why: &str) {
     let pending: Vec<(u64, *mut RequestCtx)> = WORKER.with_borrow_mut(|w| {
         w.as_mut().map_or_else(Vec::new, |w| {
             w.per_op.clear();
+            metrics::pending_cleared();
             w.pending.drain().map(|(id, (ctx, _))| (id, ctx)).collect()
         })
     });

@@ -16,12 +16,17 @@ use crate::engine::worker;
 use crate::engine::worker::{log_repeated, Repeated};
 use crate::http::body;
 use crate::http::response::{send, send_error};
+use crate::metrics::{self, Outcome};
 use crate::ngx_http_gpu_module;
 
 /// Per-request state, in the request pool; dropped by its pool cleanup.
 pub struct RequestCtx {
     request: *mut ngx_http_request_t,
     id: u64,
+    /// When the content handler started (the request time of the metrics), and whether
+    /// the request's outcome was counted.
+    started: Instant,
+    counted: bool,
     /// Shared with the job: set when the request goes away before its result.
     cancelled: Arc<AtomicBool>,
     /// Waiting for a completion (registered with the worker, timer armed).
@@ -53,12 +58,48 @@ pub unsafe extern "C" fn gpu_content_handler(r: *mut ngx_http_request_t) -> ngx_
     })
 }
 
+/// Counts the request's answer in the metrics zone, once.
+unsafe fn record(r: *mut ngx_http_request_t, outcome: Outcome, bytes_out: u64) {
+    let took = match ctx_of(r) {
+        Some(c) if c.counted => return,
+        Some(c) => {
+            c.counted = true;
+            c.started.elapsed()
+        }
+        None => Duration::ZERO,
+    };
+    metrics::answered(loc_conf(r).op_key, outcome, took, bytes_out);
+}
+
+/// Log phase: counts the answers nginx gave itself to requests of `gpu_process`
+/// locations (413 over client_max_body_size before the handler ran, 408 a body that
+/// never came, 400 a malformed one); 499, a client gone, is no outcome.
+pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard(NGX_OK as ngx_int_t, || {
+        let lcf = loc_conf(r);
+        let status = (*r).headers_out.status;
+        if lcf.op.is_some()
+            && ctx_of(r).is_none_or(|c| !c.counted)
+            && status >= 400
+            && status != NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_uint_t
+        {
+            record(r, Outcome::of_status(status), 0);
+        }
+        NGX_OK as ngx_int_t
+    })
+}
+
 unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // The context first: it marks the request counted, whichever way it is answered.
+    if create_ctx(r).is_none() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
     if (*r).method & (NGX_HTTP_POST | NGX_HTTP_PUT) as ngx_uint_t == 0 {
         let rc = ngx_http_discard_request_body(r);
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
+        record(r, Outcome::BadRequest, 0);
         return send_error(
             r,
             NGX_HTTP_NOT_ALLOWED as ngx_uint_t,
@@ -71,6 +112,7 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
+        record(r, Outcome::Unavailable, 0);
         return send_error(
             r,
             503,
@@ -78,11 +120,10 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             &[("Retry-After", "1")],
         );
     }
-    if create_ctx(r).is_none() {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    }
     let rc = ngx_http_read_client_request_body(r, Some(body_read));
     if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        // nginx's own answer (413 over client_max_body_size, 400 a malformed body).
+        record(r, Outcome::of_status(rc as usize), 0);
         return rc;
     }
     NGX_DONE as ngx_int_t
@@ -102,6 +143,8 @@ unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
         RequestCtx {
             request: r,
             id: 0,
+            started: Instant::now(),
+            counted: false,
             cancelled: Arc::default(),
             queued: false,
             timer: core::mem::zeroed(),
@@ -158,14 +201,17 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
                 log,
                 "gpu: cannot hand the request body over: {e}"
             );
+            record(r, Outcome::Internal, 0);
             return send_error(r, 500, "internal error", &[]);
         }
     };
+    metrics::request_bytes(lcf.op_key, body.len());
     let op = lcf
         .op
         .clone()
         .expect("gpu_process sets the op with the handler");
     let Some(values) = evaluate(r, &lcf.values) else {
+        record(r, Outcome::Internal, 0);
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     // The op's checks that need no body bytes: its parameters, the body's length.
@@ -193,9 +239,15 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
         log_repeated(
             Repeated::QueueFull,
             log,
-            &format!("gpu: {e}, answering 503"),
+            &format!("gpu: {}, answering 503", e.why),
         );
-        return send_error(r, 503, &e, &[("Retry-After", "1")]);
+        let outcome = if e.full {
+            Outcome::QueueFull
+        } else {
+            Outcome::Unavailable
+        };
+        record(r, outcome, 0);
+        return send_error(r, 503, &e.why, &[("Retry-After", "1")]);
     }
     ctx.id = id;
     ctx.queued = true;
@@ -279,6 +331,7 @@ unsafe extern "C" fn timeout_handler(ev: *mut ngx_event_t) {
             (*c).log,
             "gpu: timed out waiting for the GPU thread",
         );
+        record(r, Outcome::Timeout, 0);
         let rc = send_error(
             r,
             NGX_HTTP_GATEWAY_TIME_OUT as ngx_uint_t,
@@ -308,6 +361,12 @@ unsafe fn evaluate(
 
 /// Answers a request with `e`'s status and message (JSON, or the location's error_page).
 unsafe fn respond_error(r: *mut ngx_http_request_t, e: JobError) -> ngx_int_t {
+    let outcome = match e {
+        JobError::BadInput(_) | JobError::TooLarge(_) => Outcome::BadRequest,
+        JobError::Unavailable(_) => Outcome::Unavailable,
+        JobError::Internal(_) => Outcome::Internal,
+    };
+    record(r, outcome, 0);
     match e {
         JobError::BadInput(m) => send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[]),
         JobError::TooLarge(m) => {
@@ -341,14 +400,20 @@ pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
         ctx.queue_time = done.queue_time;
         ctx.exec_time = done.exec_time;
         (*r).read_event_handler = Some(ngx_http_block_reading);
+        if done.device != Device::None {
+            metrics::ran(loc_conf(r).op_key, done.queue_time, done.exec_time);
+        }
         let rc = match done.result {
-            Ok(out) => send(
-                r,
-                NGX_HTTP_OK as ngx_uint_t,
-                &out.content_type,
-                out.body,
-                &[],
-            ),
+            Ok(out) => {
+                record(r, Outcome::Success, out.body.len() as u64);
+                send(
+                    r,
+                    NGX_HTTP_OK as ngx_uint_t,
+                    &out.content_type,
+                    out.body,
+                    &[],
+                )
+            }
             Err(e) => respond_error(r, e),
         };
         ngx_http_finalize_request(r, rc);

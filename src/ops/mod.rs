@@ -149,6 +149,14 @@ pub trait Op: Send + Sync + 'static {
         Ok(Params::default())
     }
 
+    /// Whether the op can serve now, beyond the device: false while something it needs
+    /// is still being made ready (a model or an index loading). Readiness
+    /// (`gpu_health ready`) waits for it; the GPU thread looks again each second while
+    /// any op says false. Called on the GPU thread.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// Whether the op has a CPU path (`run_cpu`). Without one, its requests get 503 where
     /// there is no GPU, and 500 when the GPU fails under their batch.
     fn has_cpu(&self) -> bool {
