@@ -60,6 +60,10 @@ pub struct MainConf {
     pub op_sites: Vec<String>,
     /// What the http block declares by name (`gpu_kernel`).
     pub declared: Declared,
+    /// Whether a location has `gpu_process kserve;`, and then the declared models it
+    /// serves, each with its own op instance (made once the configuration is read).
+    pub kserve: bool,
+    pub served: Vec<crate::http::kserve::Served>,
     /// This configuration's compiled programs, or why there are none. Kept with the
     /// configuration, not in a process-wide variable: a reload that fails after compiling
     /// leaves the running configuration's kernels as they were, for workers the master
@@ -72,6 +76,9 @@ pub struct LocConf {
     /// `gpu_process`: the location's op, its key, and the values it evaluates per request.
     pub op: Option<Arc<dyn Op>>,
     pub op_key: OpKey,
+    /// `gpu_process kserve;`: the location serves the KServe v2 routes (its requests go
+    /// to their model's op, not to `op`).
+    pub kserve: bool,
     pub values: Vec<*mut ngx_http_complex_value_t>,
     /// `gpu_queue_size` in a server or location: requests of this location one worker
     /// holds at most (the http-level one bounds the worker).
@@ -239,6 +246,8 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             ops: Vec::new(),
             op_sites: Vec::new(),
             declared: Declared::default(),
+            kserve: false,
+            served: Vec::new(),
             kernels: None,
         },
     )
@@ -267,6 +276,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         LocConf {
             op: None,
             op_key: 0,
+            kserve: false,
             values: Vec::new(),
             queue_size: UNSET_SIZE,
             fallback: None,
@@ -308,7 +318,7 @@ pub unsafe extern "C" fn merge_loc_conf(
     if conf.client_eof.is_none() {
         conf.client_eof = Some(prev.client_eof.unwrap_or(ClientEof::Answer));
     }
-    if conf.op.is_some() {
+    if conf.op.is_some() || conf.kserve {
         let mcf = main_conf_of(cf);
         mcf.max_batch_size = mcf.max_batch_size.max(conf.batch_size);
     }
@@ -349,8 +359,27 @@ unsafe extern "C" fn cmd_gpu_process(
     conf: *mut c_void,
 ) -> *mut c_char {
     let lcf = &mut *(conf as *mut LocConf);
-    if lcf.op.is_some() {
+    if lcf.op.is_some() || lcf.kserve {
         return c"is duplicate".as_ptr().cast_mut();
+    }
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    let clcf =
+        *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+    if args(cf).first() == Some(&"kserve") {
+        if let Some(extra) = args(cf).get(1) {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"gpu_process\" directive: kserve takes no arguments, got \"{extra}\""
+            );
+            return NGX_CONF_ERROR;
+        }
+        let mcf = main_conf_of(cf);
+        lcf.kserve = true;
+        mcf.kserve = true;
+        mcf.used = true;
+        (*clcf).handler = Some(gpu_content_handler);
+        return NGX_CONF_OK;
     }
     let configured = match crate::ops::parse(&args(cf)) {
         Ok(c) => c,
@@ -372,10 +401,6 @@ unsafe extern "C" fn cmd_gpu_process(
     mcf.ops.push(configured.op);
     mcf.op_sites.push(site(cf));
     mcf.used = true;
-
-    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-    let clcf =
-        *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
     (*clcf).handler = Some(gpu_content_handler);
     NGX_CONF_OK
 }
@@ -686,6 +711,19 @@ unsafe extern "C" fn cmd_gpu_queue_size(
 pub unsafe fn finish(cf: *mut ngx_conf_t) -> bool {
     let mcf = main_conf_of(cf);
     mcf.declared.max_body = mcf.batch_bytes as u64;
+    // Each model served over KServe gets an op instance of its own (its own queue).
+    if mcf.kserve && mcf.served.is_empty() {
+        for model in mcf.declared.models.clone() {
+            let op = model.clone().serve();
+            mcf.served.push(crate::http::kserve::Served {
+                model: model.clone(),
+                op: op.clone(),
+                key: mcf.ops.len(),
+            });
+            mcf.ops.push(op);
+            mcf.op_sites.push(format!("gpu_model {}", model.name()));
+        }
+    }
     for (op, site) in mcf.ops.iter().zip(&mcf.op_sites) {
         if let Err(e) = op.resolve(&mcf.declared) {
             ngx::ngx_log_error!(

@@ -11,12 +11,14 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::conf::{ClientEof, LocConf};
+use crate::engine::batch::OpKey;
 use crate::engine::job::{Batching, Completion, Device, Job, JobError};
 use crate::engine::worker;
 use crate::engine::worker::{log_repeated, Repeated};
 use crate::http::body;
 use crate::http::response::{send, send_error};
 use crate::ngx_http_gpu_module;
+use crate::ops::{Op, Params};
 
 /// Per-request state, in the request pool; dropped by its pool cleanup.
 pub struct RequestCtx {
@@ -26,6 +28,9 @@ pub struct RequestCtx {
     cancelled: Arc<AtomicBool>,
     /// Waiting for a completion (registered with the worker, timer armed).
     queued: bool,
+    /// The op, its key and the parameters a protocol chose for the request (KServe);
+    /// `None`: the location's op.
+    target: Option<(Arc<dyn Op>, OpKey, Params)>,
     timer: ngx_event_t,
     /// Filled from the completion, for the $gpu_* variables.
     pub device: Device,
@@ -54,6 +59,9 @@ pub unsafe extern "C" fn gpu_content_handler(r: *mut ngx_http_request_t) -> ngx_
 }
 
 unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if loc_conf(r).kserve {
+        return crate::http::kserve::handle(r, read_for);
+    }
     if (*r).method & (NGX_HTTP_POST | NGX_HTTP_PUT) as ngx_uint_t == 0 {
         let rc = ngx_http_discard_request_body(r);
         if rc != NGX_OK as ngx_int_t {
@@ -88,6 +96,37 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     NGX_DONE as ngx_int_t
 }
 
+/// For protocols that pick the op per request (KServe: the model in the path): reads the
+/// body and queues it for `op` (instance `key`) with `params`.
+unsafe fn read_for(
+    r: *mut ngx_http_request_t,
+    op: Arc<dyn Op>,
+    key: OpKey,
+    params: Params,
+) -> ngx_int_t {
+    if !worker::running() {
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        return send_error(
+            r,
+            503,
+            "the GPU thread is not running in this process",
+            &[("Retry-After", "1")],
+        );
+    }
+    let Some(ctx) = create_ctx(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    (*ctx).target = Some((op, key, params));
+    let rc = ngx_http_read_client_request_body(r, Some(body_read));
+    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        return rc;
+    }
+    NGX_DONE as ngx_int_t
+}
+
 unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
     let pool = (*r).pool;
     let ctx = ngx_pcalloc(pool, size_of::<RequestCtx>()) as *mut RequestCtx;
@@ -104,6 +143,7 @@ unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
             id: 0,
             cancelled: Arc::default(),
             queued: false,
+            target: None,
             timer: core::mem::zeroed(),
             device: Device::None,
             batch_size: 0,
@@ -161,22 +201,27 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             return send_error(r, 500, "internal error", &[]);
         }
     };
-    let op = lcf
-        .op
-        .clone()
-        .expect("gpu_process sets the op with the handler");
-    let Some(values) = evaluate(r, &lcf.values) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    };
-    // The op's checks that need no body bytes: its parameters, the body's length.
-    let params = match op.admit(body.len(), &values) {
-        Ok(p) => p,
-        Err(e) => return respond_error(r, e),
+    let (op, op_key, params) = match ctx.target.take() {
+        Some(t) => t,
+        None => {
+            let op = lcf
+                .op
+                .clone()
+                .expect("gpu_process sets the op with the handler");
+            let Some(values) = evaluate(r, &lcf.values) else {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+            };
+            // The op's checks that need no body bytes: its parameters, the body's length.
+            match op.admit(body.len(), &values) {
+                Ok(p) => (op, lcf.op_key, p),
+                Err(e) => return respond_error(r, e),
+            }
+        }
     };
     let job = Job {
         id: worker::next_id(),
         op,
-        op_key: lcf.op_key,
+        op_key,
         params,
         fallback: lcf.fallback.unwrap_or(crate::engine::job::Fallback::Cpu),
         batching: Batching {
@@ -184,6 +229,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             delay: Duration::from_millis(lcf.batch_delay as u64),
         },
         body,
+        decoded: None,
         timeout: Duration::from_millis(lcf.timeout as u64),
         cancelled: ctx.cancelled.clone(),
         queued_at: Instant::now(),
@@ -199,7 +245,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
     ctx.id = id;
     ctx.queued = true;
-    worker::remember(id, lcf.op_key, ctx);
+    worker::remember(id, op_key, ctx);
     ctx.timer.handler = Some(timeout_handler);
     ctx.timer.data = (ctx as *mut RequestCtx).cast();
     ctx.timer.log = log;
@@ -342,13 +388,17 @@ pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
         ctx.exec_time = done.exec_time;
         (*r).read_event_handler = Some(ngx_http_block_reading);
         let rc = match done.result {
-            Ok(out) => send(
-                r,
-                NGX_HTTP_OK as ngx_uint_t,
-                &out.content_type,
-                out.body,
-                &[],
-            ),
+            Ok(out) => {
+                let headers: Vec<(&str, &str)> =
+                    out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                send(
+                    r,
+                    NGX_HTTP_OK as ngx_uint_t,
+                    &out.content_type,
+                    out.body,
+                    &headers,
+                )
+            }
             Err(e) => respond_error(r, e),
         };
         ngx_http_finalize_request(r, rc);

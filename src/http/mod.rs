@@ -4,5 +4,6 @@
 
 pub(crate) mod body;
 pub(crate) mod handler;
+pub(crate) mod kserve;
 pub(crate) mod response;
 pub(crate) mod variables;
