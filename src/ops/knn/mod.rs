@@ -92,6 +92,19 @@ pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, S
     }))
 }
 
+impl KnnModel {
+    /// A model made in tests (no file).
+    #[cfg(test)]
+    pub fn for_tests(name: &str, index: Index, default_k: usize, batch_rows: usize) -> KnnModel {
+        KnnModel {
+            name: Arc::from(name),
+            index,
+            default_k,
+            batch_rows,
+        }
+    }
+}
+
 impl Model for KnnModel {
     fn name(&self) -> &str {
         &self.name
