@@ -60,7 +60,7 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 /// worker: nothing to do then.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let mcf = conf::main_conf_of(cf);
-    let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty();
+    let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty() || mcf.kserve;
     if !declared || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
     }
