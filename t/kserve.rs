@@ -341,3 +341,30 @@ fn the_example_config_serves_its_model() {
     assert_eq!(r.status, 200, "{}", r.text());
     ngx.assert_healthy();
 }
+
+/// Triton's client, unmodified (t/tritonclient/client.py), with the python of the venv
+/// t/tritonclient/test.sh makes; skipped, saying so, without it.
+#[test]
+fn tritonclient() {
+    let Ok(python) = std::env::var("NGX_GPU_TRITON_PYTHON") else {
+        eprintln!("SKIPPED: tritonclient: run t/tritonclient/test.sh (make check does)");
+        return;
+    };
+    let mut rng = Rng::fresh();
+    let dir = data_dir("kserve-triton");
+    write_models(&dir, &mut rng);
+    let ngx = Nginx::start(&conf(&dir));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("t/tritonclient/client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(ngx.addr())
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    eprintln!("{stdout}");
+    ngx.assert_healthy();
+}
