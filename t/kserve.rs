@@ -32,7 +32,13 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn write_models(dir: &Path, rng: &mut Rng) -> (Data, Vec<f32>) {
     let rows = rand_f32(rng, N * D);
     let ids: Vec<i64> = (0..N as i64).map(|i| 5_000_000_000 + 3 * i).collect();
-    write_npy(&dir.join("ip.npy"), "<f4", false, &[N, D], &f32_bytes(&rows));
+    write_npy(
+        &dir.join("ip.npy"),
+        "<f4",
+        false,
+        &[N, D],
+        &f32_bytes(&rows),
+    );
     let id_bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
     write_npy(&dir.join("ids.npy"), "<i8", false, &[N], &id_bytes);
     let halves: Vec<f32> = rows.iter().map(|x| (x * 64.0).round() / 64.0).collect();
@@ -74,7 +80,10 @@ fn reference(rows: &[f32], q: &[f32], l2: bool) -> Vec<(f64, usize)> {
         .enumerate()
         .map(|(i, x)| {
             let s: f64 = if l2 {
-                q.iter().zip(x).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum()
+                q.iter()
+                    .zip(x)
+                    .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                    .sum()
             } else {
                 q.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
             };
@@ -82,7 +91,11 @@ fn reference(rows: &[f32], q: &[f32], l2: bool) -> Vec<(f64, usize)> {
         })
         .collect();
     all.sort_by(|a, b| {
-        let o = if l2 { a.0.total_cmp(&b.0) } else { b.0.total_cmp(&a.0) };
+        let o = if l2 {
+            a.0.total_cmp(&b.0)
+        } else {
+            b.0.total_cmp(&a.0)
+        };
         o.then(a.1.cmp(&b.1))
     });
     all
@@ -92,10 +105,16 @@ fn reference(rows: &[f32], q: &[f32], l2: bool) -> Vec<(f64, usize)> {
 fn check(rows_hit: &[usize], scores: &[f32], want: &[(f64, usize)], what: &str) {
     for (j, (&r, &s)) in rows_hit.iter().zip(scores).enumerate() {
         let (ws, wr) = want[j];
-        assert!((s as f64 - ws).abs() <= 1e-5 * ws.abs().max(1.0), "{what}: hit {j}: {s} vs {ws}");
+        assert!(
+            (s as f64 - ws).abs() <= 1e-5 * ws.abs().max(1.0),
+            "{what}: hit {j}: {s} vs {ws}"
+        );
         if r != wr {
             let theirs = want.iter().find(|w| w.1 == r).unwrap().0;
-            assert!((theirs - ws).abs() <= 1e-5, "{what}: hit {j}: row {r} vs {wr}");
+            assert!(
+                (theirs - ws).abs() <= 1e-5,
+                "{what}: hit {j}: row {r} vs {wr}"
+            );
         }
     }
 }
@@ -109,7 +128,12 @@ fn outputs(r: &Response) -> (Vec<i64>, Vec<f32>, Vec<u64>) {
     let doc: Value = serde_json::from_slice(json_part).unwrap();
     let (mut ids, mut scores, mut shape) = (Vec::new(), Vec::new(), Vec::new());
     for o in doc["outputs"].as_array().unwrap() {
-        shape = o["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        shape = o["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         let size = o["parameters"]["binary_data_size"].as_u64();
         let name = o["name"].as_str().unwrap();
         match size {
@@ -117,16 +141,32 @@ fn outputs(r: &Response) -> (Vec<i64>, Vec<f32>, Vec<u64>) {
                 let (mine, rest) = bin.split_at(s as usize);
                 bin = rest;
                 if name == "IDS" {
-                    ids = mine.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    ids = mine
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                 } else {
-                    scores = mine.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    scores = mine
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                 }
             }
             None if name == "IDS" => {
-                ids = o["data"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+                ids = o["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect()
             }
             None => {
-                scores = o["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+                scores = o["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
             }
         }
     }
@@ -152,7 +192,11 @@ fn infer(addr: &str, model: &str, q: &[f32], rows: usize, binary: bool, extra: V
     } else {
         input["data"] = json!(q);
         req["inputs"] = json!([input]);
-        post(addr, &format!("/v2/models/{model}/infer"), &serde_json::to_vec(&req).unwrap())
+        post(
+            addr,
+            &format!("/v2/models/{model}/infer"),
+            &serde_json::to_vec(&req).unwrap(),
+        )
     }
 }
 
@@ -176,7 +220,10 @@ fn metadata_health_and_readiness() {
     let m = json_of(&r);
     assert_eq!(m["name"], "ngx_http_gpu_module");
     assert!(m["version"].is_string());
-    assert!(m["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")));
+    assert!(m["extensions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("binary_tensor_data")));
     assert_eq!(get(&a, "/v2/health/live").status, 200);
     assert_eq!(get(&a, "/v2/health/ready").status, 200);
     for path in ["/v2/models/vectors", "/v2/models/vectors/versions/1"] {
@@ -185,22 +232,40 @@ fn metadata_health_and_readiness() {
         let m = json_of(&r);
         assert_eq!(m["name"], "vectors");
         assert_eq!(m["versions"], json!(["1"]));
-        assert_eq!(m["inputs"], json!([{"name": "QUERY", "datatype": "FP32", "shape": [-1, D]}]));
-        assert_eq!(m["outputs"][0], json!({"name": "IDS", "datatype": "INT64", "shape": [-1, -1]}));
-        assert_eq!(m["outputs"][1], json!({"name": "SCORES", "datatype": "FP32", "shape": [-1, -1]}));
+        assert_eq!(
+            m["inputs"],
+            json!([{"name": "QUERY", "datatype": "FP32", "shape": [-1, D]}])
+        );
+        assert_eq!(
+            m["outputs"][0],
+            json!({"name": "IDS", "datatype": "INT64", "shape": [-1, -1]})
+        );
+        assert_eq!(
+            m["outputs"][1],
+            json!({"name": "SCORES", "datatype": "FP32", "shape": [-1, -1]})
+        );
     }
     assert_eq!(get(&a, "/v2/models/near/ready").status, 200);
     let c = json_of(&get(&a, "/v2/models/near/config"));
     assert_eq!(c["input"][0]["data_type"], "TYPE_FP32");
     // Unknown model, version, route; wrong methods.
-    for path in ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/vectors/versions/2", "/v2/models/vectors/explain", "/v2/x"] {
+    for path in [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/vectors/versions/2",
+        "/v2/models/vectors/explain",
+        "/v2/x",
+    ] {
         let r = get(&a, path);
         assert_eq!(r.status, 404, "{path}");
         assert!(json_of(&r)["error"].is_string(), "{path}");
     }
     let r = post(&a, "/v2/models/nope/infer", b"{}");
     assert_eq!(r.status, 404);
-    assert!(json_of(&r)["error"].as_str().unwrap().contains("unknown model \"nope\""));
+    assert!(json_of(&r)["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown model \"nope\""));
     let r = get(&a, "/v2/models/vectors/infer");
     assert_eq!((r.status, r.header("Allow")), (405, Some("POST")));
     let r = post(&a, "/v2/models/vectors", b"");
@@ -228,7 +293,8 @@ fn infer_answers_match_an_exact_reference() {
                     let rows = 1 + (rng.next() % 3) as usize;
                     let q = rand_f32(&mut rng, rows * D);
                     let l2 = i % 3 == 2;
-                    let k = [None, Some(1), Some(N), Some(N + 7), Some(17)][(rng.next() % 5) as usize];
+                    let k =
+                        [None, Some(1), Some(N), Some(N + 7), Some(17)][(rng.next() % 5) as usize];
                     let extra = match k {
                         Some(k) => json!({"parameters": {"k": k}, "id": format!("t{t}-{i}")}),
                         None => json!({"id": format!("t{t}-{i}")}),
@@ -252,7 +318,12 @@ fn infer_answers_match_an_exact_reference() {
                                 }
                             })
                             .collect();
-                        check(&hit_rows, &scores[qi * want_k..(qi + 1) * want_k], &want, &format!("{model} {t}/{i}"));
+                        check(
+                            &hit_rows,
+                            &scores[qi * want_k..(qi + 1) * want_k],
+                            &want,
+                            &format!("{model} {t}/{i}"),
+                        );
                     }
                 }
             });
@@ -270,9 +341,20 @@ fn outputs_by_name_binary_or_json_and_the_id_echoed() {
     let a = ngx.addr();
     let q = rand_f32(&mut rng, D);
     // Only SCORES, in binary; IDS absent.
-    let r = infer(&a, "vectors", &q, 1, true, json!({"id": "abc", "outputs": [{"name": "SCORES", "parameters": {"binary_data": true}}]}));
+    let r = infer(
+        &a,
+        "vectors",
+        &q,
+        1,
+        true,
+        json!({"id": "abc", "outputs": [{"name": "SCORES", "parameters": {"binary_data": true}}]}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
-    let n: usize = r.header("Inference-Header-Content-Length").unwrap().parse().unwrap();
+    let n: usize = r
+        .header("Inference-Header-Content-Length")
+        .unwrap()
+        .parse()
+        .unwrap();
     let doc: Value = serde_json::from_slice(&r.body[..n]).unwrap();
     assert_eq!(doc["id"], "abc");
     assert_eq!(doc["model_name"], "vectors");
@@ -280,7 +362,14 @@ fn outputs_by_name_binary_or_json_and_the_id_echoed() {
     assert_eq!(doc["outputs"][0]["name"], "SCORES");
     assert_eq!(r.body.len() - n, 5 * 4);
     // No outputs named, binary_data_output: both, binary.
-    let r = infer(&a, "vectors", &q, 1, false, json!({"parameters": {"binary_data_output": true}}));
+    let r = infer(
+        &a,
+        "vectors",
+        &q,
+        1,
+        false,
+        json!({"parameters": {"binary_data_output": true}}),
+    );
     let (ids, scores, _) = outputs(&r);
     assert_eq!((ids.len(), scores.len()), (5, 5));
     assert!(r.header("Inference-Header-Content-Length").is_some());
@@ -307,11 +396,27 @@ fn malformed_requests_get_400_with_a_json_error() {
         let e = json_of(&r)["error"].as_str().unwrap().to_string();
         assert!(e.contains(want), "{want}: {e}");
     };
-    bad(post(&a, "/v2/models/vectors/infer", b"{not json"), "not valid JSON");
+    bad(
+        post(&a, "/v2/models/vectors/infer", b"{not json"),
+        "not valid JSON",
+    );
     bad(post(&a, "/v2/models/vectors/infer", b""), "not valid JSON");
     bad(infer(&a, "vectors", &q, 3, false, json!({})), "needs 27");
-    bad(infer(&a, "vectors", &q, 2, false, json!({"parameters": {"k": 0}})), "parameter \"k\"");
-    bad(infer(&a, "vectors", &q, 2, false, json!({"parameters": {"k": 5000}})), "parameter \"k\"");
+    bad(
+        infer(&a, "vectors", &q, 2, false, json!({"parameters": {"k": 0}})),
+        "parameter \"k\"",
+    );
+    bad(
+        infer(
+            &a,
+            "vectors",
+            &q,
+            2,
+            false,
+            json!({"parameters": {"k": 5000}}),
+        ),
+        "parameter \"k\"",
+    );
     let body = serde_json::to_vec(&json!({"inputs": [{"name": "QUERY", "datatype": "FP64", "shape": [1, D], "data": vec![0.0; D]}]})).unwrap();
     bad(post(&a, "/v2/models/vectors/infer", &body), "datatype FP64");
     // Binary data shorter than binary_data_size, and a header length past the body.
@@ -319,11 +424,45 @@ fn malformed_requests_get_400_with_a_json_error() {
     let mut body = serde_json::to_vec(&req).unwrap();
     let n = body.len().to_string();
     body.extend_from_slice(&f32_bytes(&q)[..10]);
-    bad(request_with(&a, "POST", "/v2/models/vectors/infer", &[("Inference-Header-Content-Length", &n)], &body), "binary_data_size");
-    bad(request_with(&a, "POST", "/v2/models/vectors/infer", &[("Inference-Header-Content-Length", "99999")], &body), "larger than the body");
-    bad(request_with(&a, "POST", "/v2/models/vectors/infer", &[("Inference-Header-Content-Length", "x")], &body), "is not a length");
+    bad(
+        request_with(
+            &a,
+            "POST",
+            "/v2/models/vectors/infer",
+            &[("Inference-Header-Content-Length", &n)],
+            &body,
+        ),
+        "binary_data_size",
+    );
+    bad(
+        request_with(
+            &a,
+            "POST",
+            "/v2/models/vectors/infer",
+            &[("Inference-Header-Content-Length", "99999")],
+            &body,
+        ),
+        "larger than the body",
+    );
+    bad(
+        request_with(
+            &a,
+            "POST",
+            "/v2/models/vectors/infer",
+            &[("Inference-Header-Content-Length", "x")],
+            &body,
+        ),
+        "is not a length",
+    );
     req["inputs"][0]["shape"] = json!([2, D + 1]);
-    bad(post(&a, "/v2/models/vectors/infer", &serde_json::to_vec(&req).unwrap()), "binary_data_size");
+    bad(
+        post(
+            &a,
+            "/v2/models/vectors/infer",
+            &serde_json::to_vec(&req).unwrap(),
+        ),
+        "binary_data_size",
+    );
     // The worker still serves.
     let r = infer(&a, "vectors", &q, 2, true, json!({}));
     assert_eq!(r.status, 200);

@@ -772,9 +772,11 @@ impl State {
         let mut job = job;
         // Ops that decode do it here, on this thread, before the request is batched.
         let op = job.op.clone();
-        let decoded = no_panic("decoding a request", || Ok(op.decode(&job.body, &job.params)))
-            .map_err(JobError::Internal)
-            .and_then(|r| r);
+        let decoded = no_panic("decoding a request", || {
+            Ok(op.decode(&job.body, &job.params))
+        })
+        .map_err(JobError::Internal)
+        .and_then(|r| r);
         match decoded {
             Err(e) => {
                 self.refuse(job, e);

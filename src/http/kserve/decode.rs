@@ -159,7 +159,11 @@ fn decode_input(v: Value, binary: &mut &[u8]) -> Result<Input, String> {
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(d))
         .filter(|&c| c <= MAX_ELEMENTS)
-        .ok_or_else(|| at(format!("shape {shape:?} has more than {MAX_ELEMENTS} elements")))?;
+        .ok_or_else(|| {
+            at(format!(
+                "shape {shape:?} has more than {MAX_ELEMENTS} elements"
+            ))
+        })?;
     let params = match m.remove("parameters") {
         None => Map::new(),
         Some(Value::Object(p)) => p,

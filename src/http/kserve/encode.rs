@@ -35,8 +35,12 @@ impl Elements {
 
     fn bytes(&self, out: &mut Vec<u8>) {
         match self {
-            Elements::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Elements::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Elements::I64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Elements::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 }
@@ -61,7 +65,11 @@ pub struct Answer {
 
 impl Answer {
     /// The answer settings of `req`, for a model with outputs `names`.
-    pub fn of(model: Arc<str>, req: &InferRequest, names: &[&'static str]) -> Result<Answer, String> {
+    pub fn of(
+        model: Arc<str>,
+        req: &InferRequest,
+        names: &[&'static str],
+    ) -> Result<Answer, String> {
         let default = req.binary_output();
         let outputs = match &req.outputs {
             None => names.iter().map(|&n| (n, default)).collect(),

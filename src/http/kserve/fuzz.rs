@@ -51,7 +51,14 @@ fn decodes_sanely(m: &KnnModel, body: &[u8], header_len: Option<u64>) -> Result<
 }
 
 /// A valid request: rows x d queries, JSON or binary, FP32 or FP16, with some options.
-fn valid(rows: usize, d: usize, binary: bool, fp16: bool, k: u64, outs: u8) -> (Vec<u8>, Option<u64>) {
+fn valid(
+    rows: usize,
+    d: usize,
+    binary: bool,
+    fp16: bool,
+    k: u64,
+    outs: u8,
+) -> (Vec<u8>, Option<u64>) {
     let dt = if fp16 { "FP16" } else { "FP32" };
     let vals: Vec<f32> = (0..rows * d).map(|i| (i as f32) * 0.25 - 1.0).collect();
     let mut input = json!({"name": "QUERY", "datatype": dt, "shape": [rows, d]});
@@ -90,7 +97,10 @@ enum Mutation {
 fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
-        (any::<usize>(), prop::sample::select(b"{}[],:\"0123456789.-eE \x00\xff".to_vec()))
+        (
+            any::<usize>(),
+            prop::sample::select(b"{}[],:\"0123456789.-eE \x00\xff".to_vec())
+        )
             .prop_map(|(i, b)| Mutation::Insert(i, b)),
         any::<usize>().prop_map(Mutation::Remove),
         any::<usize>().prop_map(Mutation::Truncate),
@@ -117,18 +127,30 @@ fn apply(body: &mut Vec<u8>, hl: &mut Option<u64>, m: &Mutation) {
 #[test]
 fn random_bytes_never_panic() {
     let m = model(5, 3);
-    let mut runner = TestRunner::new(Config { cases: cases(), ..Config::default() });
-    let strategy = (prop::collection::vec(any::<u8>(), 0..600), prop::option::of(0u64..700));
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        ..Config::default()
+    });
+    let strategy = (
+        prop::collection::vec(any::<u8>(), 0..600),
+        prop::option::of(0u64..700),
+    );
     runner
         .run(&strategy, |(body, hl)| decodes_sanely(&m, &body, hl))
         .unwrap();
-    eprintln!("fuzz: {} inputs decoded so far", RUN.load(Ordering::Relaxed));
+    eprintln!(
+        "fuzz: {} inputs decoded so far",
+        RUN.load(Ordering::Relaxed)
+    );
 }
 
 #[test]
 fn mutated_valid_requests_never_panic() {
     let m = model(5, 3);
-    let mut runner = TestRunner::new(Config { cases: cases(), ..Config::default() });
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        ..Config::default()
+    });
     let strategy = (
         1usize..5,
         prop::sample::select(vec![1usize, 3, 4]),
@@ -151,7 +173,10 @@ fn mutated_valid_requests_never_panic() {
             decodes_sanely(&m, &body, hl)
         })
         .unwrap();
-    eprintln!("fuzz: {} inputs decoded so far", RUN.load(Ordering::Relaxed));
+    eprintln!(
+        "fuzz: {} inputs decoded so far",
+        RUN.load(Ordering::Relaxed)
+    );
 }
 
 /// Random JSON documents in the request's shape: wrong types, shapes, sizes, nesting.
@@ -161,8 +186,10 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(|b| json!(b)),
         any::<i64>().prop_map(|i| json!(i)),
         (-1e6f64..1e6).prop_map(|f| json!(f)),
-        prop::sample::select(vec!["QUERY", "IDS", "SCORES", "FP32", "FP16", "INT64", "k", ""])
-            .prop_map(|s| json!(s)),
+        prop::sample::select(vec![
+            "QUERY", "IDS", "SCORES", "FP32", "FP16", "INT64", "k", ""
+        ])
+        .prop_map(|s| json!(s)),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
@@ -170,8 +197,17 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             prop::collection::vec(
                 (
                     prop::sample::select(vec![
-                        "name", "datatype", "shape", "data", "parameters", "inputs", "outputs",
-                        "binary_data_size", "binary_data", "k", "id",
+                        "name",
+                        "datatype",
+                        "shape",
+                        "data",
+                        "parameters",
+                        "inputs",
+                        "outputs",
+                        "binary_data_size",
+                        "binary_data",
+                        "k",
+                        "id",
                     ]),
                     inner
                 ),
@@ -187,8 +223,15 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 #[test]
 fn random_json_documents_never_panic() {
     let m = model(5, 3);
-    let mut runner = TestRunner::new(Config { cases: cases(), ..Config::default() });
-    let strategy = (json_value(), json_value(), prop::collection::vec(any::<u8>(), 0..64));
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        ..Config::default()
+    });
+    let strategy = (
+        json_value(),
+        json_value(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    );
     runner
         .run(&strategy, |(inputs, params, tail)| {
             let doc = json!({"inputs": [inputs], "parameters": params});
@@ -199,6 +242,8 @@ fn random_json_documents_never_panic() {
             decodes_sanely(&m, &body[..hl as usize], None)
         })
         .unwrap();
-    eprintln!("fuzz: {} inputs decoded so far", RUN.load(Ordering::Relaxed));
+    eprintln!(
+        "fuzz: {} inputs decoded so far",
+        RUN.load(Ordering::Relaxed)
+    );
 }
-

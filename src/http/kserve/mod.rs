@@ -140,7 +140,12 @@ pub unsafe fn handle(
         }
         Route::Ready => {
             return discard_then(r, |r| {
-                send_error(r, 503, "the GPU thread is not running", &[("Retry-After", "1")])
+                send_error(
+                    r,
+                    503,
+                    "the GPU thread is not running",
+                    &[("Retry-After", "1")],
+                )
             })
         }
         Route::Model(name) | Route::ModelReady(name) | Route::ModelConfig(name) => {
@@ -175,7 +180,11 @@ unsafe fn discard_then(
     f(r)
 }
 
-unsafe fn send_json(r: *mut ngx_http_request_t, status: ngx_uint_t, doc: &serde_json::Value) -> ngx_int_t {
+unsafe fn send_json(
+    r: *mut ngx_http_request_t,
+    status: ngx_uint_t,
+    doc: &serde_json::Value,
+) -> ngx_int_t {
     let body = serde_json::to_vec(doc).expect("JSON of plain values");
     send(r, status, "application/json", body, &[])
 }
@@ -212,7 +221,9 @@ mod tests {
         assert_eq!(route("/v2/models/m/config"), Route::ModelConfig("m"));
         assert_eq!(route("/v2/models/m/infer"), Route::Infer("m"));
         assert_eq!(route("/v2/models/m/versions/1/infer"), Route::Infer("m"));
-        assert!(matches!(route("/v2/models/m/versions/2/infer"), Route::NotFound(m) if m.contains("no version \"2\"")));
+        assert!(
+            matches!(route("/v2/models/m/versions/2/infer"), Route::NotFound(m) if m.contains("no version \"2\""))
+        );
         assert!(matches!(route("/v2/models"), Route::NotFound(_)));
         assert!(matches!(route("/v2/models//infer"), Route::NotFound(_)));
         assert!(matches!(route("/v2/models/m/explain"), Route::NotFound(_)));

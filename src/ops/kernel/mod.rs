@@ -135,12 +135,7 @@ impl Op for Kernel {
         false
     }
 
-    fn run_cpu(
-        &self,
-        _body: Vec<u8>,
-        _: &Params,
-        _: Option<&Decoded>,
-    ) -> Result<Output, JobError> {
+    fn run_cpu(&self, _body: Vec<u8>, _: &Params, _: Option<&Decoded>) -> Result<Output, JobError> {
         Err(JobError::Unavailable(format!(
             "kernel \"{}\" runs on a GPU only, and this worker has none",
             self.kernel

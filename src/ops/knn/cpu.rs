@@ -37,7 +37,11 @@ pub fn search(index: &Index, queries: &[f32], k: usize) -> Hits {
         scored.sort_unstable_by(better);
         for &(key, row) in &scored {
             hits.rows.push(row);
-            let s = if index.metric == Metric::L2 { key } else { -key };
+            let s = if index.metric == Metric::L2 {
+                key
+            } else {
+                -key
+            };
             hits.scores.push(s as f32);
         }
     }

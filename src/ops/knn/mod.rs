@@ -236,7 +236,11 @@ impl Knn {
         let (rows, scores) = result.split_at(8 * n);
         let ids: Vec<i64> = rows
             .chunks_exact(8)
-            .map(|c| self.model.index.id_of(i64::from_le_bytes(c.try_into().expect("8"))))
+            .map(|c| {
+                self.model
+                    .index
+                    .id_of(i64::from_le_bytes(c.try_into().expect("8")))
+            })
             .collect();
         let scores: Vec<f32> = scores
             .chunks_exact(4)
@@ -462,7 +466,10 @@ impl OpOnDevice for OnDevice {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
             .collect();
-        if ids.iter().any(|&r| r < 0 || r as usize >= self.model.index.n) {
+        if ids
+            .iter()
+            .any(|&r| r < 0 || r as usize >= self.model.index.n)
+        {
             return Err(JobError::Internal(
                 "the device search returned a row number out of range".into(),
             ));

@@ -61,12 +61,20 @@ fn f32_to_f16(x: f32) -> u16 {
         let half = m >> shift;
         let rem = m & ((1 << shift) - 1);
         let mid = 1 << (shift - 1);
-        let r = if rem > mid || (rem == mid && half & 1 == 1) { half + 1 } else { half };
+        let r = if rem > mid || (rem == mid && half & 1 == 1) {
+            half + 1
+        } else {
+            half
+        };
         return sign | r as u16;
     }
     let half = ((exp as u32) << 10) | (man >> 13);
     let rem = man & 0x1fff;
-    let r = if rem > 0x1000 || (rem == 0x1000 && half & 1 == 1) { half + 1 } else { half };
+    let r = if rem > 0x1000 || (rem == 0x1000 && half & 1 == 1) {
+        half + 1
+    } else {
+        half
+    };
     sign | r as u16
 }
 
@@ -106,15 +114,27 @@ fn reference(raw: &[f32], d: usize, q: &[f32], metric: Metric) -> Vec<(f64, i64)
                 Metric::Ip => dot,
                 Metric::Cosine => {
                     let n = norm(q) * norm(x);
-                    if n == 0.0 { 0.0 } else { dot / n }
+                    if n == 0.0 {
+                        0.0
+                    } else {
+                        dot / n
+                    }
                 }
-                Metric::L2 => q.iter().zip(x).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum(),
+                Metric::L2 => q
+                    .iter()
+                    .zip(x)
+                    .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                    .sum(),
             };
             (s, i as i64)
         })
         .collect();
     all.sort_by(|a, b| {
-        let o = if metric == Metric::L2 { a.0.total_cmp(&b.0) } else { b.0.total_cmp(&a.0) };
+        let o = if metric == Metric::L2 {
+            a.0.total_cmp(&b.0)
+        } else {
+            b.0.total_cmp(&a.0)
+        };
         o.then(a.1.cmp(&b.1))
     });
     all
@@ -133,7 +153,11 @@ fn check(hits_rows: &[i64], hits_scores: &[f32], want: &[(f64, i64)], tol: f64, 
         );
         if row != wr {
             // A different row is right only if its exact score ties the expected one.
-            let theirs = want.iter().find(|w| w.1 == row).expect("a row of the index").0;
+            let theirs = want
+                .iter()
+                .find(|w| w.1 == row)
+                .expect("a row of the index")
+                .0;
             assert!(
                 (theirs - ws).abs() <= tol * scale,
                 "{what}: hit {j} row {row} (score {theirs}) where {wr} (score {ws})"
@@ -146,7 +170,15 @@ fn check(hits_rows: &[i64], hits_scores: &[f32], want: &[(f64, i64)], tol: f64, 
 fn cpu_search_matches_an_exact_reference() {
     let mut rng = Rng::fresh();
     // n = 1, odd d, sizes not a multiple of any tile, k = 1 and k = N and more than N.
-    for &(n, d) in &[(1, 1), (1, 7), (5, 3), (33, 17), (257, 31), (1000, 64), (1025, 129)] {
+    for &(n, d) in &[
+        (1, 1),
+        (1, 7),
+        (5, 3),
+        (33, 17),
+        (257, 31),
+        (1000, 64),
+        (1025, 129),
+    ] {
         for metric in [Metric::Ip, Metric::Cosine, Metric::L2] {
             let raw = random_rows(&mut rng, n * d);
             let idx = index(raw.clone(), n, d, metric, None);
@@ -202,7 +234,13 @@ fn npy_files_load_and_fp16_widens_exactly() {
     write_npy(&p16, "<f2", false, &[n, d], &bytes);
     let ids: Vec<i64> = (0..n as i64).map(|i| 1000 - 3 * i).collect();
     let pids = tmp("ids.npy");
-    write_npy(&pids, "<i8", false, &[n], &ids.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    write_npy(
+        &pids,
+        "<i8",
+        false,
+        &[n],
+        &ids.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>(),
+    );
     let idx = Index::load(
         p16.to_str().unwrap(),
         Metric::L2,
@@ -261,14 +299,56 @@ fn bad_files_are_refused_with_the_file_and_the_problem() {
     let good = tmp("good.npy");
     write_npy(&good, "<f4", false, &[3, 2], &f32_bytes(&[1.0; 6]));
     let cases: Vec<(&str, &str, bool, Vec<usize>, Vec<u8>, &str)> = vec![
-        ("f64.npy", "<f8", false, vec![3, 2], vec![0; 48], "holds float64"),
-        ("rank3.npy", "<f4", false, vec![3, 2, 1], vec![0; 24], "is 2-D"),
+        (
+            "f64.npy",
+            "<f8",
+            false,
+            vec![3, 2],
+            vec![0; 48],
+            "holds float64",
+        ),
+        (
+            "rank3.npy",
+            "<f4",
+            false,
+            vec![3, 2, 1],
+            vec![0; 24],
+            "is 2-D",
+        ),
         ("rank1.npy", "<f4", false, vec![6], vec![0; 24], "is 2-D"),
-        ("fortran.npy", "<f4", true, vec![3, 2], vec![0; 24], "Fortran order"),
-        ("short.npy", "<f4", false, vec![3, 2], vec![0; 23], "is truncated"),
-        ("long.npy", "<f4", false, vec![3, 2], vec![0; 25], "bytes after the data"),
+        (
+            "fortran.npy",
+            "<f4",
+            true,
+            vec![3, 2],
+            vec![0; 24],
+            "Fortran order",
+        ),
+        (
+            "short.npy",
+            "<f4",
+            false,
+            vec![3, 2],
+            vec![0; 23],
+            "is truncated",
+        ),
+        (
+            "long.npy",
+            "<f4",
+            false,
+            vec![3, 2],
+            vec![0; 25],
+            "bytes after the data",
+        ),
         ("empty.npy", "<f4", false, vec![0, 2], vec![], "is empty"),
-        ("big.npy", ">f4", false, vec![3, 2], vec![0; 24], "big-endian"),
+        (
+            "big.npy",
+            ">f4",
+            false,
+            vec![3, 2],
+            vec![0; 24],
+            "big-endian",
+        ),
     ];
     for (name, descr, fortran, shape, data, want) in cases {
         let p = tmp(name);
@@ -278,11 +358,20 @@ fn bad_files_are_refused_with_the_file_and_the_problem() {
         assert!(e.contains(want), "{name}: {e}");
     }
     let nan = tmp("nan.npy");
-    write_npy(&nan, "<f4", false, &[3, 2], &f32_bytes(&[0.0, 0.0, 1.0, f32::NAN, 0.0, 0.0]));
+    write_npy(
+        &nan,
+        "<f4",
+        false,
+        &[3, 2],
+        &f32_bytes(&[0.0, 0.0, 1.0, f32::NAN, 0.0, 0.0]),
+    );
     assert!(load(&nan, None).contains("NaN or infinite value in row 1"));
     let missing = tmp("missing.npy");
     let e = load(&missing, None);
-    assert!(e.contains("cannot open") && e.contains("missing.npy"), "{e}");
+    assert!(
+        e.contains("cannot open") && e.contains("missing.npy"),
+        "{e}"
+    );
     let junk = tmp("junk.npy");
     std::fs::write(&junk, b"not numpy at all").unwrap();
     assert!(load(&junk, None).contains("not a valid .npy file"));
@@ -332,7 +421,13 @@ fn test_model(n: usize, d: usize, metric: Metric, rng: &mut Rng) -> (Arc<KnnMode
 }
 
 /// A KServe infer body for `rows` queries: JSON data, or binary with the header length.
-pub fn infer_body(queries: &[f32], rows: usize, d: usize, binary: bool, extra: serde_json::Value) -> (Vec<u8>, Option<u64>) {
+pub fn infer_body(
+    queries: &[f32],
+    rows: usize,
+    d: usize,
+    binary: bool,
+    extra: serde_json::Value,
+) -> (Vec<u8>, Option<u64>) {
     let mut input = json!({"name": "QUERY", "datatype": "FP32", "shape": [rows, d]});
     let mut req = json!({"inputs": []});
     if let serde_json::Value::Object(m) = extra {
@@ -368,19 +463,44 @@ pub fn parse_answer(out: &Output) -> (Vec<i64>, Vec<f32>, Vec<u64>) {
     let doc: serde_json::Value = serde_json::from_slice(json_part).unwrap();
     let (mut ids, mut scores, mut shape) = (Vec::new(), Vec::new(), Vec::new());
     for o in doc["outputs"].as_array().unwrap() {
-        shape = o["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        shape = o["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         let size = o["parameters"]["binary_data_size"].as_u64();
         match (o["name"].as_str().unwrap(), size) {
             ("IDS", Some(s)) => {
-                ids = bin[..s as usize].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                ids = bin[..s as usize]
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
                 bin = &bin[s as usize..];
             }
             ("SCORES", Some(s)) => {
-                scores = bin[..s as usize].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                scores = bin[..s as usize]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
                 bin = &bin[s as usize..];
             }
-            ("IDS", None) => ids = o["data"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect(),
-            ("SCORES", None) => scores = o["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+            ("IDS", None) => {
+                ids = o["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect()
+            }
+            ("SCORES", None) => {
+                scores = o["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
+            }
             (other, _) => panic!("unexpected output {other}"),
         }
     }
@@ -393,7 +513,13 @@ fn requests_decode_or_are_refused_with_a_reason() {
     let (model, _) = test_model(20, 3, Metric::Ip, &mut rng);
     let q = random_rows(&mut rng, 6);
     for binary in [false, true] {
-        let (body, hl) = infer_body(&q, 2, 3, binary, json!({"parameters": {"k": 25}, "id": "x"}));
+        let (body, hl) = infer_body(
+            &q,
+            2,
+            3,
+            binary,
+            json!({"parameters": {"k": 25}, "id": "x"}),
+        );
         let r = decode_request(&model, &body, hl).unwrap();
         assert_eq!((r.rows, r.k), (2, 20), "k is cut to the index's rows");
         assert_eq!(r.queries, q);
@@ -411,7 +537,9 @@ fn requests_decode_or_are_refused_with_a_reason() {
     assert!(bad(&shape(json!([3, 1])), None).contains("expected [n, 3]"));
     assert!(bad(&shape(json!([3])), None).contains("expected [n, 3]"));
     let (body, hl) = infer_body(&q, 2, 3, true, json!({}));
-    assert!(bad(&body[..body.len() - 1], hl).contains("binary_data_size 24 is more than the 23 bytes"));
+    assert!(
+        bad(&body[..body.len() - 1], hl).contains("binary_data_size 24 is more than the 23 bytes")
+    );
     let mut longer = body.clone();
     longer.push(0);
     assert!(bad(&longer, hl).contains("1 bytes of binary data that no input claims"));
@@ -424,7 +552,10 @@ fn requests_decode_or_are_refused_with_a_reason() {
     assert!(bad(&body, hl).contains("unknown output \"LABELS\""));
     let int = serde_json::to_vec(&json!({"inputs": [{"name": "QUERY", "datatype": "INT32", "shape": [1, 3], "data": [1, 2, 3]}]})).unwrap();
     assert!(bad(&int, None).contains("datatype INT32"));
-    let other = serde_json::to_vec(&json!({"inputs": [{"name": "Q", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})).unwrap();
+    let other = serde_json::to_vec(
+        &json!({"inputs": [{"name": "Q", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}),
+    )
+    .unwrap();
     assert!(bad(&other, None).contains("unknown input \"Q\""));
     let rows = random_rows(&mut rng, 9 * 3);
     let (body, hl) = infer_body(&rows, 9, 3, true, json!({}));
@@ -481,7 +612,11 @@ fn through_the_thread(kernels: Kernels, ran: Ran) {
             let k = [1, 3, 4, 9, n, n + 5][rng.below(6) as usize];
             let q = random_rows(&mut rng, rows * d);
             let binary = id % 2 == 0;
-            let extra = if k == 4 { json!({}) } else { json!({"parameters": {"k": k}}) };
+            let extra = if k == 4 {
+                json!({})
+            } else {
+                json!({"parameters": {"k": k}})
+            };
             let (body, hl) = infer_body(&q, rows, d, binary, extra);
             t.submit(knn_job(id, &op, 0, body, hl)).unwrap();
             want.push((q, rows, k.min(n)));
@@ -497,8 +632,17 @@ fn through_the_thread(kernels: Kernels, ran: Ran) {
             assert_eq!(shape, [*rows as u64, *k as u64]);
             for (qi, qv) in q.chunks_exact(d).enumerate() {
                 let reference = reference(&raw, d, qv, metric);
-                let rows_of: Vec<i64> = ids[qi * k..(qi + 1) * k].iter().map(|id| (id - 7) / 10).collect();
-                check(&rows_of, &scores[qi * k..(qi + 1) * k], &reference, 1e-6, &format!("{metric:?} job {}", c.id));
+                let rows_of: Vec<i64> = ids[qi * k..(qi + 1) * k]
+                    .iter()
+                    .map(|id| (id - 7) / 10)
+                    .collect();
+                check(
+                    &rows_of,
+                    &scores[qi * k..(qi + 1) * k],
+                    &reference,
+                    1e-6,
+                    &format!("{metric:?} job {}", c.id),
+                );
             }
         }
     }
