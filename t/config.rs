@@ -282,7 +282,7 @@ fn gpu_model_of_an_unknown_kind_or_without_a_path() {
 fn gpu_model_knn_bad_files() {
     let dir = data_dir("config-knn");
     let f32s = |n: usize| vec![0u8; 4 * n];
-    let cases: Vec<(&str, &str, bool, Vec<usize>, Vec<u8>, &str)> = vec![
+    let cases: Vec<BadFile> = vec![
         (
             "f64.npy",
             "<f8",
@@ -392,3 +392,6 @@ fn gpu_model_knn_bad_files() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A file name, its header's dtype, order and shape, its data, and the error wanted.
+type BadFile = (&'static str, &'static str, bool, Vec<usize>, Vec<u8>, &'static str);

@@ -224,7 +224,7 @@ pub struct Knn {
 }
 
 impl Knn {
-    fn request<'d>(decoded: Option<&'d Decoded>) -> &'d Request {
+    fn request(decoded: Option<&Decoded>) -> &Request {
         decoded
             .and_then(|d| d.state.downcast_ref::<Request>())
             .expect("knn requests are decoded")

@@ -298,7 +298,7 @@ fn bad_files_are_refused_with_the_file_and_the_problem() {
     };
     let good = tmp("good.npy");
     write_npy(&good, "<f4", false, &[3, 2], &f32_bytes(&[1.0; 6]));
-    let cases: Vec<(&str, &str, bool, Vec<usize>, Vec<u8>, &str)> = vec![
+    let cases: Vec<BadFile> = vec![
         (
             "f64.npy",
             "<f8",
@@ -667,3 +667,6 @@ fn batches_on_the_test_device_answer_like_the_reference() {
 fn the_cpu_path_answers_like_the_reference() {
     through_the_thread(Kernels::Unavailable("test".into()), Ran::Cpu);
 }
+
+/// A file name, its header's dtype, order and shape, its data, and the error wanted.
+type BadFile = (&'static str, &'static str, bool, Vec<usize>, Vec<u8>, &'static str);
