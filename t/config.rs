@@ -394,4 +394,11 @@ fn gpu_model_knn_bad_files() {
 }
 
 /// A file name, its header's dtype, order and shape, its data, and the error wanted.
-type BadFile = (&'static str, &'static str, bool, Vec<usize>, Vec<u8>, &'static str);
+type BadFile = (
+    &'static str,
+    &'static str,
+    bool,
+    Vec<usize>,
+    Vec<u8>,
+    &'static str,
+);

@@ -669,4 +669,11 @@ fn the_cpu_path_answers_like_the_reference() {
 }
 
 /// A file name, its header's dtype, order and shape, its data, and the error wanted.
-type BadFile = (&'static str, &'static str, bool, Vec<usize>, Vec<u8>, &'static str);
+type BadFile = (
+    &'static str,
+    &'static str,
+    bool,
+    Vec<usize>,
+    Vec<u8>,
+    &'static str,
+);
