@@ -262,6 +262,14 @@ impl Knn {
     }
 }
 
+/// `params[0]`: the `Inference-Header-Content-Length`, or -1 where there was none.
+fn header_len(params: &Params) -> Option<u64> {
+    match params.0.first() {
+        Some(Value::I64(n)) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    }
+}
+
 /// One request's hits as result bytes: `rows * k` row numbers (i64), then their scores
 /// (f32), cut from a batch searched with `batch_k >= k` hits per row.
 fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u8> {
@@ -296,12 +304,8 @@ impl Op for Knn {
         (rows * self.model.index.d * 4, rows * k * 12)
     }
 
-    /// `params[0]`: the `Inference-Header-Content-Length`, or -1 where there was none.
     fn decode(&self, body: &Body, params: &Params) -> Result<Option<Decoded>, JobError> {
-        let header_len = match params.0.first() {
-            Some(Value::I64(n)) if *n >= 0 => Some(*n as u64),
-            _ => None,
-        };
+        let header_len = header_len(params);
         let bytes = body
             .to_vec()
             .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?;
@@ -316,13 +320,23 @@ impl Op for Knn {
         self.model.batch_rows
     }
 
+    /// A request not decoded yet (one answered after a panic of the GPU thread) is decoded
+    /// here from its body.
     fn run_cpu(
         &self,
-        _body: Vec<u8>,
-        _params: &Params,
+        body: Vec<u8>,
+        params: &Params,
         decoded: Option<&Decoded>,
     ) -> Result<Output, JobError> {
-        let req = Self::request(decoded);
+        let fresh;
+        let req = match decoded {
+            Some(d) => Self::request(Some(d)),
+            None => {
+                fresh = decode_request(&self.model, &body, header_len(params))
+                    .map_err(JobError::BadInput)?;
+                &fresh
+            }
+        };
         let hits = cpu::search(&self.model.index, &req.queries, req.k);
         Ok(self.encode(req, &result_bytes(&hits.rows, &hits.scores, hits.k, req.k)))
     }

@@ -677,3 +677,31 @@ type BadFile = (
     Vec<u8>,
     &'static str,
 );
+
+#[test]
+fn the_cpu_path_decodes_a_request_that_was_not_decoded_yet() {
+    // After a panic of the GPU thread, requests held for the device are answered on the
+    // CPU path before any decode ran.
+    let mut rng = Rng::fresh();
+    let (model, raw) = test_model(40, 5, Metric::L2, &mut rng);
+    let op = model.clone().serve();
+    let q = random_rows(&mut rng, 5);
+    let (body, hl) = infer_body(&q, 1, 5, true, json!({"parameters": {"k": 3}}));
+    let params = Params(vec![Value::I64(hl.unwrap() as i64)]);
+    let out = op.run_cpu(body, &params, None).unwrap();
+    let (ids, scores, shape) = parse_answer(&out);
+    assert_eq!(shape, [1, 3]);
+    let rows: Vec<i64> = ids.iter().map(|id| (id - 7) / 10).collect();
+    check(
+        &rows,
+        &scores,
+        &reference(&raw, 5, &q, Metric::L2),
+        1e-6,
+        "undecoded",
+    );
+    let e = op
+        .run_cpu(b"{".to_vec(), &Params::default(), None)
+        .err()
+        .unwrap();
+    assert!(matches!(e, JobError::BadInput(m) if m.contains("not valid JSON")));
+}
