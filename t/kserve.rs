@@ -68,7 +68,7 @@ fn conf(dir: &Path) -> String {
         "gpu_model vectors knn {d}/ip.npy metric=ip ids={d}/ids.npy k=5;\n\
          gpu_model near knn {d}/l2.npy metric=l2 batch_rows=64;\n\
          server {{ listen 127.0.0.1:{{PORT}};\n\
-           location /v2 {{ gpu_process kserve; gpu_batch_size 32; gpu_batch_delay 2; }}\n\
+           location /v2 {{ gpu_process kserve; gpu_batch_size 32; gpu_batch_delay 2ms; }}\n\
          }}"
     ))
 }
