@@ -63,12 +63,18 @@ fn half_bits(x: f32) -> u16 {
 }
 
 fn conf(dir: &Path) -> String {
+    conf_delay(dir, "2ms")
+}
+
+/// With `gpu_batch_delay` `delay`, and each request's batch size in logs/batch.log.
+fn conf_delay(dir: &Path, delay: &str) -> String {
     let d = dir.display();
     config(&format!(
         "gpu_model vectors knn {d}/ip.npy metric=ip ids={d}/ids.npy k=5;\n\
          gpu_model near knn {d}/l2.npy metric=l2 batch_rows=64;\n\
-         server {{ listen 127.0.0.1:{{PORT}};\n\
-           location /v2 {{ gpu_process kserve; gpu_batch_size 32; gpu_batch_delay 2ms; }}\n\
+         log_format batch '$gpu_batch_size';\n\
+         server {{ listen 127.0.0.1:{{PORT}}; access_log logs/batch.log batch;\n\
+           location /v2 {{ gpu_process kserve; gpu_batch_size 32; gpu_batch_delay {delay}; }}\n\
          }}"
     ))
 }
@@ -278,7 +284,8 @@ fn infer_answers_match_an_exact_reference() {
     let mut rng = Rng::fresh();
     let dir = data_dir("kserve-infer");
     let (data, halves) = write_models(&dir, &mut rng);
-    let ngx = Nginx::start(&conf(&dir));
+    // A delay long enough that concurrent requests of a model share batches.
+    let ngx = Nginx::start(&conf_delay(&dir, "30ms"));
     let a = ngx.addr();
     // Concurrent clients so that requests batch; 1 to 3 rows each; JSON and binary; the
     // model's default k, k = 1, k = N and k > N (cut to N).
@@ -329,6 +336,14 @@ fn infer_answers_match_an_exact_reference() {
             });
         }
     });
+    // Requests of a model were batched together (several requests in one batch).
+    let sizes = ngx.wait_log_lines("batch.log", 6 * 15);
+    assert!(
+        sizes
+            .iter()
+            .any(|l| l.trim().parse::<usize>().unwrap_or(0) > 1),
+        "no batch of more than one request: {sizes:?}"
+    );
     ngx.assert_healthy();
 }
 
