@@ -44,7 +44,7 @@ build: deps
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" $(PREFIX)/sbin/nginx
 	cp target/release/libngx_http_gpu_module.so $(PREFIX)/modules/ngx_http_gpu_module.so
 	cp nginx-conf/*.conf $(PREFIX)/conf/
-	cp -r nginx-conf/kernels $(PREFIX)/conf/
+	cp -r nginx-conf/kernels nginx-conf/models $(PREFIX)/conf/
 	mkdir -p $(PREFIX)/include && cp include/ngx_gpu_kernel.h $(PREFIX)/include/
 
 run: build
@@ -74,10 +74,12 @@ fault-module: deps
 # cargo test does not refresh the module .so the integration tests load: build it first
 # (after the fault-injection build, which writes the same file). NVRTC from its wheel
 # (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit.
+# Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI).
 check: lint fault-module
 	$(CARGO) build --release $(CARGO_FLAGS)
 	nvrtc=$$(sh t/nvrtc.sh) && LD_LIBRARY_PATH="$$nvrtc$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	  NGX_GPU_REQUIRE_NVRTC=1 $(CARGO) test --release $(CARGO_FLAGS)
+	CARGO="$(CARGO)" sh t/tritonclient/test.sh
 
 # The install test last: its summary line is then the last line.
 test: check

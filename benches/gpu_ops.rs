@@ -80,6 +80,7 @@ fn pump(
                     delay: Duration::ZERO,
                 },
                 body,
+                decoded: None,
                 timeout: Duration::from_secs(60),
                 cancelled: Default::default(),
                 queued_at: Instant::now(),

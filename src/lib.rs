@@ -61,6 +61,9 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 /// worker: nothing to do then.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let mcf = conf::main_conf_of(cf);
+    // The models served over KServe get their op instances first: the metrics zone has
+    // series for them.
+    conf::serve_models(mcf);
     if (mcf.used || mcf.endpoints) && ngx_process != NGX_PROCESS_SIGNALLER as ngx_uint_t {
         let labels = mcf.metric_labels();
         let zone = metrics::shm::add(cf, &labels);
@@ -76,7 +79,7 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     if mcf.used && add_log_handler(cf).is_none() {
         return NGX_ERROR as ngx_int_t;
     }
-    let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty();
+    let declared = !mcf.ops.is_empty() || !mcf.declared.kernels.is_empty() || mcf.kserve;
     if !declared || ngx_process == NGX_PROCESS_SIGNALLER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
     }

@@ -97,6 +97,7 @@ pub fn job(id: u64, op: Op, data: &[u8], batching: Batching) -> Job {
         fallback: Fallback::Cpu,
         batching,
         body,
+        decoded: None,
         timeout: Duration::from_secs(60),
         cancelled: Default::default(),
         queued_at: Instant::now(),

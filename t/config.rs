@@ -332,3 +332,129 @@ fn gpu_devices_syntax_duplicates_and_place() {
         assert!(out.status.success(), "{v}: {stderr}");
     }
 }
+/// `gpu_model m knn <file>` with a file made here (good or broken) refuses to start with an
+/// `[emerg]` naming the file and the problem.
+#[test]
+fn gpu_model_knn_bad_files() {
+    let dir = data_dir("config-knn");
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    let cases: Vec<BadFile> = vec![
+        (
+            "f64.npy",
+            "<f8",
+            false,
+            vec![4, 3],
+            vec![0; 96],
+            "holds float64: a knn index is float32 or float16",
+        ),
+        (
+            "rank3.npy",
+            "<f4",
+            false,
+            vec![2, 2, 3],
+            f32s(12),
+            "has shape [2, 2, 3]: a knn index is 2-D",
+        ),
+        (
+            "fortran.npy",
+            "<f4",
+            true,
+            vec![4, 3],
+            f32s(12),
+            "is in Fortran order",
+        ),
+        (
+            "short.npy",
+            "<f4",
+            false,
+            vec![4, 3],
+            f32s(11),
+            "is truncated: 44 bytes of data",
+        ),
+        (
+            "empty.npy",
+            "<f4",
+            false,
+            vec![0, 3],
+            vec![],
+            "is empty (shape (0, 3))",
+        ),
+    ];
+    for (name, descr, fortran, shape, data, want) in cases {
+        let p = dir.join(name);
+        write_npy(&p, descr, fortran, &shape, &data);
+        let e = emerg(&format!(
+            "gpu_model m knn {}; {}",
+            p.display(),
+            server("gpu_process kserve;")
+        ));
+        assert!(
+            e.contains("[emerg] \"gpu_model\" directive: "),
+            "{name}: {e}"
+        );
+        assert!(e.contains(&format!("\"{}\"", p.display())), "{name}: {e}");
+        assert!(e.contains(want), "{name}: {e}");
+    }
+    let missing = dir.join("missing.npy");
+    let e = emerg(&format!(
+        "gpu_model m knn {}; {}",
+        missing.display(),
+        server("gpu_process kserve;")
+    ));
+    assert!(
+        e.contains(&format!("cannot open \"{}\"", missing.display())),
+        "{e}"
+    );
+    // ids of the wrong length, and of the wrong dtype.
+    let good = dir.join("good.npy");
+    write_npy(&good, "<f4", false, &[4, 3], &f32s(12));
+    write_npy(&dir.join("ids3.npy"), "<i8", false, &[3], &[0; 24]);
+    write_npy(&dir.join("idsf.npy"), "<f4", false, &[4], &[0; 16]);
+    for (ids, want) in [
+        ("ids3.npy", "have shape [3]: expected (4,)"),
+        ("idsf.npy", "hold float32: ids are int64"),
+    ] {
+        let e = emerg(&format!(
+            "gpu_model m knn {} ids={ids}; {}",
+            good.display(),
+            server("gpu_process kserve;")
+        ));
+        assert!(e.contains(ids) && e.contains(want), "{ids}: {e}");
+    }
+    let e = emerg(&format!(
+        "gpu_model m knn {} metric=dot; {}",
+        good.display(),
+        server("gpu_process kserve;")
+    ));
+    assert!(
+        e.contains("metric \"dot\" is not one of ip, cosine, l2"),
+        "{e}"
+    );
+    let e = emerg(&server("gpu_process kserve extra;"));
+    assert!(
+        e.contains("kserve takes no arguments, got \"extra\""),
+        "{e}"
+    );
+    // The good file with its ids passes.
+    write_npy(&dir.join("ids4.npy"), "<i8", false, &[4], &[0; 32]);
+    let out = nginx_t(&config(&format!(
+        "gpu_model m knn {} ids=ids4.npy metric=l2 precision=fp16 k=3; {}",
+        good.display(),
+        server("gpu_process kserve;")
+    )));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A file name, its header's dtype, order and shape, its data, and the error wanted.
+type BadFile = (
+    &'static str,
+    &'static str,
+    bool,
+    Vec<usize>,
+    Vec<u8>,
+    &'static str,
+);

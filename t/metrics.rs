@@ -422,7 +422,7 @@ fn readiness_is_false_while_a_kernel_location_has_no_gpu_and_true_again_without_
     let addr = ngx.addr();
     // Once both workers have said what they serve (before that, their ops' state is
     // "unknown"), only /inv keeps them from being ready.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
         let r = wait_ready(&addr, false, 10);
         let n = r["reasons"].as_array().unwrap().len();

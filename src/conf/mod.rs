@@ -73,6 +73,14 @@ pub struct MainConf {
     pub metrics_layout: Option<crate::metrics::zone::Layout>,
     /// What the http block declares by name (`gpu_kernel`).
     pub declared: Declared,
+    /// Whether a location has `gpu_process kserve;`, and then the declared models it
+    /// serves, each with its own op instance (made once the configuration is read).
+    pub kserve: bool,
+    pub served: Vec<crate::http::kserve::Served>,
+    /// The first `gpu_process kserve;` location (the served models' `location` label), and
+    /// its `gpu_fallback` (the served models' fallback in the metrics' readiness).
+    pub kserve_location: String,
+    pub kserve_fallback: Fallback,
     /// This configuration's compiled programs, or why there are none. Kept with the
     /// configuration, not in a process-wide variable: a reload that fails after compiling
     /// leaves the running configuration's kernels as they were, for workers the master
@@ -85,6 +93,9 @@ pub struct LocConf {
     /// `gpu_process`: the location's op, its key, and the values it evaluates per request.
     pub op: Option<Arc<dyn Op>>,
     pub op_key: OpKey,
+    /// `gpu_process kserve;`: the location serves the KServe v2 routes (its requests go
+    /// to their model's op, not to `op`).
+    pub kserve: bool,
     pub values: Vec<*mut ngx_http_complex_value_t>,
     /// `gpu_queue_size` in a server or location: requests of this location one worker
     /// holds at most (the http-level one bounds the worker).
@@ -292,6 +303,10 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             metrics_zone: ptr::null_mut(),
             metrics_layout: None,
             declared: Declared::default(),
+            kserve: false,
+            served: Vec::new(),
+            kserve_location: String::new(),
+            kserve_fallback: Fallback::Cpu,
             kernels: None,
         },
     )
@@ -320,6 +335,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         LocConf {
             op: None,
             op_key: 0,
+            kserve: false,
             values: Vec::new(),
             queue_size: UNSET_SIZE,
             fallback: None,
@@ -362,10 +378,12 @@ pub unsafe extern "C" fn merge_loc_conf(
     if conf.client_eof.is_none() {
         conf.client_eof = Some(prev.client_eof.unwrap_or(ClientEof::Answer));
     }
-    if conf.op.is_some() {
+    if conf.op.is_some() || conf.kserve {
         let mcf = main_conf_of(cf);
         mcf.max_batch_size = mcf.max_batch_size.max(conf.batch_size);
-        if let Some(f) = mcf.op_fallbacks.get_mut(conf.op_key) {
+        if conf.kserve {
+            mcf.kserve_fallback = conf.fallback.unwrap_or(Fallback::Cpu);
+        } else if let Some(f) = mcf.op_fallbacks.get_mut(conf.op_key) {
             *f = conf.fallback.unwrap_or(Fallback::Cpu);
         }
     }
@@ -417,8 +435,31 @@ unsafe extern "C" fn cmd_gpu_process(
     conf: *mut c_void,
 ) -> *mut c_char {
     let lcf = &mut *(conf as *mut LocConf);
-    if lcf.op.is_some() || lcf.endpoint.is_some() {
+    if lcf.op.is_some() || lcf.endpoint.is_some() || lcf.kserve {
         return c"is duplicate".as_ptr().cast_mut();
+    }
+    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+    let clcf =
+        *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
+    if args(cf).first() == Some(&"kserve") {
+        if let Some(extra) = args(cf).get(1) {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"gpu_process\" directive: kserve takes no arguments, got \"{extra}\""
+            );
+            return NGX_CONF_ERROR;
+        }
+        let mcf = main_conf_of(cf);
+        lcf.kserve = true;
+        mcf.kserve = true;
+        mcf.used = true;
+        // The served models' series are labelled with the first kserve location.
+        if mcf.kserve_location.is_empty() {
+            mcf.kserve_location = String::from_utf8_lossy((*clcf).name.as_bytes()).into_owned();
+        }
+        (*clcf).handler = Some(gpu_content_handler);
+        return NGX_CONF_OK;
     }
     let configured = match crate::ops::parse(&args(cf)) {
         Ok(c) => c,
@@ -440,10 +481,6 @@ unsafe extern "C" fn cmd_gpu_process(
     mcf.ops.push(configured.op);
     mcf.op_sites.push(site(cf));
     mcf.used = true;
-
-    let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
-    let clcf =
-        *(*ctx).loc_conf.add(ngx_http_core_module.ctx_index) as *mut ngx_http_core_loc_conf_t;
     mcf.op_locations
         .push(String::from_utf8_lossy((*clcf).name.as_bytes()).into_owned());
     mcf.op_fallbacks.push(Fallback::Cpu);
@@ -772,6 +809,26 @@ unsafe extern "C" fn cmd_gpu_queue_size(
     NGX_CONF_OK
 }
 
+/// Each model served over KServe gets an op instance of its own (its own queue and
+/// series), after the `gpu_process` locations' ops. Idempotent.
+pub fn serve_models(mcf: &mut MainConf) {
+    if !mcf.kserve || !mcf.served.is_empty() {
+        return;
+    }
+    for model in mcf.declared.models.clone() {
+        let op = model.clone().serve();
+        mcf.served.push(crate::http::kserve::Served {
+            model: model.clone(),
+            op: op.clone(),
+            key: mcf.ops.len(),
+        });
+        mcf.ops.push(op);
+        mcf.op_sites.push(format!("gpu_model {}", model.name()));
+        mcf.op_locations.push(mcf.kserve_location.clone());
+        mcf.op_fallbacks.push(mcf.kserve_fallback);
+    }
+}
+
 /// Once the whole configuration is read: binds the ops to what the http block declares,
 /// checks the memory bound, and compiles every program (the ops' and every declared
 /// kernel's, used or not) in the compile child, then checks what only compiled code
@@ -779,6 +836,7 @@ unsafe extern "C" fn cmd_gpu_queue_size(
 pub unsafe fn finish(cf: *mut ngx_conf_t) -> bool {
     let mcf = main_conf_of(cf);
     mcf.declared.max_body = mcf.batch_bytes as u64;
+    serve_models(mcf);
     for (op, site) in mcf.ops.iter().zip(&mcf.op_sites) {
         if let Err(e) = op.resolve(&mcf.declared) {
             ngx::ngx_log_error!(

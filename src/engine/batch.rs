@@ -67,6 +67,10 @@ struct Entry {
     next: u64,
     /// The body may be cut into pieces.
     split: bool,
+    /// For decoded requests: their rows, and the most rows a batch they open may take
+    /// (`Op::max_rows`). Raw bodies: 0 and no limit.
+    rows: usize,
+    max_rows: usize,
 }
 
 pub struct Queue {
@@ -130,6 +134,32 @@ impl Queue {
             len,
             next: 0,
             split,
+            rows: 0,
+            max_rows: usize::MAX,
+        });
+        self.waiting += 1;
+    }
+
+    /// Queues a decoded request (`Op::decode`) of `rows` rows: it goes whole, and a batch
+    /// holds at most `max_rows` rows (one larger request is a batch of its own).
+    pub fn push_rows(
+        &mut self,
+        id: u64,
+        op: OpKey,
+        rows: usize,
+        max_rows: usize,
+        batching: Batching,
+        queued_at: Instant,
+    ) {
+        self.fifos.entry(op).or_default().push_back(Entry {
+            id,
+            queued_at,
+            batching,
+            len: 0,
+            next: 0,
+            split: false,
+            rows,
+            max_rows: max_rows.max(1),
         });
         self.waiting += 1;
     }
@@ -146,7 +176,8 @@ impl Queue {
             }
             let is_due = now >= head.queued_at + head.batching.delay
                 || fifo.len() >= head.batching.size.max(1)
-                || fifo.iter().map(|e| align(e.len - e.next)).sum::<u64>() >= self.max_bytes;
+                || fifo.iter().map(|e| align(e.len - e.next)).sum::<u64>() >= self.max_bytes
+                || fifo.iter().map(|e| e.rows).sum::<usize>() >= head.max_rows;
             if is_due {
                 best = Some((head.queued_at, op));
             }
@@ -175,6 +206,7 @@ impl Queue {
         };
         let mut dropped = Vec::new();
         let (mut bytes, mut limit) = (0u64, usize::MAX);
+        let (mut rows, mut max_rows) = (0usize, usize::MAX);
         while let Some(e) = fifo.front_mut() {
             if gone(e.id) {
                 dropped.push(e.id);
@@ -184,10 +216,15 @@ impl Queue {
             }
             if batch.pieces.is_empty() {
                 limit = e.batching.size.max(1);
+                max_rows = e.max_rows;
             }
             if batch.pieces.len() >= limit {
                 break;
             }
+            if !batch.pieces.is_empty() && rows.saturating_add(e.rows) > max_rows {
+                break;
+            }
+            rows = rows.saturating_add(e.rows);
             let len = if e.split {
                 (e.len - e.next).min(self.piece_len)
             } else {
@@ -374,6 +411,25 @@ mod tests {
         );
         let (b, _) = q.take(ECHO, |_| false);
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
+    fn decoded_requests_batch_up_to_the_row_limit() {
+        let mut q = Queue::new(1 << 20);
+        let t = Instant::now();
+        for (id, rows) in [(1, 3), (2, 4), (3, 2), (4, 9), (5, 1)] {
+            q.push_rows(id, ECHO, rows, 8, batching(100, 5), t);
+        }
+        // 3 + 4 rows fill most of 8; 2 more would not fit. The 9-row request goes alone.
+        assert_eq!(q.due(t), Some(ECHO));
+        let ids = |b: Batch| b.pieces.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(ids(q.take(ECHO, |_| false).0), [1, 2]);
+        assert_eq!(ids(q.take(ECHO, |_| false).0), [3]);
+        assert_eq!(ids(q.take(ECHO, |_| false).0), [4]);
+        // One row waits for the delay: far from the row limit.
+        assert_eq!(q.due(t), None);
+        assert_eq!(ids(q.take(ECHO, |_| false).0), [5]);
         assert_eq!(q.waiting(), 0);
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::batch::OpKey;
-use crate::ops::{Op, Output, Params};
+use crate::ops::{Decoded, Op, Output, Params};
 
 /// What to do when the worker has no usable GPU (`gpu_fallback`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +199,9 @@ pub struct Job {
     pub fallback: Fallback,
     pub batching: Batching,
     pub body: Body,
+    /// What `Op::decode` made of the body (set on the GPU thread; `None` before, and for
+    /// ops that batch raw bodies).
+    pub decoded: Option<Decoded>,
     /// The request's `gpu_timeout`: it gets 504 after that, and a batch holding it is taken
     /// as hung once it has run longer than the longest of its requests' timeouts.
     pub timeout: Duration,

@@ -848,14 +848,39 @@ impl State {
             self.refuse(job, JobError::Unavailable("no GPU available".into()));
             return;
         }
-        self.queue.push(
-            job.id,
-            job.op_key,
-            job.op.splittable(),
-            job.body.len(),
-            job.batching,
-            job.queued_at,
-        );
+        let mut job = job;
+        // Ops that decode do it here, on this thread, before the request is batched.
+        let op = job.op.clone();
+        let decoded = no_panic("decoding a request", || {
+            Ok(op.decode(&job.body, &job.params))
+        })
+        .map_err(JobError::Internal)
+        .and_then(|r| r);
+        match decoded {
+            Err(e) => {
+                self.refuse(job, e);
+                return;
+            }
+            Ok(Some(d)) => {
+                self.queue.push_rows(
+                    job.id,
+                    job.op_key,
+                    d.rows,
+                    op.max_rows(),
+                    job.batching,
+                    job.queued_at,
+                );
+                job.decoded = Some(d);
+            }
+            Ok(None) => self.queue.push(
+                job.id,
+                job.op_key,
+                op.splittable(),
+                job.body.len(),
+                job.batching,
+                job.queued_at,
+            ),
+        }
         self.active.insert(
             job.id,
             Active {
@@ -945,6 +970,7 @@ impl State {
                     piece: p,
                     body: &a.job.body,
                     params: &a.job.params,
+                    decoded: a.job.decoded.as_ref(),
                 }
             })
             .collect();
@@ -1049,7 +1075,7 @@ impl State {
         let res = open.device().output(slot).map(|out| {
             for (i, p) in fl.batch.pieces.iter().enumerate() {
                 match op_dev.result(&fl.layout, i, out) {
-                    Ok(bytes) => self.deliver(p, bytes, n, Ran::Gpu(ordinal)),
+                    Ok(bytes) => self.deliver(p, &bytes, n, Ran::Gpu(ordinal)),
                     Err(e) => self.fail(p.id, e),
                 }
             }
@@ -1317,7 +1343,7 @@ impl State {
         }
         let op = a.job.op.clone();
         let output = if p.whole {
-            op.finish(result)
+            op.finish(result, a.job.decoded.as_ref())
         } else {
             let piece_len = self.queue.piece_len();
             let len = a.job.body.len();
@@ -1380,12 +1406,19 @@ impl State {
 
 /// The CPU path over a whole body (the fallback, and what replaces a failed GPU batch).
 fn cpu_whole(job: &Job) -> Result<Output, JobError> {
-    let input = job
-        .body
-        .to_vec()
-        .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?;
+    // An op that decoded has what it needs in its decoded state.
+    let input = match job.decoded {
+        Some(_) => Vec::new(),
+        None => job
+            .body
+            .to_vec()
+            .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?,
+    };
     let op = &job.op;
-    no_panic("CPU op", || Ok(op.run_cpu(input, &job.params))).map_err(JobError::Internal)?
+    no_panic("CPU op", || {
+        Ok(op.run_cpu(input, &job.params, job.decoded.as_ref()))
+    })
+    .map_err(JobError::Internal)?
 }
 
 /// The test device, in builds that have it.

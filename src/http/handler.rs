@@ -11,6 +11,7 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::conf::{ClientEof, LocConf};
+use crate::engine::batch::OpKey;
 use crate::engine::job::{Batching, Completion, Device, Job, JobError};
 use crate::engine::worker;
 use crate::engine::worker::{log_repeated, Repeated};
@@ -18,6 +19,7 @@ use crate::http::body;
 use crate::http::response::{send, send_error};
 use crate::metrics::{self, Outcome};
 use crate::ngx_http_gpu_module;
+use crate::ops::{Op, Params};
 
 /// Per-request state, in the request pool; dropped by its pool cleanup.
 pub struct RequestCtx {
@@ -31,6 +33,12 @@ pub struct RequestCtx {
     cancelled: Arc<AtomicBool>,
     /// Waiting for a completion (registered with the worker, timer armed).
     queued: bool,
+    /// The op, its key and the parameters a protocol chose for the request (KServe);
+    /// `None`: the location's op.
+    target: Option<(Arc<dyn Op>, OpKey, Params)>,
+    /// The op instance the request is counted under in the metrics: the location's, or the
+    /// one a protocol chose.
+    key: OpKey,
     timer: ngx_event_t,
     /// Filled from the completion, for the $gpu_* variables.
     pub device: Device,
@@ -60,15 +68,15 @@ pub unsafe extern "C" fn gpu_content_handler(r: *mut ngx_http_request_t) -> ngx_
 
 /// Counts the request's answer in the metrics zone, once.
 unsafe fn record(r: *mut ngx_http_request_t, outcome: Outcome, bytes_out: u64) {
-    let took = match ctx_of(r) {
+    let (key, took) = match ctx_of(r) {
         Some(c) if c.counted => return,
         Some(c) => {
             c.counted = true;
-            c.started.elapsed()
+            (c.key, c.started.elapsed())
         }
-        None => Duration::ZERO,
+        None => (loc_conf(r).op_key, Duration::ZERO),
     };
-    metrics::answered(loc_conf(r).op_key, outcome, took, bytes_out);
+    metrics::answered(key, outcome, took, bytes_out);
 }
 
 /// Log phase: counts the answers nginx gave itself to requests of `gpu_process`
@@ -90,6 +98,9 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
 }
 
 unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    if loc_conf(r).kserve {
+        return crate::http::kserve::handle(r, read_for);
+    }
     // The context first: it marks the request counted, whichever way it is answered.
     if create_ctx(r).is_none() {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
@@ -129,6 +140,38 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     NGX_DONE as ngx_int_t
 }
 
+/// For protocols that pick the op per request (KServe: the model in the path): reads the
+/// body and queues it for `op` (instance `key`) with `params`.
+unsafe fn read_for(
+    r: *mut ngx_http_request_t,
+    op: Arc<dyn Op>,
+    key: OpKey,
+    params: Params,
+) -> ngx_int_t {
+    if !worker::running() {
+        let rc = ngx_http_discard_request_body(r);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        return send_error(
+            r,
+            503,
+            "the GPU thread is not running in this process",
+            &[("Retry-After", "1")],
+        );
+    }
+    let Some(ctx) = create_ctx(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    (*ctx).target = Some((op, key, params));
+    (*ctx).key = key;
+    let rc = ngx_http_read_client_request_body(r, Some(body_read));
+    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        return rc;
+    }
+    NGX_DONE as ngx_int_t
+}
+
 unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
     let pool = (*r).pool;
     let ctx = ngx_pcalloc(pool, size_of::<RequestCtx>()) as *mut RequestCtx;
@@ -147,6 +190,8 @@ unsafe fn create_ctx(r: *mut ngx_http_request_t) -> Option<*mut RequestCtx> {
             counted: false,
             cancelled: Arc::default(),
             queued: false,
+            target: None,
+            key: loc_conf(r).op_key,
             timer: core::mem::zeroed(),
             device: Device::None,
             batch_size: 0,
@@ -205,24 +250,29 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             return send_error(r, 500, "internal error", &[]);
         }
     };
-    metrics::request_bytes(lcf.op_key, body.len());
-    let op = lcf
-        .op
-        .clone()
-        .expect("gpu_process sets the op with the handler");
-    let Some(values) = evaluate(r, &lcf.values) else {
-        record(r, Outcome::Internal, 0);
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    let (op, op_key, params) = match ctx.target.take() {
+        Some(t) => t,
+        None => {
+            let op = lcf
+                .op
+                .clone()
+                .expect("gpu_process sets the op with the handler");
+            let Some(values) = evaluate(r, &lcf.values) else {
+                record(r, Outcome::Internal, 0);
+                return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+            };
+            // The op's checks that need no body bytes: its parameters, the body's length.
+            match op.admit(body.len(), &values) {
+                Ok(p) => (op, lcf.op_key, p),
+                Err(e) => return respond_error(r, e),
+            }
+        }
     };
-    // The op's checks that need no body bytes: its parameters, the body's length.
-    let params = match op.admit(body.len(), &values) {
-        Ok(p) => p,
-        Err(e) => return respond_error(r, e),
-    };
+    metrics::request_bytes(op_key, body.len());
     let job = Job {
         id: worker::next_id(),
         op,
-        op_key: lcf.op_key,
+        op_key,
         params,
         fallback: lcf.fallback.unwrap_or(crate::engine::job::Fallback::Cpu),
         batching: Batching {
@@ -230,6 +280,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
             delay: Duration::from_millis(lcf.batch_delay as u64),
         },
         body,
+        decoded: None,
         timeout: Duration::from_millis(lcf.timeout as u64),
         cancelled: ctx.cancelled.clone(),
         queued_at: Instant::now(),
@@ -251,7 +302,7 @@ unsafe fn queue_job(r: *mut ngx_http_request_t) -> ngx_int_t {
     }
     ctx.id = id;
     ctx.queued = true;
-    worker::remember(id, lcf.op_key, ctx);
+    worker::remember(id, op_key, ctx);
     ctx.timer.handler = Some(timeout_handler);
     ctx.timer.data = (ctx as *mut RequestCtx).cast();
     ctx.timer.log = log;
@@ -401,17 +452,19 @@ pub unsafe fn complete(ctx: *mut RequestCtx, done: Completion) {
         ctx.exec_time = done.exec_time;
         (*r).read_event_handler = Some(ngx_http_block_reading);
         if done.device != Device::None {
-            metrics::ran(loc_conf(r).op_key, done.queue_time, done.exec_time);
+            metrics::ran(ctx.key, done.queue_time, done.exec_time);
         }
         let rc = match done.result {
             Ok(out) => {
                 record(r, Outcome::Success, out.body.len() as u64);
+                let headers: Vec<(&str, &str)> =
+                    out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 send(
                     r,
                     NGX_HTTP_OK as ngx_uint_t,
                     &out.content_type,
                     out.body,
-                    &[],
+                    &headers,
                 )
             }
             Err(e) => respond_error(r, e),

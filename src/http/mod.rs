@@ -6,5 +6,6 @@
 pub(crate) mod body;
 pub(crate) mod endpoints;
 pub(crate) mod handler;
+pub(crate) mod kserve;
 pub(crate) mod response;
 pub(crate) mod variables;

@@ -16,8 +16,11 @@ pub mod blake3;
 pub mod bytes;
 pub mod echo;
 pub mod kernel;
+pub mod knn;
 pub mod model;
 
+use std::any::Any;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::engine::batch::Piece;
@@ -108,6 +111,34 @@ pub enum Value {
 pub struct Output {
     pub content_type: Arc<str>,
     pub body: Vec<u8>,
+    /// Headers the protocol adds to a 200 answer (`Inference-Header-Content-Length`).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Output {
+    pub fn new(content_type: Arc<str>, body: Vec<u8>) -> Output {
+        Output {
+            content_type,
+            body,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// A request decoded on the GPU thread before it is batched (`Op::decode`): what its batch
+/// needs to know of it, and the op's own typed input and answer settings.
+pub struct Decoded {
+    /// Rows the request adds to a batch (counted against `Op::max_rows`).
+    pub rows: usize,
+    /// The op's own state (the typed input, what the encoder needs: requested outputs,
+    /// binary or JSON, k); the op downcasts it.
+    pub state: Box<dyn Any + Send>,
+}
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoded").field("rows", &self.rows).finish()
+    }
 }
 
 /// A configured op (one per `gpu_process` location).
@@ -157,6 +188,19 @@ pub trait Op: Send + Sync + 'static {
         true
     }
 
+    /// Decodes a request's body on the GPU thread, before it is batched (never at the event
+    /// loop). `None`: the op batches raw bodies (by bytes). An error is the request's
+    /// answer; the request never reaches a batch.
+    fn decode(&self, _body: &Body, _params: &Params) -> Result<Option<Decoded>, JobError> {
+        Ok(None)
+    }
+
+    /// For ops that decode: the most rows (`Decoded::rows`) in one batch. A request of
+    /// more rows goes in a batch of its own.
+    fn max_rows(&self) -> usize {
+        usize::MAX
+    }
+
     /// Whether the op has a CPU path (`run_cpu`). Without one, its requests get 503 where
     /// there is no GPU, and 500 when the GPU fails under their batch.
     fn has_cpu(&self) -> bool {
@@ -164,11 +208,18 @@ pub trait Op: Send + Sync + 'static {
     }
 
     /// The CPU path over one whole request (the fallback, and the tests' reference);
-    /// `JobError::Unavailable` (503) where the op has none.
-    fn run_cpu(&self, body: Vec<u8>, params: &Params) -> Result<Output, JobError>;
+    /// `JobError::Unavailable` (503) where the op has none. Ops that decode get their
+    /// decoded request (and an empty body: they read what they need while decoding).
+    fn run_cpu(
+        &self,
+        body: Vec<u8>,
+        params: &Params,
+        decoded: Option<&Decoded>,
+    ) -> Result<Output, JobError>;
 
-    /// The answer from a whole request's result bytes.
-    fn finish(&self, result: &[u8]) -> Output;
+    /// The answer from a whole request's result bytes (and its decoded state, for ops that
+    /// decode).
+    fn finish(&self, result: &[u8], decoded: Option<&Decoded>) -> Output;
 
     /// For splittable ops: one piece on the CPU, giving what the device leaves for it.
     fn cpu_piece(&self, _data: &[u8], _piece: &Piece, _out: &mut Vec<u8>) {
@@ -208,6 +259,8 @@ pub struct Item<'a> {
     pub piece: &'a Piece,
     pub body: &'a Body,
     pub params: &'a Params,
+    /// What `Op::decode` made of the request, for ops that decode.
+    pub decoded: Option<&'a Decoded>,
 }
 
 /// Where a batch's items go: in the staged input (after the descriptors), in the output,
@@ -264,9 +317,15 @@ pub trait OpOnDevice: Send {
     /// the kernels need of the items, `pack` put in the descriptors.
     fn launch(&self, layout: &Layout, target: Target) -> Result<(), GpuError>;
 
-    /// Item `i`'s result bytes in the batch's output, or why it has none (a kernel that
-    /// rejected its input, or wrote past its capacity).
-    fn result<'o>(&self, layout: &Layout, i: usize, out: &'o [u8]) -> Result<&'o [u8], JobError>;
+    /// Item `i`'s result bytes in the batch's output (borrowed where they lie together,
+    /// owned where the op gathers them from several places), or why it has none (a kernel
+    /// that rejected its input, or wrote past its capacity).
+    fn result<'o>(
+        &self,
+        layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<Cow<'o, [u8]>, JobError>;
 }
 
 #[cfg(test)]
@@ -302,7 +361,7 @@ mod tests {
         assert!(echo.splittable() && echo.has_cpu());
         assert!(!kernel.splittable() && !kernel.has_cpu());
         assert!(matches!(
-            kernel.run_cpu(Vec::new(), &Params::default()),
+            kernel.run_cpu(Vec::new(), &Params::default(), None),
             Err(JobError::Unavailable(_))
         ));
     }

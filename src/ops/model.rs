@@ -9,6 +9,8 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use super::Op;
+
 /// A declared model, shared read-only by every worker.
 pub trait Model: Send + Sync + 'static {
     /// The name `gpu_model` gave it (what requests and other directives use).
@@ -17,6 +19,29 @@ pub trait Model: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// For the op that serves this kind, to get at its own type.
     fn as_any(&self) -> &dyn Any;
+    /// What it takes and answers, for protocols that describe models (KServe metadata).
+    fn signature(&self) -> Signature;
+    /// The op that serves it over a tensor protocol (`gpu_process kserve;`): one instance
+    /// per model, so that requests of one model batch together and never with another's.
+    fn serve(self: Arc<Self>) -> Arc<dyn Op>;
+}
+
+/// A model's inputs and outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signature {
+    /// What KServe metadata calls the platform (`ngx_gpu_knn`).
+    pub platform: &'static str,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// One named tensor: its KServe datatypes (the first is the one described) and shape, -1
+/// for a dimension that varies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: &'static str,
+    pub datatypes: &'static [&'static str],
+    pub shape: Vec<i64>,
 }
 
 /// Loads and checks a model of one kind: `name`, the file or directory (already made
@@ -24,7 +49,7 @@ pub trait Model: Send + Sync + 'static {
 pub type Load = fn(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, String>;
 
 /// The kinds `gpu_model` knows; its second argument names one.
-pub const MODEL_KINDS: &[(&str, Load)] = &[];
+pub const MODEL_KINDS: &[(&str, Load)] = &[("knn", super::knn::load)];
 
 /// `gpu_model <name> <kind> <path> [params]`, with `path` already absolute.
 pub fn declare(

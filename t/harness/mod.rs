@@ -129,6 +129,8 @@ fn fresh_prefix_with(module: &Path) -> PathBuf {
     std::os::unix::fs::symlink(module, dir.join("modules/ngx_http_gpu_module.so")).unwrap();
     // The example kernels, where the example configuration finds them (conf/kernels/).
     std::os::unix::fs::symlink(conf_dir().join("kernels"), dir.join("conf/kernels")).unwrap();
+    // The example models, where the KServe example finds them (conf/models/).
+    std::os::unix::fs::symlink(conf_dir().join("models"), dir.join("conf/models")).unwrap();
     dir
 }
 
@@ -867,4 +869,60 @@ pub fn nvrtc() -> bool {
         eprintln!("skipped: no libnvrtc (make check fetches one: sh t/nvrtc.sh)");
     }
     found
+}
+
+/// Sends one request with extra `headers` and an optional body (Content-Length).
+pub fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    read_response(&mut s, method == "HEAD")
+}
+
+/// Writes a version-1 `.npy` file: header `descr` (`<f4`), `fortran` order, `shape`, then
+/// `data` as given (the tests' own writer, to make good and bad files).
+pub fn write_npy(path: &Path, descr: &str, fortran: bool, shape: &[usize], data: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let fo = if fortran { "True" } else { "False" };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {fo}, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut f = b"\x93NUMPY\x01\x00".to_vec();
+    f.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    f.extend_from_slice(header.as_bytes());
+    f.extend_from_slice(data);
+    std::fs::write(path, f).unwrap();
+}
+
+/// A fresh directory for a test's data files.
+pub fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ngx-gpu-data-{}-{}-{name}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

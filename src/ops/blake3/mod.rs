@@ -5,6 +5,7 @@
 //! tree of the BLAKE3 spec). A body cut into pieces (see `batch.rs`) gets each piece's
 //! subtree chaining value from the GPU; the CPU merges those into the root.
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use ::blake3::hazmat::{
@@ -12,7 +13,9 @@ use ::blake3::hazmat::{
 };
 use cudarc::driver::{CudaFunction, PushKernelArg};
 
-use super::{bytes, Assembly, Configured, Item, Layout, Op, OpOnDevice, Output, Params, Target};
+use super::{
+    bytes, Assembly, Configured, Decoded, Item, Layout, Op, OpOnDevice, Output, Params, Target,
+};
 use crate::engine::batch::Piece;
 use crate::engine::job::JobError;
 use crate::gpu::{launch_config, GpuError, Loader, Program};
@@ -105,15 +108,15 @@ impl Op for Blake3 {
         (8 * DESC_WORDS * n, 32 * n)
     }
 
-    fn run_cpu(&self, body: Vec<u8>, _: &Params) -> Result<Output, JobError> {
-        Ok(self.finish(::blake3::hash(&body).as_bytes()))
+    fn run_cpu(&self, body: Vec<u8>, _: &Params, _: Option<&Decoded>) -> Result<Output, JobError> {
+        Ok(self.finish(::blake3::hash(&body).as_bytes(), None))
     }
 
-    fn finish(&self, result: &[u8]) -> Output {
-        Output {
-            content_type: self.content_type.clone(),
-            body: encode(result.try_into().expect("32-byte digest")),
-        }
+    fn finish(&self, result: &[u8], _: Option<&Decoded>) -> Output {
+        Output::new(
+            self.content_type.clone(),
+            encode(result.try_into().expect("32-byte digest")),
+        )
     }
 
     fn cpu_piece(&self, data: &[u8], piece: &Piece, out: &mut Vec<u8>) {
@@ -156,10 +159,7 @@ impl Assembly for Pieces {
     }
 
     fn finish(self: Box<Self>) -> Output {
-        Output {
-            content_type: self.content_type,
-            body: encode(&merge(&self.cvs)),
-        }
+        Output::new(self.content_type, encode(&merge(&self.cvs)))
     }
 }
 
@@ -289,8 +289,13 @@ impl OpOnDevice for OnDevice {
         Ok(())
     }
 
-    fn result<'o>(&self, _layout: &Layout, i: usize, out: &'o [u8]) -> Result<&'o [u8], JobError> {
-        Ok(&out[32 * i..32 * i + 32])
+    fn result<'o>(
+        &self,
+        _layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<Cow<'o, [u8]>, JobError> {
+        Ok(Cow::Borrowed(&out[32 * i..32 * i + 32]))
     }
 }
 
@@ -302,7 +307,7 @@ mod tests {
     fn cpu_matches_known_vector_for_empty_input() {
         // The published BLAKE3 digest of the empty string.
         let op = parse(&[]).unwrap().op;
-        let out = op.run_cpu(Vec::new(), &Params::default()).unwrap();
+        let out = op.run_cpu(Vec::new(), &Params::default(), None).unwrap();
         assert_eq!(
             out.body,
             b"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\n"

@@ -5,7 +5,11 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaFunction, PushKernelArg};
 
-use super::{bytes, Assembly, Configured, Item, Layout, Op, OpOnDevice, Output, Params, Target};
+use std::borrow::Cow;
+
+use super::{
+    bytes, Assembly, Configured, Decoded, Item, Layout, Op, OpOnDevice, Output, Params, Target,
+};
 use crate::engine::batch::Piece;
 use crate::engine::job::JobError;
 use crate::gpu::{host_copy, launch_config, GpuError, Loader, Program};
@@ -44,18 +48,12 @@ impl Op for Echo {
     }
 
     /// The CPU path: the body itself is the answer.
-    fn run_cpu(&self, body: Vec<u8>, _: &Params) -> Result<Output, JobError> {
-        Ok(Output {
-            content_type: self.content_type.clone(),
-            body,
-        })
+    fn run_cpu(&self, body: Vec<u8>, _: &Params, _: Option<&Decoded>) -> Result<Output, JobError> {
+        Ok(Output::new(self.content_type.clone(), body))
     }
 
-    fn finish(&self, result: &[u8]) -> Output {
-        Output {
-            content_type: self.content_type.clone(),
-            body: host_copy(result),
-        }
+    fn finish(&self, result: &[u8], _: Option<&Decoded>) -> Output {
+        Output::new(self.content_type.clone(), host_copy(result))
     }
 
     fn cpu_piece(&self, data: &[u8], _: &Piece, out: &mut Vec<u8>) {
@@ -98,10 +96,7 @@ impl Assembly for Pieces {
     }
 
     fn finish(self: Box<Self>) -> Output {
-        Output {
-            content_type: self.content_type,
-            body: self.body,
-        }
+        Output::new(self.content_type, self.body)
     }
 }
 
@@ -144,8 +139,15 @@ impl OpOnDevice for OnDevice {
         Ok(())
     }
 
-    fn result<'o>(&self, layout: &Layout, i: usize, out: &'o [u8]) -> Result<&'o [u8], JobError> {
+    fn result<'o>(
+        &self,
+        layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<Cow<'o, [u8]>, JobError> {
         let p = &layout.items[i];
-        Ok(&out[p.out_off as usize..(p.out_off + p.len) as usize])
+        Ok(Cow::Borrowed(
+            &out[p.out_off as usize..(p.out_off + p.len) as usize],
+        ))
     }
 }

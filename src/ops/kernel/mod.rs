@@ -11,6 +11,7 @@
 
 mod decl;
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -18,7 +19,8 @@ use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 pub use decl::{declare, ArgType, Decl, OutputSize};
 
 use super::{
-    bytes, Configured, Declared, Item, Layout, Op, OpOnDevice, Output, Params, Target, Value,
+    bytes, Configured, Declared, Decoded, Item, Layout, Op, OpOnDevice, Output, Params, Target,
+    Value,
 };
 use crate::engine::job::JobError;
 use crate::gpu::{host_copy, GpuError, Loader, Program};
@@ -133,18 +135,15 @@ impl Op for Kernel {
         false
     }
 
-    fn run_cpu(&self, _body: Vec<u8>, _: &Params) -> Result<Output, JobError> {
+    fn run_cpu(&self, _body: Vec<u8>, _: &Params, _: Option<&Decoded>) -> Result<Output, JobError> {
         Err(JobError::Unavailable(format!(
             "kernel \"{}\" runs on a GPU only, and this worker has none",
             self.kernel
         )))
     }
 
-    fn finish(&self, result: &[u8]) -> Output {
-        Output {
-            content_type: self.decl().content_type.clone(),
-            body: host_copy(result),
-        }
+    fn finish(&self, result: &[u8], _: Option<&Decoded>) -> Output {
+        Output::new(self.decl().content_type.clone(), host_copy(result))
     }
 
     fn load(&self, loader: &mut Loader) -> Result<Option<Box<dyn OpOnDevice>>, GpuError> {
@@ -369,9 +368,14 @@ impl OpOnDevice for OnDevice {
         Ok(())
     }
 
-    fn result<'o>(&self, layout: &Layout, i: usize, out: &'o [u8]) -> Result<&'o [u8], JobError> {
+    fn result<'o>(
+        &self,
+        layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<Cow<'o, [u8]>, JobError> {
         let dl = DescLayout::new(layout.items.len(), self.decl.args.len());
-        cut(&self.decl.name, &dl, layout, i, out)
+        cut(&self.decl.name, &dl, layout, i, out).map(Cow::Borrowed)
     }
 }
 

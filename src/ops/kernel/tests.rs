@@ -196,6 +196,7 @@ fn batch(output: &str, bodies: &[Vec<u8>]) -> (Layout, Vec<u8>, Vec<u8>) {
             piece,
             body,
             params,
+            decoded: None,
         })
         .collect();
     // The same layout and packing the device uses (they need no loaded function).

@@ -1,11 +1,496 @@
 //! `knn`: exact nearest-neighbour search over an index declared with
-//! `gpu_model <name> knn <index.npy> [...]`.
+//! `gpu_model <name> knn <index.npy> [...]`, served over KServe v2 (`gpu_process kserve;`).
 //!
 //! - `index.rs`: the index as loaded (rows, metric, precision, external ids);
 //! - `cpu.rs`: the exact search on the CPU (fallback and the tests' reference);
 //! - `gpu.rs` + `topk.cu`: the search on the device (one matrix product per tile of the
 //!   index, a top-k selection within each tile, a merge of the tiles' candidates).
+//!
+//! Requests are decoded on the GPU thread into query rows; a batch is the rows of several
+//! requests (at most `batch_rows`), searched with the batch's largest k and cut back per
+//! request to its own k.
 
 pub mod cpu;
 pub mod gpu;
 pub mod index;
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use self::index::{Index, Metric, Precision};
+use super::model::{key_values, Model, Signature, TensorSpec};
+use super::{Decoded, Item, Layout, Op, OpOnDevice, Output, Params, Placed, Target, Value};
+use crate::engine::job::{Body, JobError};
+use crate::gpu::{GpuError, Loader, Program};
+use crate::http::kserve::decode;
+use crate::http::kserve::encode::{Answer, Elements, Tensor};
+
+/// The default `k=` of a model, and the default `batch_rows=`.
+pub const DEFAULT_K: usize = 10;
+pub const DEFAULT_BATCH_ROWS: usize = 256;
+/// The most `batch_rows=` may be.
+pub const MAX_BATCH_ROWS: usize = 65536;
+/// Output names, in the order they are sent when none are requested.
+const OUTPUTS: [&str; 2] = ["IDS", "SCORES"];
+
+/// A knn model: the index, and how it is served.
+pub struct KnnModel {
+    name: Arc<str>,
+    pub index: Index,
+    /// `k=`: the k of requests that do not give one.
+    pub default_k: usize,
+    /// `batch_rows=`: the most query rows in one batch (and in one request).
+    pub batch_rows: usize,
+}
+
+/// `gpu_model <name> knn <index.npy> [metric=] [precision=] [ids=] [k=] [batch_rows=]`.
+pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, String> {
+    let kv = key_values(params, &["metric", "precision", "ids", "k", "batch_rows"])?;
+    let get = |key: &str| kv.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let metric = match get("metric") {
+        None => Metric::Ip,
+        Some(v) => Metric::parse(v)
+            .ok_or_else(|| format!("metric \"{v}\" is not one of ip, cosine, l2"))?,
+    };
+    let precision = match get("precision") {
+        None => None,
+        Some(v) => Some(
+            Precision::parse(v)
+                .ok_or_else(|| format!("precision \"{v}\" is not one of fp32, tf32, fp16"))?,
+        ),
+    };
+    let number = |key: &str, default: usize, max: usize| -> Result<usize, String> {
+        match get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| format!("{key}=\"{v}\" is not a number from 1 to {max}")),
+        }
+    };
+    let default_k = number("k", DEFAULT_K, gpu::MAX_K)?;
+    let batch_rows = number("batch_rows", DEFAULT_BATCH_ROWS, MAX_BATCH_ROWS)?;
+    // The ids path is taken as given, or relative to the index's directory.
+    let ids = get("ids").map(|p| {
+        if p.starts_with('/') {
+            p.to_string()
+        } else {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            dir.join(p).to_string_lossy().into_owned()
+        }
+    });
+    let index = Index::load(path, metric, precision, ids.as_deref())?;
+    Ok(Arc::new(KnnModel {
+        name: Arc::from(name),
+        index,
+        default_k,
+        batch_rows,
+    }))
+}
+
+impl KnnModel {
+    /// A model made in tests (no file).
+    #[cfg(test)]
+    pub fn for_tests(name: &str, index: Index, default_k: usize, batch_rows: usize) -> KnnModel {
+        KnnModel {
+            name: Arc::from(name),
+            index,
+            default_k,
+            batch_rows,
+        }
+    }
+}
+
+impl Model for KnnModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "knn"
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn signature(&self) -> Signature {
+        Signature {
+            platform: "ngx_gpu_knn",
+            inputs: vec![TensorSpec {
+                name: "QUERY",
+                datatypes: &["FP32", "FP16"],
+                shape: vec![-1, self.index.d as i64],
+            }],
+            outputs: vec![
+                TensorSpec {
+                    name: "IDS",
+                    datatypes: &["INT64"],
+                    shape: vec![-1, -1],
+                },
+                TensorSpec {
+                    name: "SCORES",
+                    datatypes: &["FP32"],
+                    shape: vec![-1, -1],
+                },
+            ],
+        }
+    }
+
+    fn serve(self: Arc<Self>) -> Arc<dyn Op> {
+        Arc::new(Knn { model: self })
+    }
+}
+
+/// A decoded knn request.
+pub struct Request {
+    /// `rows * d` query values (not normalized).
+    pub queries: Vec<f32>,
+    pub rows: usize,
+    /// Hits per query (the request's k, at most the index's rows).
+    pub k: usize,
+    pub answer: Answer,
+}
+
+/// Reads a knn request from a KServe v2 infer body. `header_len`: the
+/// `Inference-Header-Content-Length` value, if the request had one.
+pub fn decode_request(
+    model: &KnnModel,
+    body: &[u8],
+    header_len: Option<u64>,
+) -> Result<Request, String> {
+    let req = decode::decode(body, header_len)?;
+    let d = model.index.d;
+    let mut query = None;
+    for input in &req.inputs {
+        if input.name != "QUERY" {
+            return Err(format!("unknown input \"{}\" (inputs: QUERY)", input.name));
+        }
+        query = Some(input);
+    }
+    let query = query.ok_or("the request has no input \"QUERY\"")?;
+    if query.datatype != "FP32" && query.datatype != "FP16" {
+        return Err(format!(
+            "input \"QUERY\" has datatype {}: expected FP32 or FP16",
+            query.datatype
+        ));
+    }
+    let rows = match query.shape[..] {
+        [n, dim] if n >= 1 && dim == d as u64 => n as usize,
+        _ => {
+            return Err(format!(
+                "input \"QUERY\" has shape {:?}: expected [n, {d}] with n >= 1",
+                query.shape
+            ))
+        }
+    };
+    if rows > model.batch_rows {
+        return Err(format!(
+            "input \"QUERY\" has {rows} rows: at most {} per request",
+            model.batch_rows
+        ));
+    }
+    let k = match req.parameters.get("k") {
+        None => model.default_k,
+        Some(v) => v
+            .as_u64()
+            .filter(|k| (1..=gpu::MAX_K as u64).contains(k))
+            .ok_or_else(|| format!("parameter \"k\" is {v}: expected 1 to {}", gpu::MAX_K))?
+            as usize,
+    };
+    let queries = query.to_f32()?;
+    if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "input \"QUERY\" holds a NaN or infinite value in row {}",
+            at / d
+        ));
+    }
+    let answer = Answer::of(model.name.clone(), &req, &OUTPUTS)?;
+    Ok(Request {
+        queries,
+        rows,
+        k: cpu::hits_k(&model.index, k),
+        answer,
+    })
+}
+
+/// The knn op over one model.
+pub struct Knn {
+    model: Arc<KnnModel>,
+}
+
+impl Knn {
+    fn request(decoded: Option<&Decoded>) -> &Request {
+        decoded
+            .and_then(|d| d.state.downcast_ref::<Request>())
+            .expect("knn requests are decoded")
+    }
+
+    /// The answer from a request's hits (`result_bytes`' layout).
+    fn encode(&self, req: &Request, result: &[u8]) -> Output {
+        let n = req.rows * req.k;
+        let (rows, scores) = result.split_at(8 * n);
+        let ids: Vec<i64> = rows
+            .chunks_exact(8)
+            .map(|c| {
+                self.model
+                    .index
+                    .id_of(i64::from_le_bytes(c.try_into().expect("8")))
+            })
+            .collect();
+        let scores: Vec<f32> = scores
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect();
+        let shape = vec![req.rows as u64, req.k as u64];
+        req.answer.encode(&[
+            Tensor {
+                name: "IDS",
+                shape: shape.clone(),
+                data: Elements::I64(ids),
+            },
+            Tensor {
+                name: "SCORES",
+                shape,
+                data: Elements::F32(scores),
+            },
+        ])
+    }
+}
+
+/// `params[0]`: the `Inference-Header-Content-Length`, or -1 where there was none.
+fn header_len(params: &Params) -> Option<u64> {
+    match params.0.first() {
+        Some(Value::I64(n)) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    }
+}
+
+/// One request's hits as result bytes: `rows * k` row numbers (i64), then their scores
+/// (f32), cut from a batch searched with `batch_k >= k` hits per row.
+fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u8> {
+    let n = rows.len() / batch_k;
+    let mut out = Vec::with_capacity(n * k * 12);
+    for r in 0..n {
+        for &x in &rows[r * batch_k..r * batch_k + k] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    for r in 0..n {
+        for &x in &scores[r * batch_k..r * batch_k + k] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+impl Op for Knn {
+    fn name(&self) -> &str {
+        &self.model.name
+    }
+
+    fn programs(&self) -> Vec<Arc<Program>> {
+        vec![gpu::program()]
+    }
+
+    /// Query rows in the staged input, hits (12 bytes each) in the output.
+    fn worst_case(&self, _n: usize, _bytes: usize) -> (usize, usize) {
+        let rows = self.model.batch_rows;
+        let k = gpu::MAX_K.min(self.model.index.n);
+        (rows * self.model.index.d * 4, rows * k * 12)
+    }
+
+    fn decode(&self, body: &Body, params: &Params) -> Result<Option<Decoded>, JobError> {
+        let header_len = header_len(params);
+        let bytes = body
+            .to_vec()
+            .map_err(|e| JobError::Internal(format!("reading the request body: {e}")))?;
+        let req = decode_request(&self.model, &bytes, header_len).map_err(JobError::BadInput)?;
+        Ok(Some(Decoded {
+            rows: req.rows,
+            state: Box::new(req),
+        }))
+    }
+
+    fn max_rows(&self) -> usize {
+        self.model.batch_rows
+    }
+
+    /// A request not decoded yet (one answered after a panic of the GPU thread) is decoded
+    /// here from its body.
+    fn run_cpu(
+        &self,
+        body: Vec<u8>,
+        params: &Params,
+        decoded: Option<&Decoded>,
+    ) -> Result<Output, JobError> {
+        let fresh;
+        let req = match decoded {
+            Some(d) => Self::request(Some(d)),
+            None => {
+                fresh = decode_request(&self.model, &body, header_len(params))
+                    .map_err(JobError::BadInput)?;
+                &fresh
+            }
+        };
+        let hits = cpu::search(&self.model.index, &req.queries, req.k);
+        Ok(self.encode(req, &result_bytes(&hits.rows, &hits.scores, hits.k, req.k)))
+    }
+
+    fn finish(&self, result: &[u8], decoded: Option<&Decoded>) -> Output {
+        self.encode(Self::request(decoded), result)
+    }
+
+    fn load(&self, loader: &mut Loader) -> Result<Option<Box<dyn OpOnDevice>>, GpuError> {
+        let device = match loader {
+            Loader::Host => None,
+            Loader::Device(d) => match gpu::DeviceIndex::load(d, &self.model.index) {
+                Ok(dev) => Some(dev),
+                // No device search in this build: the CPU path serves.
+                Err(GpuError::Unavailable(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Some(Box::new(OnDevice {
+            model: self.model.clone(),
+            device,
+        })))
+    }
+}
+
+/// The knn op on a worker's device (or the test device: `device` is `None`).
+struct OnDevice {
+    model: Arc<KnnModel>,
+    device: Option<gpu::DeviceIndex>,
+}
+
+/// A batch's layout: item `i`'s queries at `data_off` (`len` = its rows), its hits from
+/// row `out_off` of the batch (`out_cap` = its k); `desc_len` is unused, the batch's k is
+/// the largest item's.
+fn batch_k(layout: &Layout) -> usize {
+    layout
+        .items
+        .iter()
+        .map(|p| p.out_cap as usize)
+        .max()
+        .unwrap_or(1)
+}
+
+fn batch_rows(layout: &Layout) -> usize {
+    layout.items.iter().map(|p| p.len as usize).sum()
+}
+
+impl OpOnDevice for OnDevice {
+    fn layout(&self, items: &[Item]) -> Layout {
+        let d = self.model.index.d;
+        let mut l = Layout::default();
+        let mut row = 0usize;
+        for it in items {
+            let req = Knn::request(it.decoded);
+            l.items.push(Placed {
+                data_off: (row * d * 4) as u64,
+                len: req.rows as u64,
+                out_off: row as u64,
+                out_cap: req.k as u64,
+            });
+            row += req.rows;
+        }
+        let k = batch_k(&l);
+        l.data_len = row * d * 4;
+        l.out_len = row * k * 12;
+        if let Some(dev) = &self.device {
+            l.scratch = vec![dev.scratch_bytes(row, k)];
+        }
+        l
+    }
+
+    fn pack(
+        &self,
+        items: &[Item],
+        layout: &Layout,
+        _desc: &mut [u8],
+        data: &mut [u8],
+    ) -> Vec<(usize, JobError)> {
+        for (it, p) in items.iter().zip(&layout.items) {
+            let req = Knn::request(it.decoded);
+            let at = p.data_off as usize;
+            for (dst, v) in data[at..at + req.queries.len() * 4]
+                .chunks_exact_mut(4)
+                .zip(&req.queries)
+            {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Vec::new()
+    }
+
+    fn launch(&self, layout: &Layout, target: Target) -> Result<(), GpuError> {
+        let (nq, k) = (batch_rows(layout), batch_k(layout));
+        match target {
+            Target::Device(l) => {
+                let dev = self.device.as_ref().expect("loaded on a device");
+                let scratch = l.scratch.first().copied().unwrap_or(0);
+                dev.search(
+                    l.stream,
+                    l.data,
+                    nq,
+                    k,
+                    scratch,
+                    l.out,
+                    l.out + (nq * k * 8) as u64,
+                )
+            }
+            Target::Host { data, out, .. } => {
+                let queries: Vec<f32> = data[..layout.data_len]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                    .collect();
+                let hits = cpu::search(&self.model.index, &queries, k);
+                let (rows, scores) = out[..nq * k * 12].split_at_mut(nq * k * 8);
+                for (dst, v) in rows.chunks_exact_mut(8).zip(&hits.rows) {
+                    dst.copy_from_slice(&v.to_le_bytes());
+                }
+                for (dst, v) in scores.chunks_exact_mut(4).zip(&hits.scores) {
+                    dst.copy_from_slice(&v.to_le_bytes());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn result<'o>(
+        &self,
+        layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<Cow<'o, [u8]>, JobError> {
+        let (nq, k) = (batch_rows(layout), batch_k(layout));
+        let p = &layout.items[i];
+        let (r0, rows, want) = (p.out_off as usize, p.len as usize, p.out_cap as usize);
+        let ids: Vec<i64> = out[r0 * k * 8..(r0 + rows) * k * 8]
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+            .collect();
+        let at = nq * k * 8;
+        let scores: Vec<f32> = out[at + r0 * k * 4..at + (r0 + rows) * k * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect();
+        if ids
+            .iter()
+            .any(|&r| r < 0 || r as usize >= self.model.index.n)
+        {
+            return Err(JobError::Internal(
+                "the device search returned a row number out of range".into(),
+            ));
+        }
+        Ok(Cow::Owned(result_bytes(&ids, &scores, k, want)))
+    }
+}
+
+#[cfg(test)]
+mod tests;
