@@ -61,20 +61,17 @@ ngx_mps_missing() {
     fi
 }
 
-# Starts the control daemon and sets ngx_mps_started; returns non-zero (having said why)
-# when it could not. NGX_GPU_MPS decides what "could not" costs (see ngx_mps_start).
+# Starts the control daemon and sets ngx_mps_started; returns non-zero when it could not,
+# with the reason in ngx_mps_why. NGX_GPU_MPS decides what that costs (ngx_mps_start).
 ngx_mps_try_start() {
     mode=${NGX_GPU_MPS:-auto}
     case $mode in
-        off) ngx_say "MPS: off (NGX_GPU_MPS=off)"; return 0 ;;
+        off) return 0 ;;
         on | auto) ;;
-        *) ngx_say "NGX_GPU_MPS must be on, off or auto, not '$mode'"; return 2 ;;
+        *) ngx_mps_why="NGX_GPU_MPS must be on, off or auto, not '$mode'"; return 2 ;;
     esac
-    missing=$(ngx_mps_missing)
-    if [ -n "$missing" ]; then
-        ngx_say "MPS: not started: $missing"
-        return 1
-    fi
+    ngx_mps_why=$(ngx_mps_missing)
+    [ -z "$ngx_mps_why" ] || return 1
     if [ -n "${NGX_GPU_MPS_USER:-}" ]; then
         ngx_mps_user=$NGX_GPU_MPS_USER
     elif [ "$(id -u)" = 0 ] && id nginx >/dev/null 2>&1; then
@@ -83,11 +80,11 @@ ngx_mps_try_start() {
         ngx_mps_user=$(id -un)
     fi
     if ! id "$ngx_mps_user" >/dev/null 2>&1; then
-        ngx_say "MPS: not started: no user '$ngx_mps_user' (NGX_GPU_MPS_USER)"
+        ngx_mps_why="no user '$ngx_mps_user' (NGX_GPU_MPS_USER)"
         return 1
     fi
     if [ "$ngx_mps_user" != "$(id -un)" ] && [ "$(id -u)" != 0 ]; then
-        ngx_say "MPS: not started: only root can start it as '$ngx_mps_user'"
+        ngx_mps_why="only root can start it as '$ngx_mps_user'"
         return 1
     fi
     export CUDA_MPS_PIPE_DIRECTORY="$NGX_GPU_MPS_DIR/pipe"
@@ -99,12 +96,12 @@ ngx_mps_try_start() {
         || ! mkdir -m 0700 "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" \
         || ! chown "$ngx_mps_user:$(id -g "$ngx_mps_user")" \
             "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"; then
-        ngx_say "MPS: not started: cannot make $NGX_GPU_MPS_DIR/{pipe,log} for '$ngx_mps_user'"
+        ngx_mps_why="cannot make $NGX_GPU_MPS_DIR/{pipe,log} for '$ngx_mps_user'"
         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
         return 1
     fi
     if ! ngx_as_mps_user nvidia-cuda-mps-control -d; then
-        ngx_say "MPS: not started: nvidia-cuda-mps-control -d failed (log: $CUDA_MPS_LOG_DIRECTORY)"
+        ngx_mps_why="nvidia-cuda-mps-control -d failed (log: $CUDA_MPS_LOG_DIRECTORY)"
         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
         return 1
     fi
@@ -113,8 +110,7 @@ ngx_mps_try_start() {
     while ! echo get_server_list | ngx_as_mps_user nvidia-cuda-mps-control >/dev/null 2>&1; do
         i=$((i + 1))
         if [ "$i" -ge 50 ]; then
-            ngx_say "MPS: not started: the daemon does not answer (log: $CUDA_MPS_LOG_DIRECTORY/control.log)"
-            tail -n 5 "$CUDA_MPS_LOG_DIRECTORY/control.log" >&2 2>/dev/null
+            ngx_mps_why="the daemon does not answer (log: $CUDA_MPS_LOG_DIRECTORY/control.log)"
             unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
             return 1
         fi
@@ -125,17 +121,25 @@ ngx_mps_try_start() {
     return 0
 }
 
-# Starts MPS as NGX_GPU_MPS says: returns non-zero only when nginx must not start.
+# Starts MPS as NGX_GPU_MPS says, and says in one line what came of it; returns non-zero
+# only when nginx must not start.
 ngx_mps_start() {
+    ngx_mps_why=
     ngx_mps_try_start
     rc=$?
-    [ "$rc" = 0 ] && return 0
-    [ "$rc" = 2 ] && return 1
-    if [ "${NGX_GPU_MPS:-auto}" = on ]; then
-        ngx_say "NGX_GPU_MPS=on and MPS did not start: not starting nginx"
+    if [ "$rc" = 0 ]; then
+        [ -n "$ngx_mps_started" ] || ngx_say "MPS: off (NGX_GPU_MPS=off)"
+        return 0
+    fi
+    if [ "$rc" = 2 ]; then
+        ngx_say "$ngx_mps_why"
         return 1
     fi
-    ngx_say "going on without MPS: each worker gets a CUDA context of its own (NGX_GPU_MPS=off silences this)"
+    if [ "${NGX_GPU_MPS:-auto}" = on ]; then
+        ngx_say "MPS: not started: $ngx_mps_why; NGX_GPU_MPS=on: not starting nginx"
+        return 1
+    fi
+    ngx_say "MPS: not started: $ngx_mps_why; going on without it (NGX_GPU_MPS=off: no attempt)"
     return 0
 }
 
