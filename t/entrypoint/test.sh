@@ -226,5 +226,26 @@ sh "${ENTRY[@]}" sh -c 'exit 7'
 rc=$?
 [ "$rc" = 7 ] && pass "another command is exec'd, its status passed on" || bad "sh -c 'exit 7': $rc"
 
+# 8. The systemd unit for nginx outside the image: loads (systemd-analyze verify, the MPS
+#    program's path swapped for one that exists here), and it, its nginx drop-in and the
+#    entrypoint name the same two directories.
+S=docker/systemd
+if command -v systemd-analyze >/dev/null 2>&1; then
+    sed 's|/usr/bin/nvidia-cuda-mps-control|/bin/true|g' "$S/ngx-gpu-mps.service" >"$W/ngx-gpu-mps.service"
+    systemd-analyze verify "$W/ngx-gpu-mps.service" >"$W/err" 2>&1 && [ ! -s "$W/err" ] \
+        && pass "systemd-analyze verify ngx-gpu-mps.service: clean" || bad "systemd-analyze verify: $(cat "$W/err")"
+else
+    echo "skipped: systemd-analyze verify (no systemd-analyze)"
+fi
+ok=1
+for f in "$S/ngx-gpu-mps.service" "$S/nginx.service.d/ngx-gpu-mps.conf"; do
+    grep -qx 'Environment=CUDA_MPS_PIPE_DIRECTORY=/run/ngx-gpu/mps/pipe' "$f" || ok=0
+    grep -qx 'Environment=CUDA_MPS_LOG_DIRECTORY=/run/ngx-gpu/mps/log' "$f" || ok=0
+done
+grep -qx 'RuntimeDirectory=ngx-gpu/mps/pipe ngx-gpu/mps/log' "$S/ngx-gpu-mps.service" || ok=0
+grep -q 'NGX_GPU_MPS_DIR=${NGX_GPU_MPS_DIR:-/run/ngx-gpu/mps}' docker/entrypoint.sh || ok=0
+[ $ok = 1 ] && pass "unit, drop-in and entrypoint: the same /run/ngx-gpu/mps/{pipe,log}" \
+    || bad "the unit, the drop-in and the entrypoint disagree on the MPS directories"
+
 echo "entrypoint: $passed passed, $failed failed"
 [ "$failed" = 0 ]
