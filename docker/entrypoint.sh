@@ -92,7 +92,7 @@ ngx_mps_try_start() {
     # Fresh directories every start: a stale pipe from a killed daemon would be taken for a
     # live one.
     rm -rf "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    if ! mkdir -p -m 0755 "$NGX_GPU_MPS_DIR" \
+    if ! (umask 022 && mkdir -p "$NGX_GPU_MPS_DIR") \
         || ! mkdir -m 0700 "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" \
         || ! chown "$ngx_mps_user:$(id -g "$ngx_mps_user")" \
             "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"; then

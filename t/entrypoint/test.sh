@@ -13,7 +13,7 @@ set -uo pipefail
 # and a shell cannot trap what it was started ignoring (a container's PID 1 starts with
 # neither ignored).
 set -m
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
 NGINX=${NGX_GPU_NGINX:-$(ls -d "$ROOT"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n1)}
 MODULE=${NGX_GPU_MODULE:-$ROOT/target/release/libngx_http_gpu_module.so}

@@ -11,7 +11,7 @@
 #   bash t/gpu/mps.sh        (as root the workers and the daemon run as nobody, as the
 #                             image runs them as nginx; as another user, as that user)
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 ROOT=$PWD
 G=$ROOT/.gpu
 OUT=${OUT:-/tmp/gpu-mps-out}
