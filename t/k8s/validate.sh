@@ -64,4 +64,32 @@ semantic no-mps-env configmap.yaml '/env CUDA_MPS_PIPE_DIRECTORY;/d'
 
 "$PY" t/k8s/check.py "$K8S" || fail "t/k8s/check.py"
 pass "the manifests agree with each other, with the module's series and with its endpoints"
+
+# The ConfigMap's nginx.conf through nginx -t with the module built here, paths moved under
+# a temp prefix (as the image test does with the image's config). Only with a module that
+# has the endpoint directives (gpu_metrics and gpu_health come with the metrics work).
+NGINX=${NGX_GPU_NGINX:-$(find target/release/build -path '*/out/objs/nginx' -type f 2>/dev/null | head -n1)}
+MODULE=${NGX_GPU_MODULE:-target/release/libngx_http_gpu_module.so}
+if [ -x "$NGINX" ] && [ -f "$MODULE" ] && grep -qa gpu_health "$MODULE" && grep -qa gpu_metrics "$MODULE"; then
+    P=$W/prefix
+    mkdir -p "$P/conf" "$P/modules" "$P/body" "$P/logs"
+    ln -s "$(realpath "$MODULE")" "$P/modules/ngx_http_gpu_module.so"
+    if [ "$(id -u)" = 0 ]; then user="nobody $(id -gn nobody)"; else user="$(id -un) $(id -gn)"; fi
+    "$PY" - "$K8S/configmap.yaml" "$P" "$user" >"$P/conf/nginx.conf" <<'PYEOF' || fail "the ConfigMap's nginx.conf: a path to move is missing"
+import sys, yaml
+conf = yaml.safe_load(open(sys.argv[1]))["data"]["nginx.conf"]
+p, user = sys.argv[2], sys.argv[3]
+for old, new in (("pid /run/nginx.pid;", f"pid {p}/nginx.pid;"), ("user nginx nginx;", f"user {user};"),
+                 ("client_body_temp_path /var/cache/nginx/client_body;", f"client_body_temp_path {p}/body;")):
+    if old not in conf:
+        sys.exit(1)
+    conf = conf.replace(old, new)
+print(conf)
+PYEOF
+    "$NGINX" -t -p "$P/" -c conf/nginx.conf >"$W/out" 2>&1 || { cat "$W/out"; fail "nginx -t with the ConfigMap's nginx.conf"; }
+    grep -E '\[(emerg|alert|crit|error)\]' "$W/out" && fail "nginx -t with the ConfigMap's nginx.conf"
+    pass "nginx -t with the ConfigMap's nginx.conf and the module built here"
+else
+    echo "skipped: nginx -t with the ConfigMap's nginx.conf (no nginx and module built here with gpu_metrics and gpu_health)"
+fi
 echo "k8s: $passed passed, 0 failed"

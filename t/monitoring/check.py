@@ -176,6 +176,12 @@ def main(root):
         check_dashboard(bad, found)
         if not found:
             problems.append("self-test: an unknown failure reason passed the check")
+    # What Prometheus scrapes is the image's config (compose mounts docker/conf): it must
+    # serve gpu_metrics at /metrics. Said, not failed, until the endpoints are in that config.
+    conf = open(os.path.join(d, "conf", "nginx.conf")).read()
+    if not re.search(r"location\s*=\s*/metrics\s*\{[^}]*gpu_metrics\s*;", conf):
+        print("note: docker/conf/nginx.conf has no `location = /metrics { gpu_metrics; }` yet: "
+              "Prometheus will find nothing to scrape")
     return problems, len(dashboards), count
 
 
