@@ -105,12 +105,14 @@ ngx_mps_try_start() {
         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
         return 1
     fi
-    # The daemon answers once its control pipe is up; a daemon that died at once never does.
+    # The daemon answers once its control pipe is up (get_server_list exits 0 only when it
+    # reached a daemon); one that died at once never does: given up after 5 s.
     i=0
     while ! echo get_server_list | ngx_as_mps_user nvidia-cuda-mps-control >/dev/null 2>&1; do
         i=$((i + 1))
         if [ "$i" -ge 50 ]; then
             ngx_mps_why="the daemon does not answer (log: $CUDA_MPS_LOG_DIRECTORY/control.log)"
+            echo quit | ngx_as_mps_user nvidia-cuda-mps-control >/dev/null 2>&1
             unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
             return 1
         fi
