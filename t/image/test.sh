@@ -165,7 +165,7 @@ check() {
     [ "$rc" = 1 ] && grep -q 'ngx-gpu-entrypoint: MPS: not started: .*NGX_GPU_MPS=on: not starting nginx' \
         "$WORK/mps-on" && ! grep -q 'gpu: ' "$WORK/mps-on" \
         || fail "NGX_GPU_MPS=on without MPS: status $rc: $(cat "$WORK/mps-on")"
-    pass "NGX_GPU_MPS=on without MPS: status 1, $(cut -c1-70 "$WORK/mps-on")..."
+    pass "NGX_GPU_MPS=on without MPS: status 1, $(grep -o 'MPS: not started: .\{40\}' "$WORK/mps-on")..."
 
     if ! "${run[@]}" "${cmd[@]}" -t >"$WORK/nginx-t" 2>&1 \
         || ! grep -q "syntax is ok" "$WORK/nginx-t" \
