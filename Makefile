@@ -14,6 +14,9 @@
 #                   sh t/deps.sh, then make build, in a clean Debian 12 chroot (root)
 #   make asan       nginx and the module built with AddressSanitizer, the integration
 #                   suites against them; any ASan report fails (not part of make test)
+#   make nginx-tests NGINX_TESTS=DIR
+#                   nginx's own test suite (a checkout of nginx/nginx-tests) without and
+#                   with the module; any new failure fails (not part of make test)
 #   make gpu-bundle build the GPU-machine bundle into .gpu/ (run there: bash .gpu/run.sh)
 #   make image      build the GPU nginx image with docker, offline from vendored crates
 #   make gpu-image  image-test, then export the image's binaries into .gpu-image/ for the
@@ -29,7 +32,7 @@ DOCKER ?= docker
 # Where the module built with the fault-injection feature goes (t/faults.rs loads it).
 FAULT_MODULE := target/release/fault-injection/libngx_http_gpu_module.so
 
-.PHONY: deps build run stop lint fault-module ops-check check test nginx-build-test install-test asan \
+.PHONY: deps build run stop lint fault-module ops-check check test nginx-build-test install-test asan nginx-tests \
 	gpu-bundle image image-test gpu-image clean
 
 # The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
@@ -105,6 +108,11 @@ install-test:
 # RUSTC_BOOTSTRAP), target/asan/; the suites run against them. Minutes: not in make test.
 asan: deps
 	bash t/asan/run.sh
+
+# nginx's own test suite plain, with the module loaded, and with it active; needs a
+# checkout of github.com/nginx/nginx-tests: make nginx-tests NGINX_TESTS=../nginx-tests
+nginx-tests: deps
+	bash t/nginx-tests/run.sh "$(NGINX_TESTS)"
 
 # Everything the GPU machine needs, built here: test binaries, nginx, the module and its
 # fault-injection build, the benchmark, and the libraries nginx links that the GPU machine

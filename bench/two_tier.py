@@ -7,7 +7,7 @@ GPU, one request at a time, the way such services are usually written:
 
   POST /echo    the body goes to the GPU with PyTorch, is copied there, and comes back
   POST /blake3  the body goes to the GPU with PyTorch; the digest is computed by the
-                module's own CUDA kernels (src/kernels/blake3.cu, compiled with CuPy's
+                module's own CUDA kernels (src/ops/blake3/blake3.cu, compiled with CuPy's
                 NVRTC and launched on PyTorch's stream), one launch per tree level
 
 Usage: two_tier.py PORT [--repo DIR] [--device cuda|cpu]
@@ -27,9 +27,11 @@ def load_blake3(repo):
     import cupy
 
     src = ""
-    for name in ("common.cuh", "blake3.cu"):
-        with open(os.path.join(repo, "src", "kernels", name)) as f:
-            src += f.read() + "\n"
+    for name in (("common.cuh",), ("blake3", "blake3.cu")):
+        with open(os.path.join(repo, "src", "ops", *name)) as f:
+            # The kernel includes the common header by the name NVRTC serves it under;
+            # here the header is pasted in front instead.
+            src += f.read().replace('#include "ngx_gpu_common.cuh"', "") + "\n"
     mod = cupy.RawModule(code=src, options=("--std=c++17",))
     return cupy, mod.get_function("blake3_chunks"), mod.get_function("blake3_parents")
 

@@ -116,7 +116,7 @@ fn main() {
         compiled.insert(&p, Arc::from(compile(&p).expect("kernels compile")));
     }
     let ptx = Arc::new(compiled);
-    let mut gpu = match Gpu::open(1 << 30, None) {
+    let mut gpu = match Gpu::open(0, 1 << 30, None) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("no usable GPU: {e}");

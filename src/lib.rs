@@ -91,13 +91,17 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         None => Kernels::Unavailable("kernels were not compiled".into()),
     };
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        #[allow(unused_mut)]
         let mut config = gpu_thread::Config::new(
             mcf.ops.clone(),
             mcf.batch_bytes as u64,
             std::time::Duration::from_micros(mcf.poll_us as u64),
             mcf.pinned_limit,
         );
+        config.placement = engine::devices::Placement {
+            devices: mcf.devices.clone().unwrap_or_default(),
+            worker: ngx_worker,
+            workers: worker_count(cycle),
+        };
         #[cfg(feature = "fault-injection")]
         let kernels = match fault_plan(cycle) {
             Ok(Some(plan)) => {
@@ -128,6 +132,19 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             );
             NGX_ERROR as ngx_int_t
         }
+    }
+}
+
+/// How many workers this nginx runs: `worker_processes`, or 1 for a single-process nginx
+/// (`master_process off`), whose one process is worker 0.
+unsafe fn worker_count(cycle: *mut ngx_cycle_t) -> usize {
+    if ngx_process == NGX_PROCESS_SINGLE as ngx_uint_t {
+        return 1;
+    }
+    let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *const ngx_core_conf_t;
+    match ccf.as_ref() {
+        Some(ccf) if ccf.worker_processes > 0 => ccf.worker_processes as usize,
+        _ => 1,
     }
 }
 

@@ -275,3 +275,60 @@ fn gpu_model_of_an_unknown_kind_or_without_a_path() {
         "{e}"
     );
 }
+
+#[test]
+fn gpu_devices_syntax_duplicates_and_place() {
+    for v in ["gpu0", "0,", ",1", "0,,1", "-1", "all,0", "0x1", "\"\""] {
+        let e = emerg(&format!("gpu_devices {v}; {}", server("gpu_process echo;")));
+        let shown = v.trim_matches('"');
+        let want = format!(
+            "[emerg] invalid value \"{shown}\" in \"gpu_devices\" directive, it must be \"all\" or device numbers separated by commas (\"0,1\")"
+        );
+        assert!(e.contains(&want), "{v}: {e}");
+        assert!(e.contains("nginx.conf:"), "names the file and line: {e}");
+    }
+    let e = emerg(&format!(
+        "gpu_devices 0,1,0; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("[emerg] device 0 is listed twice in \"gpu_devices\" directive \"0,1,0\""),
+        "{e}"
+    );
+    let e = emerg(&format!(
+        "gpu_devices 3,256; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("[emerg] invalid device \"256\" in \"gpu_devices\" directive, it must be a number from 0 to 255"),
+        "{e}"
+    );
+    let e = emerg(&format!(
+        "gpu_devices all; gpu_devices 0; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(
+        e.contains("[emerg] \"gpu_devices\" directive is duplicate"),
+        "{e}"
+    );
+    let e = emerg(&server("gpu_process echo; gpu_devices 0;"));
+    assert!(
+        e.contains("[emerg] \"gpu_devices\" directive is not allowed here"),
+        "{e}"
+    );
+    let e = emerg(&format!("gpu_devices 0 1; {}", server("gpu_process echo;")));
+    assert!(
+        e.contains("[emerg] invalid number of arguments in \"gpu_devices\" directive"),
+        "{e}"
+    );
+    // Ids that may not exist here are for the workers to find out: the master does not
+    // touch CUDA, so a valid list tests clean on any machine.
+    for v in ["all", "0", "7,3,0", "255"] {
+        let out = nginx_t(&config(&format!(
+            "gpu_devices {v}; {}",
+            server("gpu_process echo;")
+        )));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{v}: {stderr}");
+    }
+}

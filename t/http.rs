@@ -244,9 +244,9 @@ fn the_gpu_path_serves_when_a_gpu_is_present() {
     }
     assert!(log.contains("gpu: using gpu0 \""), "device line: {log}");
     assert_eq!((b.status, b.text()), (200, b3(&data)));
-    assert_eq!(b.header("X-Gpu-Device"), Some("gpu0"));
+    assert!(is_gpu(b.header("X-Gpu-Device").unwrap_or("")));
     assert!(e.status == 200 && e.body == data);
-    assert_eq!(e.header("X-Gpu-Device"), Some("gpu0"));
+    assert!(is_gpu(e.header("X-Gpu-Device").unwrap_or("")));
     ngx.assert_healthy();
 }
 
@@ -282,7 +282,11 @@ fn variables_describe_where_the_job_ran() {
            location /h { gpu_process blake3; } }",
     ));
     let r = post(&ngx.addr(), "/h", b"x");
-    assert_eq!(r.header("X-Dev"), Some(expected_device()));
+    assert!(
+        is_expected_device(r.header("X-Dev")),
+        "{:?}",
+        r.header("X-Dev")
+    );
     for h in ["X-Q", "X-E"] {
         let v = r.header(h).unwrap_or_else(|| panic!("{h} missing"));
         let (ms, us) = v.split_once('.').unwrap_or_else(|| panic!("{h}={v}"));

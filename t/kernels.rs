@@ -621,7 +621,14 @@ fn survive(kernel: &str, source: &str, poison: u8, extra: &str) {
     // The alert names the failure and the ops of every batch that was in flight.
     let alert = log
         .lines()
-        .find(|l| l.contains("[alert]") && l.contains("gpu0 failed"))
+        .find(|l| {
+            // Whichever worker (and so device) took the poisoned batch.
+            l.contains("[alert]")
+                && l.split(" failed")
+                    .next()
+                    .and_then(|h| h.rsplit(' ').next())
+                    .is_some_and(is_gpu)
+        })
         .unwrap_or_else(|| panic!("no alert: {log}"));
     assert!(alert.contains(&format!("kernel {kernel}")), "{alert}");
     if kernel == "fault" {

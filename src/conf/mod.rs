@@ -17,6 +17,7 @@ use ngx::{ngx_conf_log_error, ngx_string};
 use std::sync::Arc;
 
 use crate::engine::batch::OpKey;
+use crate::engine::devices::DeviceList;
 use crate::engine::job::Fallback;
 use crate::gpu::Compiled;
 use crate::http::handler::gpu_content_handler;
@@ -50,6 +51,8 @@ pub struct MainConf {
     pub poll_us: usize,
     /// `gpu_pinned_limit`: the most pinned host memory one worker's batches may hold.
     pub pinned_limit: usize,
+    /// `gpu_devices`: the devices workers spread over (None: not set, every visible one).
+    pub devices: Option<DeviceList>,
     /// Whether any location uses `gpu_process` (else no GPU thread is started).
     pub used: bool,
     /// The largest `gpu_batch_size` of a `gpu_process` location (for the memory bound).
@@ -97,7 +100,7 @@ pub enum ClientEof {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 13] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 14] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -193,6 +196,14 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 13] = [
         post: ptr::null_mut(),
     },
     ngx_command_t {
+        name: ngx_string!("gpu_devices"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_gpu_devices),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
         name: ngx_string!("gpu_poll"),
         type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
         set: Some(cmd_gpu_poll),
@@ -234,6 +245,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             batch_bytes: UNSET_SIZE,
             poll_us: UNSET_SIZE,
             pinned_limit: UNSET_SIZE,
+            devices: None,
             used: false,
             max_batch_size: 0,
             ops: Vec::new(),
@@ -638,6 +650,28 @@ unsafe extern "C" fn cmd_gpu_poll(
                 cf,
                 "invalid value \"{v}\" in \"gpu_poll\" directive, it must be 0 or a time in us or ms up to 10ms"
             );
+            return NGX_CONF_ERROR;
+        }
+    }
+    NGX_CONF_OK
+}
+
+/// Which devices the workers spread over. Only the syntax is checked here: which ids
+/// exist is known only in the workers (CUDA is never touched in the master).
+unsafe extern "C" fn cmd_gpu_devices(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let mcf = &mut *(conf as *mut MainConf);
+    if mcf.devices.is_some() {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    // NGX_CONF_TAKE1 ensures that there is exactly one argument.
+    match DeviceList::parse(args(cf)[0]) {
+        Ok(list) => mcf.devices = Some(list),
+        Err(e) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{e}");
             return NGX_CONF_ERROR;
         }
     }

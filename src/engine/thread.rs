@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{never, select, unbounded, Receiver, Sender};
 
 use crate::engine::batch::{pieces_of, Batch, OpKey, Piece, Queue};
+use crate::engine::devices::Placement;
 use crate::engine::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
 use crate::engine::notify::Notifier;
 use crate::engine::stats::{self, Stats};
@@ -66,6 +67,8 @@ pub struct Config {
     /// At exit, how long batches still running are waited for before the device is
     /// abandoned.
     pub exit_wait: Duration,
+    /// Which device this worker opens (`gpu_devices` and its worker number).
+    pub placement: Placement,
     #[cfg(any(test, feature = "fault-injection"))]
     pub faults: crate::faults::Plan,
 }
@@ -84,6 +87,7 @@ impl Config {
             pinned_limit,
             trim_after: TRIM_AFTER,
             exit_wait: EXIT_WAIT,
+            placement: Placement::default(),
             #[cfg(any(test, feature = "fault-injection"))]
             faults: Default::default(),
         }
@@ -316,6 +320,9 @@ struct InFlight {
 struct Open {
     ops: Option<HashMap<OpKey, Box<dyn OpOnDevice>>>,
     device: Option<Box<dyn Device>>,
+    /// What this worker says once the device is open, when other workers share it
+    /// without MPS (see `Placement::mps_warning`).
+    mps_warning: Option<String>,
 }
 
 impl Open {
@@ -389,6 +396,8 @@ struct State {
     done: Receiver<usize>,
     in_flight: Vec<Option<InFlight>>,
     out: Outbox,
+    /// Whether the spread of workers over devices was told (worker 0, once).
+    spread_told: Arc<AtomicBool>,
     stats: Arc<Stats>,
     config: Config,
     next_trim: Instant,
@@ -415,6 +424,7 @@ impl State {
             done: never(),
             in_flight: vec![None],
             out,
+            spread_told: Arc::new(AtomicBool::new(false)),
             stats,
             next_trim: Instant::now() + config.trim_after,
             config,
@@ -456,12 +466,16 @@ impl State {
         }
     }
 
-    /// What the opening thread runs: the device, then every op's state on it.
+    /// What the opening thread runs: how many devices CUDA shows, which one is this
+    /// worker's (`gpu_devices`), the device, then every op's state on it.
     fn open_fn(&self, attempt: u32) -> Box<dyn FnOnce() -> Opened + Send> {
         let injected = self.injected_open_failure(attempt);
         let slow = self.injected_open_delay();
+        let (fake_visible, fake_mps) = self.fake_devices();
         let limit = self.config.pinned_limit;
         let ops = self.config.ops.clone();
+        let placement = self.config.placement.clone();
+        let (out, told) = (self.out.clone(), self.spread_told.clone());
         let compiled = match &self.kernels {
             Kernels::Unavailable(why) => {
                 let why = why.clone();
@@ -479,11 +493,19 @@ impl State {
                     "opening the device: injected failure".into(),
                 ));
             }
+            let visible = if fake { fake_visible } else { Gpu::visible()? };
+            if !told.swap(true, Ordering::Relaxed) {
+                for (level, msg) in placement.spread_notes(visible) {
+                    out.log(level, msg);
+                }
+            }
+            let ordinal = placement.ordinal(visible).map_err(GpuError::Unavailable)?;
             let device: Box<dyn Device> = if fake {
-                fake_device(limit)?
+                fake_device(ordinal, fake_mps, limit)?
             } else {
-                Box::new(Gpu::open(limit, fault_kernels(&compiled))?)
+                Box::new(Gpu::open(ordinal, limit, fault_kernels(&compiled))?)
             };
+            let mps_warning = placement.mps_warning(visible, device.info().mps);
             let mut states = HashMap::new();
             {
                 let mut loader = device.loader(&compiled);
@@ -496,6 +518,7 @@ impl State {
             Ok(Open {
                 ops: Some(states),
                 device: Some(device),
+                mps_warning,
             })
         })
     }
@@ -511,10 +534,14 @@ impl State {
                 } else {
                     String::new()
                 };
+                let info = open.device().info();
                 self.out.log(
                     Level::Notice,
-                    format!("gpu: using {}{after}", open.device().info()),
+                    format!("gpu: using {info}{after}, MPS: {}", info.mps_text()),
                 );
+                if let Some(warning) = &open.mps_warning {
+                    self.out.log(Level::Warn, warning.clone());
+                }
                 self.done = open.device().done().clone();
                 self.in_flight = (0..open.device().slots()).map(|_| None).collect();
                 self.device = Some(open);
@@ -562,6 +589,18 @@ impl State {
     #[cfg(not(any(test, feature = "fault-injection")))]
     fn injected_open_delay(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// How many devices the test device stands for, and whether it says MPS is on.
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn fake_devices(&self) -> (usize, bool) {
+        let plan = &self.config.faults;
+        (plan.fake_devices.max(1), plan.fake_mps)
+    }
+
+    #[cfg(not(any(test, feature = "fault-injection")))]
+    fn fake_devices(&self) -> (usize, bool) {
+        (0, false)
     }
 
     #[cfg(any(test, feature = "fault-injection"))]
@@ -1309,12 +1348,24 @@ fn cpu_whole(job: &Job) -> Result<Output, JobError> {
 
 /// The test device, in builds that have it.
 #[cfg(any(test, feature = "fault-injection"))]
-fn fake_device(pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
-    Ok(Box::new(crate::gpu::fake::FakeDevice::new(pinned_limit)))
+fn fake_device(
+    ordinal: usize,
+    mps: bool,
+    pinned_limit: usize,
+) -> Result<Box<dyn Device>, GpuError> {
+    Ok(Box::new(crate::gpu::fake::FakeDevice::new(
+        ordinal,
+        mps,
+        pinned_limit,
+    )))
 }
 
 #[cfg(not(any(test, feature = "fault-injection")))]
-fn fake_device(_pinned_limit: usize) -> Result<Box<dyn Device>, GpuError> {
+fn fake_device(
+    _ordinal: usize,
+    _mps: bool,
+    _pinned_limit: usize,
+) -> Result<Box<dyn Device>, GpuError> {
     Err(GpuError::Unavailable("no test device in this build".into()))
 }
 

@@ -8,6 +8,8 @@
 //! | item | effect |
 //! |---|---|
 //! | `fake` | use the test device (`gpu/fake.rs`) instead of a GPU |
+//! | `fake-devices:N` | the test device stands for N visible devices (default 1) |
+//! | `fake-mps` | the test device says its contexts are shared through MPS |
 //! | `open-fail:N` | the first N attempts to open the device fail as if it were busy |
 //! | `open-slow:MS` | every attempt to open the device takes MS milliseconds longer |
 //! | `panic@N` | the thread panics while packing its N-th batch (1-based) |
@@ -54,6 +56,9 @@ pub enum KernelFault {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub fake_device: bool,
+    /// How many devices the test device says are visible (`fake-devices:N`; 0: one).
+    pub fake_devices: usize,
+    pub fake_mps: bool,
     pub open_failures: u32,
     pub open_delay: std::time::Duration,
     /// (batch number, and whether every later one too, fault)
@@ -66,6 +71,14 @@ impl Plan {
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if item == "fake" {
                 plan.fake_device = true;
+                continue;
+            }
+            if item == "fake-mps" {
+                plan.fake_mps = true;
+                continue;
+            }
+            if let Some(n) = item.strip_prefix("fake-devices:") {
+                plan.fake_devices = n.parse().map_err(|_| format!("bad count in \"{item}\""))?;
                 continue;
             }
             if let Some(n) = item.strip_prefix("open-fail:") {
@@ -120,8 +133,12 @@ mod tests {
 
     #[test]
     fn parses_a_plan_and_finds_each_batch_fault() {
-        let p = Plan::parse("fake, open-fail:2,panic@3,oom@5+,trap@4,open-slow:250").unwrap();
+        let p = Plan::parse(
+            "fake, open-fail:2,panic@3,oom@5+,trap@4,open-slow:250,fake-devices:3,fake-mps",
+        )
+        .unwrap();
         assert!(p.fake_device);
+        assert_eq!((p.fake_devices, p.fake_mps), (3, true));
         assert_eq!(p.open_failures, 2);
         assert_eq!(p.open_delay, std::time::Duration::from_millis(250));
         assert_eq!(p.at_batch(1), None);
@@ -132,7 +149,14 @@ mod tests {
         );
         assert_eq!(p.at_batch(5), Some(Fault::OutOfMemory));
         assert_eq!(p.at_batch(9), Some(Fault::OutOfMemory));
-        for bad in ["boom@1", "panic@0", "panic@x", "open-fail:x", "panic"] {
+        for bad in [
+            "boom@1",
+            "panic@0",
+            "panic@x",
+            "open-fail:x",
+            "panic",
+            "fake-devices:x",
+        ] {
             assert!(Plan::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Plan::parse("").unwrap(), Plan::default());

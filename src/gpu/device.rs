@@ -37,6 +37,20 @@ pub struct DeviceInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub total_mem: usize,
+    /// Whether the driver shares this device's contexts through MPS
+    /// (CU_DEVICE_ATTRIBUTE_MPS_ENABLED); None where the driver could not say.
+    pub mps: Option<bool>,
+}
+
+impl DeviceInfo {
+    /// `on`, `off`, or `unknown`, for the worker's start line.
+    pub fn mps_text(&self) -> &'static str {
+        match self.mps {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
+        }
+    }
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -255,35 +269,54 @@ impl From<DriverError> for GpuError {
 }
 
 impl Gpu {
-    /// Opens device 0 (as `CUDA_VISIBLE_DEVICES` shows it): context and streams; the ops
-    /// load their kernels through `Device::loader`. `faults` is the fault-injection program
-    /// (test and fault-injection builds). Never panics.
+    /// How many devices CUDA shows this process (`CUDA_VISIBLE_DEVICES` applied): 0 or
+    /// more, or why CUDA cannot be asked. Initializes CUDA in this process. Never panics.
+    pub fn visible() -> Result<usize, GpuError> {
+        let counted = no_panic("CUDA initialization", || {
+            // SAFETY: only tries dlopen on candidate names.
+            if !unsafe { sys::is_culib_present() } {
+                return Ok(Err(GpuError::Unavailable(
+                    "libcuda.so not found (no NVIDIA driver visible)".into(),
+                )));
+            }
+            Ok(CudaContext::device_count()
+                .map(|n| n.max(0) as usize)
+                .map_err(|e| GpuError::opening(e, "cuInit")))
+        });
+        counted.unwrap_or_else(|panic| Err(GpuError::Unavailable(panic)))
+    }
+
+    /// Opens device `ordinal` (as `CUDA_VISIBLE_DEVICES` numbers them): context and
+    /// streams; the ops load their kernels through `Device::loader`. `faults` is the
+    /// fault-injection program (test and fault-injection builds). Never panics.
     pub fn open(
+        ordinal: usize,
         pinned_limit: usize,
         faults: Option<(&Program, &Compiled)>,
     ) -> Result<Gpu, GpuError> {
         let opened = no_panic("CUDA initialization", || {
-            Ok(Self::open_inner(pinned_limit, faults))
+            Ok(Self::open_inner(ordinal, pinned_limit, faults))
         });
         opened.unwrap_or_else(|panic| Err(GpuError::Unavailable(panic)))
     }
 
     #[cfg_attr(not(any(test, feature = "fault-injection")), allow(unused_variables))]
     fn open_inner(
+        ordinal: usize,
         pinned_limit: usize,
         faults: Option<(&Program, &Compiled)>,
     ) -> Result<Gpu, GpuError> {
-        // SAFETY: only tries dlopen on candidate names.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(GpuError::Unavailable(
-                "libcuda.so not found (no NVIDIA driver visible)".into(),
-            ));
-        }
-        let count = CudaContext::device_count().map_err(|e| GpuError::opening(e, "cuInit"))?;
-        if count < 1 {
+        let count = Self::visible()?;
+        if count == 0 {
             return Err(GpuError::Unavailable("no CUDA device visible".into()));
         }
-        let ctx = CudaContext::new(0).map_err(|e| GpuError::opening(e, "creating a context"))?;
+        if ordinal >= count {
+            return Err(GpuError::Unavailable(format!(
+                "there is no gpu{ordinal}: CUDA shows {count} device(s)"
+            )));
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| GpuError::opening(e, "creating a context"))?;
         ctx.set_blocking_synchronize()
             .map_err(|e| GpuError::opening(e, "setting context flags"))?;
         // Each slot's buffers are used only on its own stream, ordered explicitly:
@@ -291,11 +324,18 @@ impl Gpu {
         // SAFETY: see above.
         unsafe { ctx.disable_event_tracking() };
         let query = |e| GpuError::opening(e, "querying the device");
+        // Asked of the driver once the context exists: whether this context is one that
+        // MPS shares. A driver too old to know the attribute leaves it unknown.
+        let mps = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MPS_ENABLED)
+            .ok()
+            .map(|v| v != 0);
         let info = DeviceInfo {
-            ordinal: 0,
+            ordinal,
             name: ctx.name().map_err(query)?,
             compute_capability: ctx.compute_capability().map_err(query)?,
             total_mem: ctx.total_mem().map_err(query)?,
+            mps,
         };
         #[cfg(any(test, feature = "fault-injection"))]
         let faults = match faults {

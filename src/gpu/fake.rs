@@ -46,14 +46,17 @@ pub struct FakeDevice {
 }
 
 impl FakeDevice {
-    pub fn new(pinned_limit: usize) -> FakeDevice {
+    /// The test device standing for device `ordinal`, its contexts shared through MPS or
+    /// not as `mps` says.
+    pub fn new(ordinal: usize, mps: bool, pinned_limit: usize) -> FakeDevice {
         let (tx, rx) = unbounded();
         FakeDevice {
             info: DeviceInfo {
-                ordinal: 0,
+                ordinal,
                 name: "fake device (fault injection)".into(),
                 compute_capability: (0, 0),
                 total_mem: 0,
+                mps: Some(mps),
             },
             slots: (0..SLOTS)
                 .map(|_| Slot {

@@ -24,7 +24,7 @@ fn ptx() -> Option<Arc<Compiled>> {
             .flat_map(|op| op.programs())
             .try_for_each(|p| compile(&p).map(|ptx| compiled.insert(&p, Arc::from(ptx))))
             .and_then(|()| {
-                Gpu::open(1 << 30, None)
+                Gpu::open(0, 1 << 30, None)
                     .map(|g| g.info.clone())
                     .map_err(|e| e.to_string())
             })

@@ -22,13 +22,31 @@ pub fn gpu_required() -> bool {
     std::env::var("NGX_GPU_REQUIRE").as_deref() == Ok("1")
 }
 
-/// The device the module is expected to report for work that ran on the GPU path.
+/// The device the module is expected to report for work that ran on the GPU path, as a
+/// pattern for `is_expected_device`: `gpuN` on the GPU machine, `cpu` elsewhere.
 pub fn expected_device() -> &'static str {
     if gpu_required() {
-        "gpu0"
+        "gpuN"
     } else {
         "cpu"
     }
+}
+
+/// Whether `dev` (a `$gpu_device` value) is where this run expects the work to have run:
+/// any GPU on the GPU machine (the workers spread over every visible device, so the
+/// second worker is on gpu1 where there are two), the CPU path elsewhere.
+pub fn is_expected_device(dev: Option<&str>) -> bool {
+    match dev {
+        Some(d) if gpu_required() => is_gpu(d),
+        Some(d) => d == "cpu",
+        None => false,
+    }
+}
+
+/// `gpu0`, `gpu1`, ...
+pub fn is_gpu(dev: &str) -> bool {
+    dev.strip_prefix("gpu")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn nginx_bin() -> PathBuf {

@@ -643,3 +643,130 @@ fn batches_never_take_more_pinned_memory_than_the_limit() {
     let events = t.drain();
     assert_eq!(restarts(&events), 0);
 }
+
+/// A thread on the test device standing for `visible` devices, as worker `worker` of
+/// `workers` with `gpu_devices` `devices`; returns it and the log lines until it said
+/// which device it uses (or that it has none).
+fn placed_thread(
+    devices: &str,
+    worker: usize,
+    workers: usize,
+    faults: &str,
+) -> (GpuThread, Vec<String>) {
+    let mut c = config(1 << 20);
+    c.placement = Placement {
+        devices: crate::engine::devices::DeviceList::parse(devices).unwrap(),
+        worker,
+        workers,
+    };
+    c.faults = Plan::parse(faults).unwrap();
+    let t = GpuThread::spawn(c, Kernels::Fake).unwrap();
+    let events = collect(&t, Duration::from_secs(5), |e| {
+        log_lines(e)
+            .iter()
+            .any(|m| m.contains("gpu: using") || m.contains("no usable GPU"))
+    });
+    // The MPS warning follows the start line in the same wake-up, or just after it.
+    let mut events = events;
+    events.extend(collect(&t, Duration::from_millis(100), |_| false));
+    let lines = log_lines(&events).iter().map(|s| s.to_string()).collect();
+    (t, lines)
+}
+
+#[test]
+fn each_worker_opens_its_device_and_its_answers_say_which() {
+    // 5 workers over 3 devices: worker 4 takes the second one.
+    let (t, lines) = placed_thread("all", 4, 5, "fake-devices:3");
+    assert!(
+        lines.iter().any(|m| m.starts_with(
+            "gpu: using gpu1 \"fake device (fault injection)\", compute capability 0.0, 0 MiB, MPS: off"
+        )),
+        "{lines:?}"
+    );
+    // Not the lowest worker of gpu1 (worker 1 is): no MPS warning from this one, and
+    // only worker 0 tells the spread.
+    assert!(
+        !lines.iter().any(|m| m.contains("without MPS")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|m| m.contains("workers per device")),
+        "{lines:?}"
+    );
+    let done = one_by_one(&t, echo_jobs(2, Fallback::Off));
+    assert!(done.iter().all(|c| c.device == Ran::Gpu(1)), "{done:?}");
+    // A listed device: worker 1 of "2,0" takes gpu0.
+    let (t, lines) = placed_thread("2,0", 1, 2, "fake-devices:3,fake-mps");
+    assert!(
+        lines
+            .iter()
+            .any(|m| m.starts_with("gpu: using gpu0 ") && m.ends_with(", MPS: on")),
+        "{lines:?}"
+    );
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
+    assert_eq!(done[0].device, Ran::Gpu(0));
+}
+
+#[test]
+fn the_lowest_worker_of_a_shared_device_warns_once_without_mps() {
+    let (_t, lines) = placed_thread("all", 0, 4, "fake-devices:2");
+    let using = lines.iter().position(|m| m.starts_with("gpu: using gpu0 "));
+    let warn: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("gpu: 2 workers share gpu0 without MPS"))
+        .collect();
+    assert_eq!(warn.len(), 1, "{lines:?}");
+    assert!(using.is_some_and(|u| u < warn[0]), "{lines:?}");
+    assert!(
+        lines.iter().any(|m| m
+            == "gpu: 4 workers over \"gpu_devices all\", workers per device: gpu0: 2, gpu1: 2"),
+        "{lines:?}"
+    );
+    // With MPS on, nothing to warn about.
+    let (_t, lines) = placed_thread("all", 0, 4, "fake-devices:2,fake-mps");
+    assert!(
+        !lines.iter().any(|m| m.contains("without MPS")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|m| m.ends_with("MPS: on")), "{lines:?}");
+}
+
+#[test]
+fn a_worker_given_a_missing_device_says_so_once_and_falls_back() {
+    // "1,7" on 2 devices: worker 1 (and 3, 5 ...) gets gpu7, which is not there.
+    let (t, lines) = placed_thread("1,7", 1, 2, "fake-devices:2");
+    let said: Vec<&String> = lines
+        .iter()
+        .filter(|m| m.contains("no usable GPU in this worker"))
+        .collect();
+    assert_eq!(said.len(), 1, "{lines:?}");
+    assert!(
+        said[0].contains(
+            "\"gpu_devices 1,7\" gives this worker (worker 1) gpu7, but CUDA shows 2 devices"
+        ),
+        "{lines:?}"
+    );
+    // It serves on the CPU path, or 503 with gpu_fallback off; never tries again.
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Cpu));
+    assert_eq!(done[0].device, Ran::Cpu);
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
+    assert!(matches!(done[0].result, Err(JobError::Unavailable(_))));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!log_lines(&t.drain())
+        .iter()
+        .any(|m| m.contains("no usable GPU")));
+    assert_eq!(t.stats().opens.load(Ordering::Relaxed), 1);
+    // Worker 0 of the same list serves on gpu1 and tells the missing one.
+    let (t, lines) = placed_thread("1,7", 0, 2, "fake-devices:2");
+    assert!(
+        lines.iter().any(|m| m.starts_with("gpu: using gpu1 ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|m| m.contains("lists gpu7, which CUDA does not show")),
+        "{lines:?}"
+    );
+    let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
+    assert_eq!(done[0].device, Ran::Gpu(1));
+}
