@@ -1,8 +1,10 @@
 # ngx_http_gpu_module: build, run and test. See README.md.
 #
 #   make run        build nginx + the module and start the example config on 127.0.0.1:8080
-#   make check      lint, then unit + integration tests against a real nginx (no root needed
-#                   once the packages are there)
+#   make check      lint, then unit + integration tests against a real nginx, the image's
+#                   entrypoint, the Kubernetes manifests and the monitoring profile (no root
+#                   needed once the packages are there)
+#   make ops-check  only the Kubernetes manifests and the compose monitoring profile
 #   make test       every test: check, then the nginx ./configure build, the image test and
 #                   the install test (root or sudo)
 #   make nginx-build-test  nginx's ./configure --add-dynamic-module=. && make, then the
@@ -30,7 +32,7 @@ DOCKER ?= docker
 # Where the module built with the fault-injection feature goes (t/faults.rs loads it).
 FAULT_MODULE := target/release/fault-injection/libngx_http_gpu_module.so
 
-.PHONY: deps build run stop lint fault-module check test nginx-build-test install-test asan nginx-tests \
+.PHONY: deps build run stop lint fault-module ops-check check test nginx-build-test install-test asan nginx-tests \
 	gpu-bundle image image-test gpu-image clean
 
 # The Debian packages the build and the tests need (t/deps.sh: POSIX sh, root or sudo;
@@ -74,12 +76,22 @@ fault-module: deps
 # cargo test does not refresh the module .so the integration tests load: build it first
 # (after the fault-injection build, which writes the same file). NVRTC from its wheel
 # (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit.
-# Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI).
-check: lint fault-module
+# Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI) and the
+# image's entrypoint (t/entrypoint/test.sh, with a stand-in MPS control program).
+check: lint fault-module ops-check
 	$(CARGO) build --release $(CARGO_FLAGS)
 	nvrtc=$$(sh t/nvrtc.sh) && LD_LIBRARY_PATH="$$nvrtc$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	  NGX_GPU_REQUIRE_NVRTC=1 $(CARGO) test --release $(CARGO_FLAGS)
 	CARGO="$(CARGO)" sh t/tritonclient/test.sh
+	bash t/entrypoint/test.sh
+
+# What the operator gets beside the module, checked without Docker or a cluster: the
+# Kubernetes manifests against the schemas (offline) and each other, the compose monitoring
+# profile and the Grafana dashboard against the series gpu_metrics serves. Python packages
+# from PyPI into a venv of their own (t/ops-venv.sh).
+ops-check: deps
+	bash t/k8s/validate.sh
+	py=$$(sh t/ops-venv.sh) && "$$py" t/monitoring/check.py
 
 # The install test last: its summary line is then the last line.
 test: check

@@ -14,8 +14,10 @@ build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib
 # curl: the integration tests' h2c client checks; python3 and pip: the GPU bundle's artifact
 # lister, and t/nvrtc.sh (NVRTC from its PyPI wheel, for compiling kernels without CUDA);
 # chromium: t/metrics.rs renders the gpu_status page headless.
-# python3-venv: t/tritonclient/test.sh (Triton's client from PyPI, in a venv of its own).
-tests="curl python3 python3-pip python3-venv chromium"
+# python3-venv: t/tritonclient/test.sh (Triton's client from PyPI) and t/ops-venv.sh (the
+# Kubernetes and monitoring checks' packages), each in a venv of its own;
+# procps: pgrep, for t/entrypoint/test.sh.
+tests="curl procps python3 python3-pip python3-venv chromium"
 
 want=$build
 case "${1:-}" in

@@ -124,6 +124,9 @@ cleanup() {
 inspect() { "${B[@]}" inspect --type image --format "$1" "$IMAGE"; }
 
 check() {
+    # Job control: bash would otherwise start the image's command with SIGQUIT ignored, and
+    # its entrypoint (a shell) could not trap what it was started ignoring.
+    set -m
     ip link set lo up
     trap cleanup EXIT
     "${B[@]}" rm ngx-gpu-image-test >/dev/null 2>&1 || true
@@ -141,16 +144,28 @@ check() {
         || fail "port 8080 not exposed"
     pass "metadata: STOPSIGNAL SIGQUIT, NVIDIA_* set, 8080 exposed"
 
-    # The command docker run would start.
-    local -a cmd
+    # The command docker run would start: the entrypoint, then CMD as its arguments.
+    local -a cmd entry
+    read -r -a entry <<<"$(inspect '{{range .Docker.Config.Entrypoint}}{{.}} {{end}}')"
+    [ "${entry[*]}" = /usr/local/bin/ngx-gpu-entrypoint ] || fail "ENTRYPOINT: ${entry[*]}"
     read -r -a cmd <<<"$(inspect '{{range .Docker.Config.Cmd}}{{.}} {{end}}')"
-    [ "${#cmd[@]}" -gt 0 ] || fail "the image has no CMD"
+    [ "${cmd[*]}" = nginx ] || fail "CMD: ${cmd[*]}"
+    cmd=("${entry[@]}" "${cmd[@]}")
     local run=("${B[@]}" run --isolation chroot "$ctr" --)
 
     "${run[@]}" "${cmd[@]}" -V >"$WORK/nginx-V" 2>&1 || fail "nginx -V: $(cat "$WORK/nginx-V")"
     grep -q 'nginx/1\.28\.3' "$WORK/nginx-V" && grep -q -- '--with-compat' "$WORK/nginx-V" \
         || fail "not nginx 1.28.3 --with-compat: $(cat "$WORK/nginx-V")"
-    pass "nginx 1.28.3 with --with-compat"
+    ! grep -q ngx-gpu-entrypoint "$WORK/nginx-V" || fail "the entrypoint tried MPS for nginx -V"
+    pass "nginx 1.28.3 with --with-compat (nginx -V through the entrypoint, no MPS)"
+
+    # NGX_GPU_MPS=on where MPS cannot start (no GPU, no MPS program here): fatal and clear.
+    local rc=0
+    "${run[@]}" env NGX_GPU_MPS=on "${cmd[@]}" >"$WORK/mps-on" 2>&1 || rc=$?
+    [ "$rc" = 1 ] && grep -q 'ngx-gpu-entrypoint: MPS: not started: .*NGX_GPU_MPS=on: not starting nginx' \
+        "$WORK/mps-on" && ! grep -q 'gpu: ' "$WORK/mps-on" \
+        || fail "NGX_GPU_MPS=on without MPS: status $rc: $(cat "$WORK/mps-on")"
+    pass "NGX_GPU_MPS=on without MPS: status 1, $(grep -o 'MPS: not started: .\{40\}' "$WORK/mps-on")..."
 
     if ! "${run[@]}" "${cmd[@]}" -t >"$WORK/nginx-t" 2>&1 \
         || ! grep -q "syntax is ok" "$WORK/nginx-t" \
@@ -171,6 +186,17 @@ check() {
     done
     master=$(cat "$mnt/run/nginx.pid" 2>/dev/null) || fail "no pid file"
     grep -q "gpu: " "$WORK/stderr" || fail "no worker logged its gpu line"
+
+    # The entrypoint is nginx's parent (PID 1 in a container) and said in one line that it
+    # goes on without MPS (the image has no MPS program: the NVIDIA Container Toolkit mounts
+    # it from the host).
+    local entrypoint
+    entrypoint=$(awk '/^PPid:/ { print $2 }' "/proc/$master/status")
+    grep -q ngx-gpu-entrypoint "/proc/$entrypoint/cmdline" || fail "nginx's parent is not the entrypoint"
+    [ "$(grep -c 'ngx-gpu-entrypoint: ' "$WORK/stderr")" = 1 ] \
+        && grep -q 'ngx-gpu-entrypoint: MPS: not started: no nvidia-cuda-mps-control on PATH .*; going on without it' \
+            "$WORK/stderr" || fail "the entrypoint's line: $(grep entrypoint "$WORK/stderr")"
+    pass "the entrypoint runs nginx, one line: $(grep -o 'MPS: not started: [^(]*' "$WORK/stderr")"
 
     # Each worker says why it has no GPU (no libnvrtc, no libcuda in this image).
     local why
@@ -234,9 +260,10 @@ check() {
         -eq "$requests" ] || fail "access log on stdout lacks $requests device=cpu lines"
     pass "access log on stdout, device=cpu for all $requests op requests"
 
-    # docker stop sends the STOPSIGNAL (SIGQUIT): a graceful exit, status 0.
-    kill -QUIT "$master"
-    local rc=0
+    # docker stop sends the STOPSIGNAL (SIGQUIT) to PID 1, the entrypoint, which hands it to
+    # nginx: a graceful exit, status 0.
+    kill -QUIT "$entrypoint"
+    rc=0
     for i in $(seq 150); do kill -0 "$runner" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$runner" 2>/dev/null && fail "nginx did not exit within 15 s of SIGQUIT"
     wait "$runner" || rc=$?
@@ -245,7 +272,7 @@ check() {
     if grep -E '\[(alert|emerg|crit)\]|exited on signal|panicked' "$WORK/stderr"; then
         fail "the error log has failures"
     fi
-    pass "SIGQUIT stops nginx gracefully; nothing at crit or above in the log"
+    pass "SIGQUIT to the entrypoint stops nginx gracefully, status 0; nothing at crit or above in the log"
 
     echo "image test took $(($(date +%s) - ${T0:-$(date +%s)}))s"
     echo "image: $passed passed, 0 failed"
