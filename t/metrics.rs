@@ -852,3 +852,63 @@ fn endpoint_directives_are_checked_at_configuration_time() {
         assert!(ok, "{loc}: {err}");
     }
 }
+
+/// The series list the dashboard, the Kubernetes autoscaler and their checks hold their
+/// queries against (`t/metric_names.py`) is what `gpu_metrics` really serves: every
+/// per-location series with exactly its labels, and no series the list does not name. The
+/// device series need NVML and are checked only where it is (none here).
+#[test]
+fn the_series_list_the_dashboard_uses_is_what_gpu_metrics_serves() {
+    let ngx = Nginx::start(&config(&format!(
+        "server {{ listen 127.0.0.1:{{PORT}};\n location /echo {{ gpu_process echo; }}\n {ENDPOINTS} }}"
+    )));
+    let addr = ngx.addr();
+    assert_eq!(post(&addr, "/echo", b"abc").status, 200);
+    let text = metrics(&addr);
+    let dir = std::env::temp_dir().join(format!("ngx-gpu-series-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sample = dir.join("metrics.txt");
+    std::fs::write(&sample, &text).unwrap();
+    let check = r##"
+import re, sys
+sys.path.insert(0, sys.argv[1])
+import metric_names as m
+served = {}
+for line in open(sys.argv[2]):
+    if line.startswith("#") or not line.strip():
+        continue
+    name, labels = re.match(r"([a-z_]+)(?:\{(.*)\})? ", line).groups()
+    keys = set(re.findall(r'([a-z_]+)="', labels or ""))
+    served.setdefault(name, set()).update(keys)
+want = {n: l - m.SCRAPE_LABELS for n, l in m.series().items()}
+bad = []
+for name, labels in want.items():
+    if name.startswith("nv_gpu_"):
+        continue
+    if name not in served:
+        bad.append(f"listed but not served: {name}")
+    elif served[name] != labels:
+        bad.append(f"{name}: served labels {sorted(served[name])}, listed {sorted(labels)}")
+for name in served:
+    if name not in want:
+        bad.append(f"served but not listed: {name}")
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+"##;
+    let t_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("t");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(check)
+        .arg(&t_dir)
+        .arg(&sample)
+        .output()
+        .expect("python3");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ngx.assert_healthy();
+}
