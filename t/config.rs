@@ -303,7 +303,8 @@ fn gpu_model_embed_loads_a_model_directory() {
 
 #[test]
 fn gpu_model_embed_with_broken_files_names_the_file() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut tiny::Tiny)>, String, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut tiny::Tiny)>;
+    let cases: Vec<(&str, Edit, String, &str)> = vec![
         (
             "missing",
             Box::new(|t| t.tensors.retain(|x| x.0 != "encoder.layer.0.output.dense.bias")),

@@ -142,10 +142,10 @@ pub fn arch(dir: &Path) -> Result<Arch, String> {
             "{p}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         ));
     }
-    if hidden / heads > 128 || hidden > 8192 {
+    if hidden / heads > 64 || hidden > 8192 {
         return Err(format!(
             "{p}: hidden_size {hidden} in heads of {} is not supported (at most 8192, in \
-             heads of at most 128)",
+             heads of at most 64)",
             hidden / heads
         ));
     }

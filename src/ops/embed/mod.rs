@@ -6,9 +6,13 @@
 //! - `tokenizer.rs`: texts to token ids (`tokenizer.json`);
 //! - `weights.rs`: `model.safetensors`, checked against the architecture;
 //! - `cpu.rs`: the forward pass in float32 on the CPU (fallback and reference);
+//! - `gpu.rs` + `embed.cu`: the forward pass on the device (cuBLAS GEMMs, NVRTC kernels).
 
 pub mod cpu;
 pub mod files;
+pub mod gpu;
+#[cfg(test)]
+mod gpu_tests;
 #[cfg(test)]
 mod tests;
 pub mod tokenizer;
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use files::{Activation, Arch, Family, Pooling};
+pub use gpu::{program, DeviceEncoder, Plan};
 pub use tokenizer::Encoded;
 
 use super::model::{key_values, Model};

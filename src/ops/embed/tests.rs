@@ -10,7 +10,7 @@ use super::*;
 use crate::testing::Rng;
 
 #[path = "../../../t/embed/tiny.rs"]
-mod tiny;
+pub mod tiny;
 use tiny::Tiny;
 
 fn scratch(name: &str) -> PathBuf {
@@ -127,6 +127,11 @@ fn broken_files_are_refused_naming_the_file_and_the_problem() {
         err(&t, &[]),
         format!("{cfg}: hidden_size 36 is not a multiple of num_attention_heads 5")
     );
+
+    let mut t = tiny("broken");
+    t.config["hidden_size"] = json!(130);
+    t.config["num_attention_heads"] = json!(2);
+    assert!(err(&t, &[]).contains("hidden_size 130 in heads of 65 is not supported"));
 
     let mut t = tiny("broken");
     t.config["model_type"] = json!("gpt2");
@@ -449,21 +454,28 @@ fn roberta_positions_start_after_the_padding_index() {
 
 /* the real model against sentence-transformers */
 
-/// The unpacked all-MiniLM-L6-v2 (`t/embed/fetch-model.sh`), if it is there.
+/// all-MiniLM-L6-v2: `$NGX_GPU_EMBED_MODEL`, or `.gpu-embed/all-MiniLM-L6-v2` in the
+/// directory the tests run in (its float16 copy, `t/embed/gpu-bundle.sh`, on the GPU
+/// machine), or the float32 original that `t/embed/fetch-model.sh` unpacks under target/.
 pub fn minilm() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/embed-model/all-MiniLM-L6-v2");
-    if dir.join("model.safetensors").exists() {
+    let candidates = [
+        std::env::var_os("NGX_GPU_EMBED_MODEL").map(PathBuf::from),
+        Some(PathBuf::from(".gpu-embed/all-MiniLM-L6-v2")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/embed-model/all-MiniLM-L6-v2")),
+    ];
+    if let Some(dir) = candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("model.safetensors").exists())
+    {
+        eprintln!("model: {}", dir.display());
         return Some(dir);
     }
     assert!(
         std::env::var("NGX_GPU_REQUIRE_EMBED_MODEL").as_deref() != Ok("1"),
-        "NGX_GPU_REQUIRE_EMBED_MODEL=1 but {} is missing (sh t/embed/fetch-model.sh)",
-        dir.display()
+        "NGX_GPU_REQUIRE_EMBED_MODEL=1 but all-MiniLM-L6-v2 is missing (sh t/embed/fetch-model.sh)"
     );
-    eprintln!(
-        "skipped: {} is missing (sh t/embed/fetch-model.sh fetches it)",
-        dir.display()
-    );
+    eprintln!("skipped: all-MiniLM-L6-v2 is missing (sh t/embed/fetch-model.sh fetches it)");
     None
 }
 
@@ -476,8 +488,9 @@ pub struct Golden {
 }
 
 pub fn golden() -> Golden {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("t/embed/golden.json");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    // Built into the test binary: it runs on the GPU machine without this checkout.
+    let v: serde_json::Value =
+        serde_json::from_str(include_str!("../../../t/embed/golden.json")).unwrap();
     let list = |k: &str| v[k].as_array().unwrap().clone();
     Golden {
         texts: list("texts")
@@ -535,7 +548,7 @@ fn minilm_tokens_equal_the_reference_tokenizers() {
         assert_eq!(e.type_ids, vec![0; e.ids.len()], "{text:?}");
         assert_eq!(e.truncated, g.full_lengths[i] > 256, "{text:?}");
     }
-    assert!(g.full_lengths.iter().any(|&n| n == 256) && g.full_lengths.iter().any(|&n| n == 257));
+    assert!(g.full_lengths.contains(&256) && g.full_lengths.contains(&257));
 }
 
 #[test]
