@@ -156,7 +156,7 @@ __device__ void bias_act(const float *y, const float *bias, typename P::T *out, 
     }
 }
 
-// Attention for one (text, head, block of queries): a thread per query, its query and
+// Attention for one (text, head, block of queries: the grid's x, y, z): a thread per query, its query and
 // output in registers, keys and values in tiles of KT through shared memory, softmax
 // online (the sum and output rescaled when the running maximum grows). qkv: [T, 3h]
 // float32 from the product, without its bias (added here); ctx: [T, h]. DH: the head
@@ -169,12 +169,12 @@ __device__ void attention(const float *qkv, const float *bias, typename P::T *ct
 {
     __shared__ float ks[KT][DH + 1];
     __shared__ float vs[KT][DH];
-    const int L = len[blockIdx.z], head = blockIdx.y;
-    if ((int) (blockIdx.x * blockDim.x) >= L) {
+    const int L = len[blockIdx.x], head = blockIdx.y;
+    if ((int) (blockIdx.z * blockDim.x) >= L) {
         return;  // the whole block: no __syncthreads is left waiting
     }
-    const u64 base = start[blockIdx.z], h3 = 3 * (u64) h;
-    const int qi = blockIdx.x * blockDim.x + threadIdx.x, off = head * dh;
+    const u64 base = start[blockIdx.x], h3 = 3 * (u64) h;
+    const int qi = blockIdx.z * blockDim.x + threadIdx.x, off = head * dh;
     const bool active = qi < L;
     float q[DH], acc[DH];
 #pragma unroll

@@ -131,6 +131,8 @@ pub struct DeviceEncoder {
     ntypes: u32,
     npos: u32,
     position_offset: usize,
+    /// Texts are cut here, as the CPU path does (only a hand-made `Encoded` is longer).
+    max_tokens: usize,
     cls: bool,
     normalize: bool,
     word: u64,
@@ -317,6 +319,7 @@ impl DeviceEncoder {
             ntypes: a.type_vocab as u32,
             npos: a.max_positions as u32,
             position_offset: a.position_offset,
+            max_tokens: model.max_tokens,
             cls: model.pooling == Pooling::Cls,
             normalize: model.normalize,
             word,
@@ -347,11 +350,15 @@ impl DeviceEncoder {
         }
     }
 
+    fn len(&self, e: &Encoded) -> usize {
+        e.ids.len().min(self.max_tokens)
+    }
+
     /// Where a batch's input, scratch and output go.
     pub fn plan(&self, batch: &[&Encoded]) -> Plan {
         let n = batch.len();
-        let tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
-        let longest = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let tokens: usize = batch.iter().map(|e| self.len(e)).sum();
+        let longest = batch.iter().map(|e| self.len(e)).max().unwrap_or(0);
         let (h, nb) = (self.hidden, self.narrow_bytes());
         let mut off = 0;
         let mut region = |bytes: usize| {
@@ -402,8 +409,8 @@ impl DeviceEncoder {
         let mut t = 0;
         for (s, e) in batch.iter().enumerate() {
             put(plan.start, s, t as u32);
-            put(plan.len, s, e.ids.len() as u32);
-            for (k, &id) in e.ids.iter().enumerate() {
+            put(plan.len, s, self.len(e) as u32);
+            for (k, &id) in e.ids[..self.len(e)].iter().enumerate() {
                 put(plan.ids, t, id);
                 put(plan.types, t, e.type_ids.get(k).copied().unwrap_or(0));
                 put(plan.pos, t, (self.position_offset + k) as u32);
@@ -513,13 +520,13 @@ impl DeviceEncoder {
                 .arg(&dh_i)
                 .arg(&scale);
             let cfg = LaunchConfig {
-                grid_dim: (q_blocks, self.heads as u32, plan.n as u32),
+                grid_dim: (plan.n as u32, self.heads as u32, q_blocks),
                 block_dim: (64, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: embed_attention_<p>_<DH>(const float *qkv, const float *bias, P *ctx,
-            // const u32 *start, const u32 *len, int h, int dh, float scale); grid (query
-            // blocks, heads, texts), every text's tokens inside [0, T).
+            // const u32 *start, const u32 *len, int h, int dh, float scale); grid (texts,
+            // heads, query blocks of 64), every text's tokens inside [0, T).
             unsafe { l.launch(cfg) }?;
             self.gemm(handle, layer.attn_out.w, wide_h, y, &layer.attn_out, t)?;
             self.add_ln(stream, y, &layer.attn_out, &layer.attn_norm, x, xh, t)?;

@@ -117,8 +117,8 @@ fn the_device_matches_the_cpu_on_a_generated_model() {
                     .chain(extra.iter().copied())
                     .collect();
                 let m = EmbedModel::load("m", &dir, &params).unwrap();
-                // Batches of awkward sizes, texts from empty to truncated, and a hand-made
-                // text of no tokens at all (pooled to zeros on both paths).
+                // Batches of awkward sizes, texts from empty to truncated, a hand-made text
+                // of no tokens at all (pooled to zeros on both paths) and one too long.
                 for n in [1usize, 2, 3, 33, 100] {
                     let mut texts: Vec<Encoded> = random_texts(&mut rng, n, 60)
                         .iter()
@@ -126,6 +126,12 @@ fn the_device_matches_the_cpu_on_a_generated_model() {
                         .collect();
                     if n == 33 {
                         texts.push(Encoded::default());
+                        // Longer than max_tokens (40): both paths cut it there.
+                        texts.push(Encoded {
+                            ids: (0..45).map(|i| 4 + i % 50).collect(),
+                            type_ids: vec![0; 45],
+                            truncated: false,
+                        });
                     }
                     let want = m.cpu_embed(&texts.iter().collect::<Vec<_>>());
                     let got = on_device(&gpu, &compiled, &m, &texts);

@@ -423,7 +423,21 @@ fn the_cpu_path_matches_a_float64_reference() {
             );
         }
     }
-    assert!(load(&t, &[]).unwrap().cpu_embed(&[]).is_empty());
+    let m = load(&t, &[]).unwrap();
+    assert!(m.cpu_embed(&[]).is_empty());
+    // A hand-made text over max_tokens is cut there; one of no tokens pools to zeros.
+    let long = Encoded {
+        ids: (0..50).map(|i| 4 + i % 40).collect(),
+        type_ids: vec![0; 50],
+        truncated: false,
+    };
+    let cut = Encoded {
+        ids: long.ids[..40].to_vec(),
+        type_ids: vec![0; 40],
+        truncated: true,
+    };
+    assert_eq!(m.cpu_embed(&[&long]), m.cpu_embed(&[&cut]));
+    assert_eq!(m.cpu_embed(&[&Encoded::default()]), vec![vec![0.0; 36]]);
 }
 
 #[test]
