@@ -2,8 +2,14 @@
 # Puts all-MiniLM-L6-v2 where the embed GPU tests find it on the GPU machine:
 # <checkout>/.gpu-embed/all-MiniLM-L6-v2/, with model.safetensors converted to float16
 # (45 MB: the float32 file, 91 MB, is more than one run's carry of 64 MiB) and the
-# tokenizer and configuration files as they are. Carry .gpu-embed there; the tests take it
-# from the directory they run in (or from $NGX_GPU_EMBED_MODEL).
+# tokenizer and configuration files as they are; and the library's test binary, built
+# here and stripped, as .gpu-embed/test-lib (6 MB). Carry .gpu-embed there and run, from
+# the checkout's root:
+#
+#   NGX_GPU_REQUIRE=1 NGX_GPU_REQUIRE_EMBED_MODEL=1 .gpu-embed/test-lib ops::embed --nocapture
+#
+# The tests take the model from .gpu-embed/ in the directory they run in (or from
+# $NGX_GPU_EMBED_MODEL).
 #
 #   sh t/embed/gpu-bundle.sh [checkout]      (default: this checkout)
 set -eu
@@ -51,4 +57,8 @@ with open(dst, "wb") as f:
     for c in chunks:
         f.write(c)
 PY
-du -sh "$dest"
+exe=$(cd "$here" && cargo test --release --lib --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json, sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]]')
+cp "$exe" "$dest/../test-lib"
+strip "$dest/../test-lib" 2>/dev/null || true
+du -sh "$dest/.."
