@@ -156,9 +156,9 @@ __device__ void bias_act(const float *y, const float *bias, typename P::T *out, 
     }
 }
 
-// Attention for one (text, head, block of queries: the grid's x, y, z): a thread per query, its query and
-// output in registers, keys and values in tiles of KT through shared memory, softmax
-// online (the sum and output rescaled when the running maximum grows). qkv: [T, 3h]
+// Attention for one (text, head, block of queries: the grid's x, y, z): a thread per
+// query, its query and output in registers, keys and values in tiles of KT through shared
+// memory, softmax online (the sum and output rescaled when the running maximum grows). qkv: [T, 3h]
 // float32 from the product, without its bias (added here); ctx: [T, h]. DH: the head
 // width rounded up to 32 or 64 (the register arrays' size; wider heads would spill them,
 // and the common encoders' heads are 32 or 64 wide).
@@ -223,8 +223,11 @@ __device__ void attention(const float *qkv, const float *bias, typename P::T *ct
     }
     if (active) {
         const float inv = 1.0f / l;
-        for (int d = 0; d < dh; d++) {
-            ctx[(base + qi) * h + off + d] = P::store(acc[d] * inv);
+#pragma unroll
+        for (int d = 0; d < DH; d++) {  // constant indices keep acc in registers
+            if (d < dh) {
+                ctx[(base + qi) * h + off + d] = P::store(acc[d] * inv);
+            }
         }
     }
 }
