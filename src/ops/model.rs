@@ -23,7 +23,8 @@ pub trait Model: Send + Sync + 'static {
     fn signature(&self) -> Signature;
     /// The op that serves it over a tensor protocol (`gpu_process kserve;`): one instance
     /// per model, so that requests of one model batch together and never with another's.
-    fn serve(self: Arc<Self>) -> Arc<dyn Op>;
+    /// `None`: no tensor protocol serves this kind (yet); KServe does not list it.
+    fn serve(self: Arc<Self>) -> Option<Arc<dyn Op>>;
 }
 
 /// A model's inputs and outputs.
@@ -49,7 +50,8 @@ pub struct TensorSpec {
 pub type Load = fn(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, String>;
 
 /// The kinds `gpu_model` knows; its second argument names one.
-pub const MODEL_KINDS: &[(&str, Load)] = &[("knn", super::knn::load)];
+pub const MODEL_KINDS: &[(&str, Load)] =
+    &[("knn", super::knn::load), ("embed", super::embed::load)];
 
 /// `gpu_model <name> <kind> <path> [params]`, with `path` already absolute.
 pub fn declare(

@@ -141,8 +141,8 @@ impl Model for KnnModel {
         }
     }
 
-    fn serve(self: Arc<Self>) -> Arc<dyn Op> {
-        Arc::new(Knn { model: self })
+    fn serve(self: Arc<Self>) -> Option<Arc<dyn Op>> {
+        Some(Arc::new(Knn { model: self }))
     }
 }
 

@@ -596,7 +596,7 @@ fn through_the_thread(kernels: Kernels, ran: Ran) {
     for metric in [Metric::Ip, Metric::Cosine, Metric::L2] {
         let (n, d) = (53, 7);
         let (model, raw) = test_model(n, d, metric, &mut rng);
-        let op = model.clone().serve();
+        let op = model.clone().serve().expect("knn is served");
         let config = Config::new(vec![op.clone()], 1 << 20, Duration::ZERO, 1 << 30);
         let t = GpuThread::spawn(config, kernels.clone_for_test()).unwrap();
         if ran != Ran::Cpu {
@@ -684,7 +684,7 @@ fn the_cpu_path_decodes_a_request_that_was_not_decoded_yet() {
     // CPU path before any decode ran.
     let mut rng = Rng::fresh();
     let (model, raw) = test_model(40, 5, Metric::L2, &mut rng);
-    let op = model.clone().serve();
+    let op = model.clone().serve().expect("knn is served");
     let q = random_rows(&mut rng, 5);
     let (body, hl) = infer_body(&q, 1, 5, true, json!({"parameters": {"k": 3}}));
     let params = Params(vec![Value::I64(hl.unwrap() as i64)]);

@@ -1,0 +1,674 @@
+//! The encoder on the device: weights uploaded once per worker in the configured
+//! precision, matrix products on cuBLAS (fp16/bf16 inputs with float32 accumulation on
+//! tensor cores, or float32), the rest in `embed.cu`.
+//!
+//! A batch is packed without padding (its texts' tokens back to back), so the products run
+//! over exactly the batch's tokens and nothing is sorted or bucketed; attention takes each
+//! text's own keys. Per layer: 4 products and 4 kernels; 2 more launches per batch
+//! (embeddings, pooling): 8 x layers + 2 in all (50 for all-MiniLM-L6-v2).
+//!
+//! The caller owns the memory of a batch: `Plan` says how much, `pack` fills the input on
+//! the host, `embed` queues everything on a stream and never waits.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::files::{Activation, Pooling};
+use super::weights::{Linear, Norm};
+use super::{EmbedModel, Encoded, Precision};
+use crate::gpu::{launch_config, no_panic, DeviceLoader, GpuError, Program};
+
+/// The program of the op's kernels (`embed.cu`), made once per process.
+pub fn program() -> Arc<Program> {
+    static P: OnceLock<Arc<Program>> = OnceLock::new();
+    crate::ops::builtin_program(&P, "embed.cu", include_str!("embed.cu"))
+}
+
+/// Regions of the packed input and the scratch start at multiples of this.
+const ALIGN: usize = 256;
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Where one batch's data goes. Input (u32s): token ids, token types, positions (each `T`),
+/// then each text's first token and token count (each `n`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Texts, and tokens in all.
+    pub n: usize,
+    pub tokens: usize,
+    /// The longest text's tokens.
+    pub longest: usize,
+    /// Bytes of the packed input, of the device scratch, of the output (`n * dim` f32).
+    pub input_bytes: usize,
+    pub scratch_bytes: usize,
+    pub out_bytes: usize,
+    ids: usize,
+    types: usize,
+    pos: usize,
+    start: usize,
+    len: usize,
+    /// Offsets in the scratch: residual stream x (f32), its copy in the products' input
+    /// precision xh, the wide f32 product out (qkv or ffn), its narrow copy (ctx or ffn),
+    /// the f32 product out of width h (y).
+    x: usize,
+    xh: usize,
+    wide: usize,
+    wide_h: usize,
+    y: usize,
+}
+
+/// Weights on the device: matrices and embedding tables in the products' precision,
+/// biases and norms in float32.
+struct DevLinear {
+    w: u64,
+    b: u64,
+    out: usize,
+    inp: usize,
+}
+
+struct DevNorm {
+    g: u64,
+    b: u64,
+}
+
+struct DevLayer {
+    qkv: DevLinear,
+    attn_out: DevLinear,
+    attn_norm: DevNorm,
+    ffn_in: DevLinear,
+    ffn_out: DevLinear,
+    ffn_norm: DevNorm,
+}
+
+struct Kernels {
+    embed_ln: CudaFunction,
+    add_ln: CudaFunction,
+    bias_act: CudaFunction,
+    attention: CudaFunction,
+    pool: CudaFunction,
+}
+
+/// A cuBLAS handle, destroyed with its encoder.
+struct Blas(blas_sys::cublasHandle_t);
+
+// SAFETY: a handle is used only under the encoder's lock (`embed` holds it while it queues
+// products), so by one thread at a time.
+unsafe impl Send for Blas {}
+
+impl Blas {
+    /// A handle on the current context.
+    fn new() -> Result<Blas, GpuError> {
+        no_panic("cublasCreate", || {
+            blas::create_handle().map_err(|e| format!("cublasCreate: {e}"))
+        })
+        .map(Blas)
+        .map_err(GpuError::Unavailable)
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created by create_handle and destroyed once, here. A failure (a context
+        // already gone) leaves nothing to do.
+        let _ = no_panic("cublasDestroy", || {
+            Ok(unsafe { blas::destroy_handle(self.0) })
+        });
+    }
+}
+
+pub struct DeviceEncoder {
+    precision: Precision,
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    eps: f32,
+    act: i32,
+    vocab: u32,
+    ntypes: u32,
+    npos: u32,
+    position_offset: usize,
+    /// Texts are cut here, as the CPU path does (only a hand-made `Encoded` is longer).
+    max_tokens: usize,
+    cls: bool,
+    normalize: bool,
+    word: u64,
+    position: u64,
+    token_type: u64,
+    emb_norm: DevNorm,
+    layers: Vec<DevLayer>,
+    kernels: Kernels,
+    /// One cuBLAS handle per stream it ran on (a handle's workspace must not be shared by
+    /// two streams' products in flight at once), made on first use.
+    blas: Mutex<Vec<(usize, Blas)>>,
+    // Dropped after the handles (fields drop in order): the weights they may still read.
+    _memory: Vec<CudaSlice<u8>>,
+}
+
+// The op's per-worker state must be able to move to the GPU thread.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<DeviceEncoder>();
+};
+
+fn blas_error(e: blas::CublasError, what: &str) -> GpuError {
+    use blas_sys::cublasStatus_t::*;
+    let msg = format!("{what}: {:?}", e.0);
+    match e.0 {
+        CUBLAS_STATUS_ALLOC_FAILED => GpuError::OutOfMemory(msg),
+        CUBLAS_STATUS_INVALID_VALUE | CUBLAS_STATUS_NOT_SUPPORTED | CUBLAS_STATUS_ARCH_MISMATCH => {
+            GpuError::BadLaunch(msg)
+        }
+        _ => GpuError::Lost(msg),
+    }
+}
+
+/// Host bytes of `v` in the device's storage precision.
+fn narrow(v: &[f32], p: Precision) -> Vec<u8> {
+    match p {
+        Precision::Fp32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Precision::Fp16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        Precision::Bf16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn suffix(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "f32",
+        Precision::Fp16 => "f16",
+        Precision::Bf16 => "bf16",
+    }
+}
+
+/// The attention kernel's head width: the head's dimensions rounded up.
+fn head_width(dh: usize) -> usize {
+    if dh <= 32 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Largest head the attention kernel takes (its registers and shared tiles).
+pub const MAX_HEAD: usize = 64;
+
+struct Uploader<'a> {
+    stream: Arc<CudaStream>,
+    memory: &'a mut Vec<CudaSlice<u8>>,
+}
+
+impl Uploader<'_> {
+    fn bytes(&mut self, b: &[u8]) -> Result<u64, GpuError> {
+        let s = self
+            .stream
+            .clone_htod(b)
+            .map_err(|e| GpuError::from_driver(e, "uploading the embed model's weights"))?;
+        let (ptr, _) = s.device_ptr(&self.stream);
+        self.memory.push(s);
+        Ok(ptr)
+    }
+
+    fn f32(&mut self, v: &[f32]) -> Result<u64, GpuError> {
+        self.bytes(&narrow(v, Precision::Fp32))
+    }
+
+    fn linear(&mut self, l: &Linear, p: Precision) -> Result<DevLinear, GpuError> {
+        Ok(DevLinear {
+            w: self.bytes(&narrow(&l.w, p))?,
+            b: self.f32(&l.b)?,
+            out: l.out,
+            inp: l.inp,
+        })
+    }
+
+    fn norm(&mut self, n: &Norm) -> Result<DevNorm, GpuError> {
+        Ok(DevNorm {
+            g: self.f32(&n.g)?,
+            b: self.f32(&n.b)?,
+        })
+    }
+}
+
+impl DeviceEncoder {
+    /// Uploads `model`'s weights in its precision, loads the kernels and opens cuBLAS. A
+    /// missing libcublas is `GpuError::Unavailable`, never a panic.
+    pub fn load(loader: &mut DeviceLoader, model: &EmbedModel) -> Result<Self, GpuError> {
+        // SAFETY: only tries dlopen on candidate names.
+        let present = no_panic("loading libcublas", || {
+            Ok(unsafe { blas_sys::is_culib_present() })
+        })
+        .unwrap_or(false);
+        if !present {
+            return Err(GpuError::Unavailable(
+                "libcublas not found (the embed op needs cuBLAS from CUDA 13: put it on \
+                 LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let a = &model.arch;
+        if a.hidden / a.heads > MAX_HEAD {
+            return Err(GpuError::Unavailable(format!(
+                "heads of {} dimensions are more than the device path's {MAX_HEAD}",
+                a.hidden / a.heads
+            )));
+        }
+        let p = model.precision;
+        let s = suffix(p);
+        let prog = program();
+        let kernels = Kernels {
+            embed_ln: loader.function(&prog, &format!("embed_ln_{s}"))?,
+            add_ln: loader.function(&prog, &format!("embed_add_ln_{s}"))?,
+            bias_act: loader.function(&prog, &format!("embed_bias_act_{s}"))?,
+            attention: loader.function(
+                &prog,
+                &format!("embed_attention_{s}_{}", head_width(a.hidden / a.heads)),
+            )?,
+            pool: loader.function(&prog, "embed_pool")?,
+        };
+        let ctx = loader.ctx.clone();
+        ctx.bind_to_thread()
+            .map_err(|e| GpuError::opening(e, "binding the context"))?;
+        // One handle now: a library that does not open fails the load, not a batch.
+        let blas = vec![(0, Blas::new()?)];
+
+        let w = &model.weights;
+        let mut memory = Vec::new();
+        let mut up = Uploader {
+            stream: ctx.default_stream(),
+            memory: &mut memory,
+        };
+        let word = up.bytes(&narrow(&w.word, p))?;
+        let position = up.bytes(&narrow(&w.position, p))?;
+        let token_type = up.bytes(&narrow(&w.token_type, p))?;
+        let emb_norm = up.norm(&w.emb_norm)?;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            layers.push(DevLayer {
+                qkv: up.linear(&l.qkv, p)?,
+                attn_out: up.linear(&l.attn_out, p)?,
+                attn_norm: up.norm(&l.attn_norm)?,
+                ffn_in: up.linear(&l.ffn_in, p)?,
+                ffn_out: up.linear(&l.ffn_out, p)?,
+                ffn_norm: up.norm(&l.ffn_norm)?,
+            });
+        }
+        up.stream
+            .synchronize()
+            .map_err(|e| GpuError::from_driver(e, "uploading the embed model's weights"))?;
+        Ok(DeviceEncoder {
+            precision: p,
+            hidden: a.hidden,
+            intermediate: a.intermediate,
+            heads: a.heads,
+            eps: a.eps,
+            act: match a.act {
+                Activation::Gelu => 0,
+                Activation::GeluTanh => 1,
+                Activation::Relu => 2,
+            },
+            vocab: a.vocab as u32,
+            ntypes: a.type_vocab as u32,
+            npos: a.max_positions as u32,
+            position_offset: a.position_offset,
+            max_tokens: model.max_tokens,
+            cls: model.pooling == Pooling::Cls,
+            normalize: model.normalize,
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+            kernels,
+            blas: Mutex::new(blas),
+            _memory: memory,
+        })
+    }
+
+    /// Bytes of device memory the weights take.
+    pub fn weight_bytes(&self) -> usize {
+        self._memory.iter().map(|m| m.len()).sum()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.hidden
+    }
+
+    /// Bytes per element of what the products read.
+    fn narrow_bytes(&self) -> usize {
+        match self.precision {
+            Precision::Fp32 => 4,
+            _ => 2,
+        }
+    }
+
+    fn len(&self, e: &Encoded) -> usize {
+        e.ids.len().min(self.max_tokens)
+    }
+
+    /// Where a batch's input, scratch and output go.
+    pub fn plan(&self, batch: &[&Encoded]) -> Plan {
+        let n = batch.len();
+        let tokens: usize = batch.iter().map(|e| self.len(e)).sum();
+        let longest = batch.iter().map(|e| self.len(e)).max().unwrap_or(0);
+        let (h, nb) = (self.hidden, self.narrow_bytes());
+        let mut off = 0;
+        let mut region = |bytes: usize| {
+            let at = off;
+            off += align(bytes);
+            at
+        };
+        let (ids, types, pos) = (region(4 * tokens), region(4 * tokens), region(4 * tokens));
+        let (start, len) = (region(4 * n), region(4 * n));
+        let input_bytes = off;
+        off = 0;
+        let mut region = |bytes: usize| {
+            let at = off;
+            off += align(bytes);
+            at
+        };
+        let x = region(tokens * h * 4);
+        let xh = region(tokens * h * nb);
+        let wide = region(tokens * (3 * h).max(self.intermediate) * 4);
+        let wide_h = region(tokens * h.max(self.intermediate) * nb);
+        let y = region(tokens * h * 4);
+        Plan {
+            n,
+            tokens,
+            longest,
+            input_bytes,
+            scratch_bytes: off,
+            out_bytes: n * h * 4,
+            ids,
+            types,
+            pos,
+            start,
+            len,
+            x,
+            xh,
+            wide,
+            wide_h,
+            y,
+        }
+    }
+
+    /// Writes the batch's tokens into `input` (`plan.input_bytes`, host memory that is
+    /// copied to the device address `embed` is given).
+    pub fn pack(&self, plan: &Plan, batch: &[&Encoded], input: &mut [u8]) {
+        let mut put = |at: usize, i: usize, v: u32| {
+            input[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_le_bytes())
+        };
+        let mut t = 0;
+        for (s, e) in batch.iter().enumerate() {
+            put(plan.start, s, t as u32);
+            put(plan.len, s, self.len(e) as u32);
+            for (k, &id) in e.ids[..self.len(e)].iter().enumerate() {
+                put(plan.ids, t, id);
+                put(plan.types, t, e.type_ids.get(k).copied().unwrap_or(0));
+                put(plan.pos, t, (self.position_offset + k) as u32);
+                t += 1;
+            }
+        }
+    }
+
+    /// Queues the batch on `stream`: `input` is the device copy of what `pack` wrote,
+    /// `scratch` has `plan.scratch_bytes`, and `out` receives `n * dim` float32, text by
+    /// text in the batch's order. Never waits.
+    pub fn embed(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        input: u64,
+        scratch: u64,
+        out: u64,
+    ) -> Result<(), GpuError> {
+        if plan.n == 0 {
+            return Ok(());
+        }
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
+        let mut handles = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        let key = stream.cu_stream() as usize;
+        let handle = match handles.iter().position(|(k, _)| *k == key) {
+            Some(i) => handles[i].1 .0,
+            None => {
+                // The handle made at load time goes to the first stream.
+                let i = match handles.iter().position(|(k, _)| *k == 0) {
+                    Some(i) => i,
+                    None => {
+                        handles.push((0, Blas::new()?));
+                        handles.len() - 1
+                    }
+                };
+                handles[i].0 = key;
+                // SAFETY: the handle is this encoder's and the stream is alive; each
+                // handle is bound to one stream for good.
+                unsafe { blas::set_stream(handles[i].1 .0, stream.cu_stream() as _) }
+                    .map_err(|e| blas_error(e, "cublasSetStream"))?;
+                handles[i].1 .0
+            }
+        };
+        // `handles` stays locked until every product is queued.
+        let (h, t) = (self.hidden, plan.tokens);
+        let at = |base: u64, off: usize| base + off as u64;
+        let (ids, types, pos) = (
+            at(input, plan.ids),
+            at(input, plan.types),
+            at(input, plan.pos),
+        );
+        let (start, len) = (at(input, plan.start), at(input, plan.len));
+        let (x, xh) = (at(scratch, plan.x), at(scratch, plan.xh));
+        let (wide, wide_h, y) = (
+            at(scratch, plan.wide),
+            at(scratch, plan.wide_h),
+            at(scratch, plan.y),
+        );
+        let h_i = h as i32;
+        let row_blocks = |rows: usize| LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (h * 4) as u32,
+        };
+        if t > 0 {
+            let mut l = stream.launch_builder(&self.kernels.embed_ln);
+            l.arg(&ids)
+                .arg(&types)
+                .arg(&pos)
+                .arg(&self.word)
+                .arg(&self.position)
+                .arg(&self.token_type)
+                .arg(&self.emb_norm.g)
+                .arg(&self.emb_norm.b)
+                .arg(&x)
+                .arg(&xh)
+                .arg(&h_i)
+                .arg(&self.eps)
+                .arg(&self.vocab)
+                .arg(&self.ntypes)
+                .arg(&self.npos);
+            // SAFETY: embed_ln_<p>(const u32 *ids, *types, *pos, const P *word, *posemb,
+            // *typemb, const float *g, *b, float *x, P *xh, int h, float eps, u32 vocab,
+            // ntypes, npos); one block per token, all buffers sized by `plan`.
+            unsafe { l.launch(row_blocks(t)) }?;
+        }
+        let dh = h / self.heads;
+        let dh_i = dh as i32;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let q_blocks = plan.longest.div_ceil(64).max(1) as u32;
+        for layer in &self.layers {
+            if t == 0 {
+                break;
+            }
+            self.gemm(handle, layer.qkv.w, xh, wide, &layer.qkv, t)?;
+            let mut l = stream.launch_builder(&self.kernels.attention);
+            l.arg(&wide)
+                .arg(&layer.qkv.b)
+                .arg(&wide_h)
+                .arg(&start)
+                .arg(&len)
+                .arg(&h_i)
+                .arg(&dh_i)
+                .arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (plan.n as u32, self.heads as u32, q_blocks),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: embed_attention_<p>_<DH>(const float *qkv, const float *bias, P *ctx,
+            // const u32 *start, const u32 *len, int h, int dh, float scale); grid (texts,
+            // heads, query blocks of 64), every text's tokens inside [0, T).
+            unsafe { l.launch(cfg) }?;
+            self.gemm(handle, layer.attn_out.w, wide_h, y, &layer.attn_out, t)?;
+            self.add_ln(stream, y, &layer.attn_out, &layer.attn_norm, x, xh, t)?;
+            self.gemm(handle, layer.ffn_in.w, xh, wide, &layer.ffn_in, t)?;
+            let n = t as u64;
+            let w = self.intermediate as i32;
+            let mut l = stream.launch_builder(&self.kernels.bias_act);
+            l.arg(&wide)
+                .arg(&layer.ffn_in.b)
+                .arg(&wide_h)
+                .arg(&n)
+                .arg(&w)
+                .arg(&self.act);
+            // SAFETY: embed_bias_act_<p>(const float *y, const float *bias, P *out, u64 n,
+            // int w, int act): n rows of w, grid-stride.
+            unsafe { l.launch(launch_config(n * w as u64)) }?;
+            self.gemm(handle, layer.ffn_out.w, wide_h, y, &layer.ffn_out, t)?;
+            self.add_ln(stream, y, &layer.ffn_out, &layer.ffn_norm, x, xh, t)?;
+        }
+        let (cls, normalize) = (self.cls as i32, self.normalize as i32);
+        let mut l = stream.launch_builder(&self.kernels.pool);
+        l.arg(&x)
+            .arg(&start)
+            .arg(&len)
+            .arg(&out)
+            .arg(&h_i)
+            .arg(&cls)
+            .arg(&normalize);
+        // SAFETY: embed_pool(const float *x, const u32 *start, const u32 *len, float *out,
+        // int h, int cls, int normalize); one block per text, out holds n * h floats.
+        unsafe { l.launch(row_blocks(plan.n)) }?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_ln(
+        &self,
+        stream: &Arc<CudaStream>,
+        y: u64,
+        lin: &DevLinear,
+        norm: &DevNorm,
+        x: u64,
+        xh: u64,
+        t: usize,
+    ) -> Result<(), GpuError> {
+        let h_i = self.hidden as i32;
+        let mut l = stream.launch_builder(&self.kernels.add_ln);
+        l.arg(&y)
+            .arg(&lin.b)
+            .arg(&x)
+            .arg(&xh)
+            .arg(&norm.g)
+            .arg(&norm.b)
+            .arg(&h_i)
+            .arg(&self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (self.hidden * 4) as u32,
+        };
+        // SAFETY: embed_add_ln_<p>(const float *y, const float *bias, float *x, P *xh,
+        // const float *g, const float *b, int h, float eps); one block per token.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `y[t, out] = x[t, inp] W[out, inp]^T` (row-major), float32 out, no bias (the next
+    /// kernel adds it). In cuBLAS's column-major terms: `Y^T = W^T-as-stored^T X^T`.
+    fn gemm(
+        &self,
+        handle: blas_sys::cublasHandle_t,
+        w: u64,
+        x: u64,
+        y: u64,
+        lin: &DevLinear,
+        t: usize,
+    ) -> Result<(), GpuError> {
+        use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        let ty = match self.precision {
+            Precision::Fp32 => cudaDataType::CUDA_R_32F,
+            Precision::Fp16 => cudaDataType::CUDA_R_16F,
+            Precision::Bf16 => cudaDataType::CUDA_R_16BF,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (m, n, k) = (lin.out as i32, t as i32, lin.inp as i32);
+        // SAFETY: the handle is bound to the stream of the launch; w holds out x inp, x
+        // holds t x inp, y has room for t x out, all on this handle's context; alpha and beta are host floats (the default pointer mode).
+        unsafe {
+            blas::gemm_ex(
+                handle,
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                ty,
+                k,
+                x as *const _,
+                ty,
+                k,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                cudaDataType::CUDA_R_32F,
+                m,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_error(e, "a matrix product (cublasGemmEx)"))
+    }
+
+    /// One batch start to end on `stream`, waiting for it: for tests and tools (the op
+    /// pipelines with `plan`, `pack` and `embed` on its own buffers).
+    pub fn embed_now(
+        &self,
+        stream: &Arc<CudaStream>,
+        batch: &[&Encoded],
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
+        let plan = self.plan(batch);
+        if plan.n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut host = vec![0u8; plan.input_bytes.max(4)];
+        self.pack(&plan, batch, &mut host);
+        let d = |e| GpuError::from_driver(e, "running an embed batch");
+        let input = stream.clone_htod(&host).map_err(d)?;
+        let scratch = stream
+            .alloc_zeros::<u8>(plan.scratch_bytes.max(4))
+            .map_err(d)?;
+        let out = stream.alloc_zeros::<f32>(plan.n * self.hidden).map_err(d)?;
+        let ptr = |s: &CudaSlice<u8>| s.device_ptr(stream).0;
+        self.embed(
+            stream,
+            &plan,
+            ptr(&input),
+            ptr(&scratch),
+            out.device_ptr(stream).0,
+        )?;
+        let flat = stream.clone_dtoh(&out).map_err(d)?;
+        stream.synchronize().map_err(d)?;
+        Ok(flat.chunks(self.hidden).map(<[f32]>::to_vec).collect())
+    }
+}
