@@ -16,6 +16,7 @@ pub mod blake3;
 pub mod bytes;
 pub mod echo;
 pub mod kernel;
+pub mod knn;
 pub mod model;
 
 use std::sync::Arc;

@@ -1,0 +1,1 @@
+//! Placeholder on the knngpu branch (the kserve branch owns the CPU search).
