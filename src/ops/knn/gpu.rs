@@ -21,8 +21,11 @@
 //! 4. Each query keeps a running best-k list at the head of its candidate buffer, followed
 //!    by the tile's segments' candidates; `knn_select_list` reduces that list by segments of
 //!    4096 (ping-ponging between two buffers) until one block per query can take it, and that
-//!    block writes the new running list in place. After the last tile it bitonic-sorts the k
-//!    in shared memory and writes row numbers and scores, best first.
+//!    block writes the new running list in place, and its k-th best as the query's running
+//!    threshold: later tiles' candidates no better than it become fillers as they are read,
+//!    so that once a few tiles are done a segment's selection is one pass over its values.
+//!    After the last tile that block bitonic-sorts the k in shared memory and writes row
+//!    numbers and scores, best first.
 //!
 //! k is at most `MAX_K` (2048, FAISS's GPU cap; the selection keeps k candidates in shared
 //! memory). Where k exceeds the index's rows, the extra places hold row -1 and the worst
@@ -90,17 +93,18 @@ impl Plan {
         }
     }
 
-    /// Byte offsets of the scratch regions: queries, query norms, product block, A, B; and
-    /// the total.
-    fn regions(&self, d: usize) -> ([usize; 5], usize) {
+    /// Byte offsets of the scratch regions: queries, query norms, product block, A, B, the
+    /// running thresholds; and the total.
+    fn regions(&self, d: usize) -> ([usize; 6], usize) {
         let sizes = [
             self.chunk * d * 4,
             self.chunk * 4,
             self.chunk * self.tile * 4,
             self.chunk * self.a_stride * 8,
             self.chunk * self.b_stride * 8,
+            self.chunk * 8,
         ];
-        let mut offs = [0; 5];
+        let mut offs = [0; 6];
         let mut at = 0;
         for (o, s) in offs.iter_mut().zip(sizes) {
             *o = at;
@@ -327,7 +331,7 @@ impl DeviceIndex {
         let plan = self.plan(nq, k);
         let (offs, _) = plan.regions(self.d);
         let at = |i: usize| scratch + offs[i] as u64;
-        let (qbuf, qnorm, prod, buf_a, buf_b) = (at(0), at(1), at(2), at(3), at(4));
+        let (qbuf, qnorm, prod, buf_a, buf_b, thresh) = (at(0), at(1), at(2), at(3), at(4), at(5));
         self.ctx
             .bind_to_thread()
             .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
@@ -364,17 +368,12 @@ impl DeviceIndex {
                 // SAFETY: as in load; qbuf holds chunk * d floats, qnorm chunk floats.
                 unsafe { l.launch(cfg((m32.min(65535), 1), 128)) }?;
             }
-            // The running lists start as fillers.
-            // SAFETY: buffer A's region holds chunk * a_stride candidates.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(
-                    buf_a,
-                    0,
-                    m * plan.a_stride * 8,
-                    stream.cu_stream(),
-                )
+            // The running lists start as fillers, their thresholds as the worst.
+            for (at, len) in [(buf_a, m * plan.a_stride * 8), (thresh, m * 8)] {
+                // SAFETY: the region at `at` holds `len` bytes (see Plan::regions).
+                unsafe { cudarc::driver::result::memset_d8_async(at, 0, len, stream.cu_stream()) }
+                    .map_err(|e| GpuError::from_driver(e, "clearing knn candidates"))?;
             }
-            .map_err(|e| GpuError::from_driver(e, "clearing knn candidates"))?;
             for t0 in (0..self.n).step_by(plan.tile) {
                 let tn = plan.tile.min(self.n - t0);
                 let last = t0 + tn == self.n;
@@ -393,13 +392,15 @@ impl DeviceIndex {
                         .arg(&qnorm)
                         .arg(&metric)
                         .arg(&k32)
+                        .arg(&thresh)
                         .arg(&buf_a)
                         .arg(&a_stride)
                         .arg(&off);
                     // SAFETY: knn_select_tile(const float *prod, u32 t, u32 row0, const
-                    // float *xnorm, const float *qnorm, int metric, u32 k, u64 *out, u64
-                    // out_stride, u32 off): prod holds m rows of tn products; A's rows hold
-                    // k + segs * k candidates (a_stride); norms are read for L2 only.
+                    // float *xnorm, const float *qnorm, int metric, u32 k, const u64 *thresh,
+                    // u64 *out, u64 out_stride, u32 off): prod holds m rows of tn products;
+                    // A's rows hold k + segs * k candidates (a_stride); thresh m values;
+                    // norms are read for L2 only.
                     unsafe { l.launch(cfg((segs as u32, m32), THREADS)) }?;
                 }
                 // 4. Reduce running list + candidates to k.
@@ -423,13 +424,14 @@ impl DeviceIndex {
                 }
                 let (len32, in_stride) = (len as u32, src_stride);
                 let (out, out_stride) = (buf_a, plan.a_stride as u64);
-                let (rows, scores) = if last {
+                let (rows, scores, bar) = if last {
                     (
                         rows_out + (c0 * k * 8) as u64,
                         scores_out + (c0 * k * 4) as u64,
+                        zero,
                     )
                 } else {
-                    (zero, zero)
+                    (zero, zero, thresh)
                 };
                 let mut l = stream.launch_builder(&self.select_list);
                 l.arg(&src)
@@ -440,11 +442,12 @@ impl DeviceIndex {
                     .arg(&out_stride)
                     .arg(&metric)
                     .arg(&rows)
-                    .arg(&scores);
+                    .arg(&scores)
+                    .arg(&bar);
                 // SAFETY: knn_select_list(const u64 *in, u64 in_stride, u32 m, u32 k, u64
-                // *out, u64 out_stride, int metric, long long *rows, float *scores): one
-                // block per query (in place on A is allowed then); rows and scores hold
-                // nq * k values from the chunk's first query on.
+                // *out, u64 out_stride, int metric, long long *rows, float *scores, u64
+                // *thresh): one block per query (in place on A is allowed then); rows and
+                // scores hold nq * k values from the chunk's first query on, thresh m.
                 unsafe { l.launch(cfg((1, m32), THREADS)) }?;
             }
         }
@@ -473,6 +476,7 @@ impl DeviceIndex {
             .arg(&dst)
             .arg(&dst_stride)
             .arg(&metric)
+            .arg(&none)
             .arg(&none)
             .arg(&none);
         // SAFETY: as in search; src and dst are different buffers, dst's rows hold

@@ -42,6 +42,8 @@ struct KnnShared {
     u32 count;
     u32 eq;
     u32 found;
+    u32 live;
+    u64 least;
 };
 
 // Leaves in sh.sel[0..kk) the kk largest of the block's values (v[j] of thread t is value
@@ -51,12 +53,26 @@ struct KnnShared {
 // stops as soon as the bucket holds exactly the values still needed.
 __device__ void knn_select(const u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &sh) {
     const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    if (kk >= len) {
+    // Values that are not fillers: where they are no more than kk (a short segment, or a
+    // tile whose values the running threshold turned into fillers), take them all.
+    if (t == 0) {
+        sh.live = 0;
+        sh.count = 0;
+    }
+    __syncthreads();
+    u32 mine = 0;
+#pragma unroll
+    for (int j = 0; j < KNN_PER; ++j) mine += (j * KNN_THREADS + t < len && v[j] != 0);
+    if (mine) atomicAdd(&sh.live, mine);
+    __syncthreads();
+    const u32 live = sh.live;
+    if (live <= kk) {
 #pragma unroll
         for (int j = 0; j < KNN_PER; ++j) {
             u32 i = j * KNN_THREADS + t;
-            if (i < len) sh.sel[i] = v[j];
+            if (i < len && v[j] != 0) sh.sel[atomicAdd(&sh.count, 1u)] = v[j];
         }
+        for (u32 i = live + t; i < kk; i += KNN_THREADS) sh.sel[i] = 0;
         __syncthreads();
         return;
     }
@@ -204,9 +220,11 @@ extern "C" __global__ void knn_prep(const float *x, u32 n, u32 d, int normalize,
 // row of the tile's product (t columns, row-major, rows row0..), turns each product into
 // the metric's score (L2: |q|^2 + |x|^2 - 2 q.x, at least 0) and writes its best k
 // candidates (fillers where the segment is shorter) at out[q * out_stride + off + s * k].
+// Candidates no better than thresh[q] (the running k-th best: they cannot enter the
+// result) count as fillers, which makes later tiles cheap.
 extern "C" __global__ void __launch_bounds__(KNN_THREADS)
 knn_select_tile(const float *prod, u32 t, u32 row0, const float *xnorm, const float *qnorm,
-                int metric, u32 k, u64 *out, u64 out_stride, u32 off) {
+                int metric, u32 k, const u64 *thresh, u64 *out, u64 out_stride, u32 off) {
     __shared__ KnnShared sh;
     const u32 q = blockIdx.y, s = blockIdx.x;
     const u32 first = s * KNN_SEG;
@@ -214,6 +232,7 @@ knn_select_tile(const float *prod, u32 t, u32 row0, const float *xnorm, const fl
     const float *src = prod + (u64)q * t + first;
     const int l2 = metric == KNN_L2;
     const float qn = l2 ? qnorm[q] : 0.f;
+    const u64 bar = thresh[q];
     u64 v[KNN_PER];
 #pragma unroll
     for (int j = 0; j < KNN_PER; ++j) {
@@ -223,7 +242,8 @@ knn_select_tile(const float *prod, u32 t, u32 row0, const float *xnorm, const fl
             float x = src[i];
             u32 row = row0 + first + i;
             if (l2) x = fmaxf(fmaf(-2.f, x, qn + xnorm[row]), 0.f);
-            v[j] = knn_pack(x, row, l2);
+            u64 c = knn_pack(x, row, l2);
+            v[j] = c > bar ? c : 0;
         }
     }
     const u32 kk = min(k, len);
@@ -234,12 +254,13 @@ knn_select_tile(const float *prod, u32 t, u32 row0, const float *xnorm, const fl
 
 // Merges candidate lists: block (s, q) takes candidates [s * KNN_SEG, ...) of query q's m
 // (at in[q * in_stride]) and writes its best k at out[q * out_stride + s * k]; in place
-// (out == in) only with one block per query. With rows (one block per query): writes the
-// best k sorted instead, as row numbers (-1 for fillers: k beyond the index) and scores
-// at rows[q * k] and scores[q * k].
+// (out == in) only with one block per query, which then also writes the k-th best to
+// thresh[q] if thresh is not null. With rows (one block per query): writes the best k
+// sorted instead, as row numbers (-1 for fillers: k beyond the index) and scores at
+// rows[q * k] and scores[q * k].
 extern "C" __global__ void __launch_bounds__(KNN_THREADS)
 knn_select_list(const u64 *in, u64 in_stride, u32 m, u32 k, u64 *out, u64 out_stride,
-                int metric, long long *rows, float *scores) {
+                int metric, long long *rows, float *scores, u64 *thresh) {
     __shared__ KnnShared sh;
     const u32 q = blockIdx.y, s = blockIdx.x;
     const u32 first = s * KNN_SEG;
@@ -268,5 +289,16 @@ knn_select_list(const u64 *in, u64 in_stride, u32 m, u32 k, u64 *out, u64 out_st
         return;
     }
     u64 *dst = out + (u64)q * out_stride + (u64)s * k;
-    for (u32 i = threadIdx.x; i < k; i += KNN_THREADS) dst[i] = i < kk ? sh.sel[i] : 0;
+    u64 least = ~0ull;
+    for (u32 i = threadIdx.x; i < k; i += KNN_THREADS) {
+        u64 c = i < kk ? sh.sel[i] : 0;
+        dst[i] = c;
+        least = c < least ? c : least;
+    }
+    if (!thresh) return;
+    if (threadIdx.x == 0) sh.least = ~0ull;
+    __syncthreads();
+    atomicMin(&sh.least, least);
+    __syncthreads();
+    if (threadIdx.x == 0) thresh[q] = sh.least;
 }
