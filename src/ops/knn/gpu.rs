@@ -51,7 +51,8 @@ const THREADS: u32 = 256;
 const TILE_BYTES: usize = 32 << 20;
 /// Queries per pass over the index: bounds the scratch for any batch.
 const QUERY_CHUNK: usize = 2048;
-/// cuBLAS's workspace, given at load so that no search allocates (NVIDIA's advice for Hopper).
+/// cuBLAS's workspace, a region of each search's scratch: cuBLAS then allocates nothing, and
+/// searches in flight on different streams never share one (NVIDIA's size for Hopper).
 const WORKSPACE: usize = 32 << 20;
 /// Scratch regions start at multiples of this.
 const ALIGN: usize = 256;
@@ -93,10 +94,11 @@ impl Plan {
         }
     }
 
-    /// Byte offsets of the scratch regions: queries, query norms, product block, A, B, the
-    /// running thresholds; and the total.
-    fn regions(&self, d: usize) -> ([usize; 6], usize) {
+    /// Byte offsets of the scratch regions: cuBLAS's workspace, queries, query norms,
+    /// product block, A, B, the running thresholds; and the total.
+    fn regions(&self, d: usize) -> ([usize; 7], usize) {
         let sizes = [
+            WORKSPACE,
             self.chunk * d * 4,
             self.chunk * 4,
             self.chunk * self.tile * 4,
@@ -104,7 +106,7 @@ impl Plan {
             self.chunk * self.b_stride * 8,
             self.chunk * 8,
         ];
-        let mut offs = [0; 6];
+        let mut offs = [0; 7];
         let mut at = 0;
         for (o, s) in offs.iter_mut().zip(sizes) {
             *o = at;
@@ -136,10 +138,9 @@ pub struct DeviceIndex {
     ctx: Arc<CudaContext>,
 }
 
-/// A cuBLAS handle with its workspace; destroyed before the workspace is freed.
+/// A cuBLAS handle (its workspace is each search's scratch).
 struct CublasHandle {
     raw: cublas::cublasHandle_t,
-    _workspace: CudaSlice<u8>,
 }
 
 // SAFETY: the handle is used by one thread at a time (the worker's GPU thread owns the
@@ -243,30 +244,12 @@ impl DeviceIndex {
             Some(_) => (None, addr16),
             None => (Some(rows32), addr32),
         };
-        let handle = no_panic("opening cuBLAS", || {
-            let raw = cudarc::cublas::result::create_handle()
-                .map_err(|e| format!("opening cuBLAS: {:?}", e.0))?;
-            Ok(raw)
+        let raw = no_panic("opening cuBLAS", || {
+            cudarc::cublas::result::create_handle()
+                .map_err(|e| format!("opening cuBLAS: {:?}", e.0))
         })
         .map_err(GpuError::Unavailable)?;
-        // Destroyed on every path from here.
-        let workspace = match stream.alloc_zeros::<u8>(WORKSPACE) {
-            Ok(w) => w,
-            Err(e) => {
-                // SAFETY: just created, not used.
-                let _ = unsafe { cudarc::cublas::result::destroy_handle(handle) };
-                return Err(alloc(e));
-            }
-        };
-        let ws = workspace.device_ptr(&stream).0;
-        let handle = CublasHandle {
-            raw: handle,
-            _workspace: workspace,
-        };
-        // SAFETY: the workspace lives as long as the handle (dropped after it).
-        unsafe { cublas::cublasSetWorkspace_v2(handle.raw, ws as *mut _, WORKSPACE) }
-            .result()
-            .map_err(|e| cublas_error(e, "giving cuBLAS its workspace"))?;
+        let handle = CublasHandle { raw };
         Ok(DeviceIndex {
             handle,
             n,
@@ -331,7 +314,8 @@ impl DeviceIndex {
         let plan = self.plan(nq, k);
         let (offs, _) = plan.regions(self.d);
         let at = |i: usize| scratch + offs[i] as u64;
-        let (qbuf, qnorm, prod, buf_a, buf_b, thresh) = (at(0), at(1), at(2), at(3), at(4), at(5));
+        let (workspace, qbuf, qnorm, prod, buf_a, buf_b, thresh) =
+            (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
         self.ctx
             .bind_to_thread()
             .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
@@ -340,6 +324,11 @@ impl DeviceIndex {
         unsafe { cublas::cublasSetStream_v2(self.handle.raw, stream.cu_stream() as _) }
             .result()
             .map_err(|e| cublas_error(e, "setting the cuBLAS stream"))?;
+        // SAFETY: the workspace region is this search's, WORKSPACE bytes, used on `stream`
+        // alone until the caller's scratch is reused after the search.
+        unsafe { cublas::cublasSetWorkspace_v2(self.handle.raw, workspace as *mut _, WORKSPACE) }
+            .result()
+            .map_err(|e| cublas_error(e, "giving cuBLAS its workspace"))?;
         let l2 = self.metric == Metric::L2;
         let metric: i32 = match self.metric {
             Metric::Ip => 0,
