@@ -473,3 +473,28 @@ fn a_missing_libcublas_is_detected_without_a_panic() {
     );
     eprintln!("libcublas present: {present}");
 }
+
+/// A few small searches that cover every path (several tiles, reduction rounds, k beyond
+/// the index, fp16): quick enough for compute-sanitizer's memcheck and racecheck.
+#[test]
+fn small_searches_cover_every_path() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    use Metric::*;
+    use Precision::*;
+    for (n, d, nq, k, metric, precision, small) in [
+        (SEG + 1, 7, 3, 10, L2, Fp32, true),
+        (3 * SEG - 7, 5, 2, MAX_K, Ip, Fp32, false),
+        (100, 3, 2, 150, Cosine, Fp16, false),
+    ] {
+        let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
+        let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
+        let mut dev = b.load(&idx);
+        if small {
+            dev.set_tile_bytes(1);
+        }
+        let queries = uniform(&mut rng, nq * d);
+        let hits = b.search(&dev, &queries, nq, k);
+        check(&case, &idx, &queries, &hits, tolerance(precision));
+    }
+}
