@@ -17,7 +17,8 @@
 //!    radix select over those bits (11/11/10-bit digits of the key, then of the row only on
 //!    exact ties; shared-memory histograms, the values held in registers), which finds the
 //!    k-th best exactly and stops as soon as the remaining bucket is exactly what is needed;
-//!    then a gather. Whole rows are never sorted.
+//!    then a gather. A block with at most 512 values that are not fillers ranks them by
+//!    counting instead. Whole rows are never sorted.
 //! 4. Each query keeps a running best-k list at the head of its candidate buffer, followed
 //!    by the tile's segments' candidates; `knn_select_list` reduces that list by segments of
 //!    4096 (ping-ponging between two buffers) until one block per query can take it, and that

@@ -10,6 +10,8 @@
 #define KNN_BINS 2048
 #define KNN_WARPS (KNN_THREADS / 32)
 #define KNN_L2 2
+// At most this many values are ranked by counting rather than radix-selected.
+#define KNN_RANKED 512
 
 // A score as a u32 whose unsigned order is "better first": the float's bits made
 // order-preserving (positive: sign bit set; negative: all bits flipped), inverted for L2,
@@ -34,6 +36,7 @@ __device__ __forceinline__ u64 knn_pack(float s, u32 row, int l2) {
 }
 
 struct KnnShared {
+    // Radix histogram, or (as u64) the values to rank.
     u32 hist[KNN_BINS];
     u32 wsum[KNN_WARPS];
     u64 sel[KNN_MAX_K];
@@ -48,9 +51,11 @@ struct KnnShared {
 
 // Leaves in sh.sel[0..kk) the kk largest of the block's values (v[j] of thread t is value
 // j * KNN_THREADS + t, valid below len), in no particular order. kk <= len, kk <= MAX_K.
-// Radix select, most significant digit first (11, 11, 10 bits of the key, then of the row
-// only where keys tie), counting only the values that still match the chosen prefix;
-// stops as soon as the bucket holds exactly the values still needed.
+// Fillers (0) do not count: where kk or fewer others remain, those are taken; where up to
+// KNN_RANKED remain, each is ranked by counting the better ones. Otherwise a radix select,
+// most significant digit first (11, 11, 10 bits of the key, then of the row only where
+// keys tie), counting only the values that still match the chosen prefix; it stops as soon
+// as the bucket holds exactly the values still needed.
 __device__ void knn_select(const u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &sh) {
     const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
     // Values that are not fillers: where they are no more than kk (a short segment, or a
@@ -73,6 +78,24 @@ __device__ void knn_select(const u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &
             if (i < len && v[j] != 0) sh.sel[atomicAdd(&sh.count, 1u)] = v[j];
         }
         for (u32 i = live + t; i < kk; i += KNN_THREADS) sh.sel[i] = 0;
+        __syncthreads();
+        return;
+    }
+    // Few: rank each by counting the better ones (the histogram's memory holds them).
+    if (live <= KNN_RANKED) {
+        u64 *few = (u64 *)sh.hist;
+#pragma unroll
+        for (int j = 0; j < KNN_PER; ++j) {
+            u32 i = j * KNN_THREADS + t;
+            if (i < len && v[j] != 0) few[atomicAdd(&sh.count, 1u)] = v[j];
+        }
+        __syncthreads();
+        for (u32 i = t; i < live; i += KNN_THREADS) {
+            const u64 x = few[i];
+            u32 rank = 0;
+            for (u32 j = 0; j < live; ++j) rank += few[j] > x || (few[j] == x && j < i);
+            if (rank < kk) sh.sel[rank] = x;
+        }
         __syncthreads();
         return;
     }
