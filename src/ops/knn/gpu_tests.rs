@@ -450,14 +450,32 @@ fn knn_kernel_benchmark() {
             );
             line += &format!(" {qps:.0} |");
         }
+        // Accuracy at this size: 8 queries against float64.
+        let queries = uniform(&mut rng, 8 * d);
+        let hits = b.search(&dev, &queries, 8, k);
+        let (mut found, mut worst) = (0, 0.0f64);
+        for (qi, q) in queries.chunks(d).enumerate() {
+            let s = scores64(&idx, q);
+            let want = best(idx.metric, &s, k);
+            let got = &hits.rows[qi * k..][..k];
+            found += want.iter().filter(|&&r| got.contains(&(r as i64))).count();
+            let scale = dot64(q, q).sqrt() * (d as f64 / 3.0).sqrt();
+            for (i, &r) in want.iter().enumerate() {
+                worst = worst.max((f64::from(hits.scores[qi * k + i]) - s[r]).abs() / scale);
+            }
+        }
+        line += &format!(" {:.3} | {worst:.1e} |", found as f64 / (8 * k) as f64);
         table.push(line);
     }
     println!(
         "\nknn search alone, N = {n}, d = {d}, k = {k}, inner product ({})",
         b.gpu.info
     );
-    println!("| precision | index load | batch 1 | batch 16 | batch 128 | batch 1024 |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| precision | index load | batch 1 | batch 16 | batch 128 | batch 1024 | recall@{k} \
+         | score error / (|q| rms|x|) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for l in table {
         println!("{l}");
     }
