@@ -30,7 +30,12 @@
 //!
 //! k is at most `MAX_K` (2048, FAISS's GPU cap; the selection keeps k candidates in shared
 //! memory). Where k exceeds the index's rows, the extra places hold row -1 and the worst
-//! score (-inf, +inf for L2). Scratch is bounded by `scratch_bytes`, whatever `nq`.
+//! score (-inf, +inf for L2). Scratch (`scratch_bytes`) does not grow with `nq` past
+//! `QUERY_CHUNK` nor with the index past one tile: cuBLAS's workspace (32 MiB), the
+//! queries (chunk x d x 4), the product block (at most 32 MiB, or chunk x 4096 x 4), and
+//! the candidate buffers (chunk x k x 8 x (1 + tile / 4096), at most k x 8 x 4096 = 64 MiB
+//! for k = 2048, and half that again): about 65 MiB for k = 10, under 165 MiB + 8 KiB x d
+//! for any batch and k.
 //! `search` only queues work on the caller's stream: kernels, GEMMs and memsets.
 
 use std::sync::{Arc, OnceLock};
