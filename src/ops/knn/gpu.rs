@@ -1,54 +1,534 @@
-//! Placeholder for the device search (the GPU helper's `gpu.rs` and `topk.cu` replace it):
-//! loading always answers `GpuError::Unavailable`, so knn runs on the CPU path.
+//! The exact knn search on the device: cuBLAS matrix products over tiles of the index, a
+//! radix top-k selection within each tile (`topk.cu`), and a merge of the tiles' candidates.
+//!
+//! Design, for a batch of `nq` queries (taken in chunks of at most `QUERY_CHUNK`):
+//! 1. `knn_prep` copies the queries to scratch, normalized for `Cosine`, as float16 for
+//!    `Fp16`, and writes their squared norms for `L2`.
+//! 2. The index is cut into tiles of `tile` rows, sized so that one tile's product block
+//!    (queries x rows, float32) stays within `TILE_BYTES` (32 MiB, in the H100's 50 MB L2)
+//!    and a multiple of the selection segment (4096). For each tile, one cuBLAS GEMM writes
+//!    `rows . queries` (fp32: CUBLAS_COMPUTE_32F, no TF32; tf32: CUBLAS_COMPUTE_32F_FAST_TF32;
+//!    fp16: float16 inputs, float32 accumulation and output).
+//! 3. `knn_select_tile`: one block per (4096-column segment, query) turns its products into
+//!    scores (L2: `|q|^2 + |x|^2 - 2 q.x`, clamped at 0, row norms computed at load) and
+//!    selects its best k. Each score becomes a 64-bit candidate, key bits (the float made
+//!    order-preserving, inverted for L2) above the row's complement: one unsigned compare
+//!    orders by score, then by lower row, and every candidate is unique. Selection is a
+//!    radix select over those bits (11/11/10-bit digits of the key, then of the row only on
+//!    exact ties; shared-memory histograms, the values held in registers), which finds the
+//!    k-th best exactly and stops as soon as the remaining bucket is exactly what is needed;
+//!    then a gather. A block with at most 512 values that are not fillers ranks them by
+//!    counting instead. Whole rows are never sorted.
+//! 4. Each query keeps a running best-k list at the head of its candidate buffer, followed
+//!    by the tile's segments' candidates; `knn_select_list` reduces that list by segments of
+//!    4096 (ping-ponging between two buffers) until one block per query can take it, and that
+//!    block writes the new running list in place, and its k-th best as the query's running
+//!    threshold: later tiles' candidates no better than it become fillers as they are read,
+//!    so that once a few tiles are done a segment's selection is one pass over its values.
+//!    After the last tile that block bitonic-sorts the k in shared memory and writes row
+//!    numbers and scores, best first.
+//!
+//! k is at most `MAX_K` (2048, FAISS's GPU cap; the selection keeps k candidates in shared
+//! memory). Where k exceeds the index's rows, the extra places hold row -1 and the worst
+//! score (-inf, +inf for L2). Scratch (`scratch_bytes`) does not grow with `nq` past
+//! `QUERY_CHUNK` nor with the index past one tile: cuBLAS's workspace (32 MiB), the
+//! queries (chunk x d x 4), the product block (at most 32 MiB, or chunk x 4096 x 4), and
+//! the candidate buffers (chunk x k x 8 x (1 + tile / 4096), at most k x 8 x 4096 = 64 MiB
+//! for k = 2048, and half that again): about 65 MiB for k = 10, under 165 MiB + 8 KiB x d
+//! for any batch and k.
+//! `search` only queues work on the caller's stream: kernels, GEMMs and memsets.
 
 use std::sync::{Arc, OnceLock};
 
-use super::index::Index;
-use crate::gpu::{DeviceLoader, GpuError, Program};
+use cudarc::cublas::{result::CublasError, sys as cublas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
-/// The largest k the device search selects.
+use super::index::{Index, Metric, Precision};
+use crate::gpu::{no_panic, DeviceLoader, GpuError, Program};
+
+/// The largest k a search takes.
 pub const MAX_K: usize = 2048;
+/// Values one selection block takes (topk.cu's KNN_SEG).
+const SEG: usize = 4096;
+const THREADS: u32 = 256;
+/// The most bytes of one tile's product block (queries x tile rows x 4).
+const TILE_BYTES: usize = 32 << 20;
+/// Queries per pass over the index: bounds the scratch for any batch.
+const QUERY_CHUNK: usize = 2048;
+/// cuBLAS's workspace, a region of each search's scratch: cuBLAS then allocates nothing, and
+/// searches in flight on different streams never share one (NVIDIA's size for Hopper).
+const WORKSPACE: usize = 32 << 20;
+/// Scratch regions start at multiples of this.
+const ALIGN: usize = 256;
 
-/// The knn program (a stub kernel until the device search lands).
+/// The NVRTC program of the search's kernels.
 pub fn program() -> Arc<Program> {
     static P: OnceLock<Arc<Program>> = OnceLock::new();
-    crate::ops::builtin_program(
-        &P,
-        "knn_topk.cu",
-        "extern \"C\" __global__ void knn_placeholder() {}\n",
-    )
+    crate::ops::builtin_program(&P, "topk.cu", include_str!("topk.cu"))
 }
 
-/// An index in device memory.
+/// How a search of a batch walks the index (a function of n, the batch and k alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// Queries per chunk.
+    chunk: usize,
+    /// Index rows per tile (a multiple of SEG).
+    tile: usize,
+    /// Candidates per query in buffer A (running list, then one k per tile segment) and B.
+    a_stride: usize,
+    b_stride: usize,
+}
+
+impl Plan {
+    fn new(n: usize, nq: usize, k: usize, tile_bytes: usize) -> Plan {
+        let chunk = nq.clamp(1, QUERY_CHUNK);
+        let fit = (tile_bytes / (4 * chunk) / SEG).max(1) * SEG;
+        let tile = fit.min(n.div_ceil(SEG).max(1) * SEG);
+        let a_stride = k * (1 + tile / SEG);
+        let b_stride = if a_stride > SEG {
+            k * a_stride.div_ceil(SEG)
+        } else {
+            0
+        };
+        Plan {
+            chunk,
+            tile,
+            a_stride,
+            b_stride,
+        }
+    }
+
+    /// Byte offsets of the scratch regions: cuBLAS's workspace, queries, query norms,
+    /// product block, A, B, the running thresholds; and the total.
+    fn regions(&self, d: usize) -> ([usize; 7], usize) {
+        let sizes = [
+            WORKSPACE,
+            self.chunk * d * 4,
+            self.chunk * 4,
+            self.chunk * self.tile * 4,
+            self.chunk * self.a_stride * 8,
+            self.chunk * self.b_stride * 8,
+            self.chunk * 8,
+        ];
+        let mut offs = [0; 7];
+        let mut at = 0;
+        for (o, s) in offs.iter_mut().zip(sizes) {
+            *o = at;
+            at += s.div_ceil(ALIGN) * ALIGN;
+        }
+        (offs, at)
+    }
+}
+
+/// An index on one device: its rows in the index's precision, row norms for L2, the
+/// kernels and a cuBLAS handle.
 pub struct DeviceIndex {
-    _private: (),
+    handle: CublasHandle,
+    n: usize,
+    d: usize,
+    metric: Metric,
+    precision: Precision,
+    /// Device address of the rows (float32, or float16 for Fp16), and of their squared
+    /// norms (L2 only, else 0).
+    rows: u64,
+    norms: u64,
+    prep: CudaFunction,
+    select_tile: CudaFunction,
+    select_list: CudaFunction,
+    tile_bytes: usize,
+    _rows32: Option<CudaSlice<f32>>,
+    _rows16: Option<CudaSlice<u16>>,
+    _norms: Option<CudaSlice<f32>>,
+    ctx: Arc<CudaContext>,
+}
+
+/// A cuBLAS handle (its workspace is each search's scratch).
+struct CublasHandle {
+    raw: cublas::cublasHandle_t,
+}
+
+// SAFETY: the handle is used by one thread at a time (the worker's GPU thread owns the
+// DeviceIndex); cuBLAS allows a handle to move between threads of its context.
+unsafe impl Send for CublasHandle {}
+
+impl Drop for CublasHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasCreate and destroyed once, here.
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(self.raw) };
+    }
+}
+
+/// Whether libcublas can be loaded; never panics.
+pub fn cublas_present() -> bool {
+    // SAFETY: is_culib_present only tries dlopen on candidate names.
+    no_panic("loading libcublas", || {
+        Ok(unsafe { cublas::is_culib_present() })
+    })
+    .unwrap_or(false)
+}
+
+fn cublas_error(e: CublasError, what: &str) -> GpuError {
+    use cublas::cublasStatus_t::*;
+    let msg = format!("{what}: cuBLAS {:?}", e.0);
+    match e.0 {
+        CUBLAS_STATUS_ALLOC_FAILED => GpuError::OutOfMemory(msg),
+        CUBLAS_STATUS_INVALID_VALUE | CUBLAS_STATUS_NOT_SUPPORTED => GpuError::BadLaunch(msg),
+        _ => GpuError::Lost(msg),
+    }
+}
+
+fn cfg(grid: (u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl DeviceIndex {
-    pub fn load(_loader: &mut DeviceLoader, _index: &Index) -> Result<DeviceIndex, GpuError> {
-        Err(GpuError::Unavailable(
-            "the knn device search is not built yet".into(),
-        ))
+    /// Copies the index to the device (float16 rows converted there), computes the row
+    /// norms for L2 and opens cuBLAS. Waits for the copies.
+    pub fn load(loader: &mut DeviceLoader, index: &Index) -> Result<DeviceIndex, GpuError> {
+        let (n, d) = (index.n, index.d);
+        if n == 0 || d == 0 || index.rows.len() != n * d {
+            return Err(GpuError::Unavailable(format!(
+                "a knn index of {n} x {d} with {} values cannot be searched",
+                index.rows.len()
+            )));
+        }
+        if n >= i32::MAX as usize || d >= i32::MAX as usize / 2 {
+            return Err(GpuError::Unavailable(format!(
+                "a knn index of {n} x {d} is beyond the device search's 2^31 rows and columns"
+            )));
+        }
+        if !cublas_present() {
+            return Err(GpuError::Unavailable(
+                "libcublas.so not found (the knn search needs cuBLAS from CUDA 13)".into(),
+            ));
+        }
+        let program = program();
+        let prep = loader.function(&program, "knn_prep")?;
+        let select_tile = loader.function(&program, "knn_select_tile")?;
+        let select_list = loader.function(&program, "knn_select_list")?;
+        let ctx = loader.ctx.clone();
+        let opening = |e| GpuError::opening(e, "loading a knn index");
+        ctx.bind_to_thread().map_err(opening)?;
+        let stream = ctx.default_stream();
+        let alloc = |e| GpuError::from_driver(e, "loading a knn index");
+        let rows32 = stream.clone_htod(&index.rows).map_err(alloc)?;
+        let norms = match index.metric {
+            Metric::L2 => Some(stream.alloc_zeros::<f32>(n).map_err(alloc)?),
+            _ => None,
+        };
+        let rows16 = match index.precision {
+            Precision::Fp16 => Some(stream.alloc_zeros::<u16>(n * d).map_err(alloc)?),
+            _ => None,
+        };
+        let addr32 = rows32.device_ptr(&stream).0;
+        let addr16 = rows16.as_ref().map_or(0, |r| r.device_ptr(&stream).0);
+        let norms_at = norms.as_ref().map_or(0, |r| r.device_ptr(&stream).0);
+        if rows16.is_some() || norms.is_some() {
+            let (n32, d32) = (n as u32, d as u32);
+            let (normalize, half) = (0i32, i32::from(rows16.is_some()));
+            let mut l = stream.launch_builder(&prep);
+            l.arg(&addr32)
+                .arg(&n32)
+                .arg(&d32)
+                .arg(&normalize)
+                .arg(&half)
+                .arg(&addr16)
+                .arg(&norms_at);
+            // SAFETY: knn_prep(const float *x, u32 n, u32 d, int normalize, int half, void
+            // *out, float *norm2): x holds n * d floats, out (if not 0) n * d halves, norm2
+            // (if not 0) n floats.
+            unsafe { l.launch(cfg(((n as u32).min(65535), 1), 128)) }?;
+        }
+        stream.synchronize().map_err(alloc)?;
+        let (rows32, rows) = match rows16 {
+            Some(_) => (None, addr16),
+            None => (Some(rows32), addr32),
+        };
+        let raw = no_panic("opening cuBLAS", || {
+            cudarc::cublas::result::create_handle()
+                .map_err(|e| format!("opening cuBLAS: {:?}", e.0))
+        })
+        .map_err(GpuError::Unavailable)?;
+        let handle = CublasHandle { raw };
+        Ok(DeviceIndex {
+            handle,
+            n,
+            d,
+            metric: index.metric,
+            precision: index.precision,
+            rows,
+            norms: norms_at,
+            prep,
+            select_tile,
+            select_list,
+            tile_bytes: TILE_BYTES,
+            _rows32: rows32,
+            _rows16: rows16,
+            _norms: norms,
+            ctx,
+        })
     }
 
-    pub fn scratch_bytes(&self, _nq: usize, _k: usize) -> usize {
-        0
+    /// Rows and dimension.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.d)
     }
 
-    /// Queues the search of `nq` queries at `queries`; see the module's contract.
+    /// Smaller tiles (tests: several tiles on small indexes).
+    #[cfg(test)]
+    fn set_tile_bytes(&mut self, bytes: usize) {
+        self.tile_bytes = bytes;
+    }
+
+    fn plan(&self, nq: usize, k: usize) -> Plan {
+        Plan::new(self.n, nq, k, self.tile_bytes)
+    }
+
+    /// Device scratch a search of `nq` queries for `k` neighbours needs.
+    pub fn scratch_bytes(&self, nq: usize, k: usize) -> usize {
+        self.plan(nq, k.clamp(1, MAX_K)).regions(self.d).1
+    }
+
+    /// Queues the search of nq f32 queries (row-major nq*d at device address `queries`, not
+    /// normalized) on `stream`; writes row numbers (i64, nq*k) at `rows_out` and scores
+    /// (f32, nq*k) at `scores_out`, best first. Never synchronizes.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
-        _stream: &Arc<cudarc::driver::CudaStream>,
-        _queries: u64,
-        _nq: usize,
-        _k: usize,
-        _scratch: u64,
-        _rows_out: u64,
-        _scores_out: u64,
+        stream: &Arc<CudaStream>,
+        queries: u64,
+        nq: usize,
+        k: usize,
+        scratch: u64,
+        rows_out: u64,
+        scores_out: u64,
     ) -> Result<(), GpuError> {
-        Err(GpuError::Unavailable(
-            "the knn device search is not built yet".into(),
-        ))
+        if k == 0 || k > MAX_K {
+            return Err(GpuError::BadLaunch(format!(
+                "knn search for k = {k} (1 to {MAX_K})"
+            )));
+        }
+        if nq == 0 {
+            return Ok(());
+        }
+        let plan = self.plan(nq, k);
+        let (offs, _) = plan.regions(self.d);
+        let at = |i: usize| scratch + offs[i] as u64;
+        let (workspace, qbuf, qnorm, prod, buf_a, buf_b, thresh) =
+            (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
+        // SAFETY: the handle is this index's; the stream is alive for the call (cuBLAS only
+        // queues on it).
+        unsafe { cublas::cublasSetStream_v2(self.handle.raw, stream.cu_stream() as _) }
+            .result()
+            .map_err(|e| cublas_error(e, "setting the cuBLAS stream"))?;
+        // SAFETY: the workspace region is this search's, WORKSPACE bytes, used on `stream`
+        // alone until the caller's scratch is reused after the search.
+        unsafe { cublas::cublasSetWorkspace_v2(self.handle.raw, workspace as *mut _, WORKSPACE) }
+            .result()
+            .map_err(|e| cublas_error(e, "giving cuBLAS its workspace"))?;
+        let l2 = self.metric == Metric::L2;
+        let metric: i32 = match self.metric {
+            Metric::Ip => 0,
+            Metric::Cosine => 1,
+            Metric::L2 => 2,
+        };
+        let (d, k32) = (self.d as u32, k as u32);
+        let zero = 0u64;
+        for c0 in (0..nq).step_by(plan.chunk) {
+            let m = plan.chunk.min(nq - c0);
+            let m32 = m as u32;
+            // 1. The chunk's queries.
+            {
+                let x = queries + (c0 * self.d * 4) as u64;
+                let normalize = i32::from(self.metric == Metric::Cosine);
+                let half = i32::from(self.precision == Precision::Fp16);
+                let norm2 = if l2 { qnorm } else { 0 };
+                let mut l = stream.launch_builder(&self.prep);
+                l.arg(&x)
+                    .arg(&m32)
+                    .arg(&d)
+                    .arg(&normalize)
+                    .arg(&half)
+                    .arg(&qbuf)
+                    .arg(&norm2);
+                // SAFETY: as in load; qbuf holds chunk * d floats, qnorm chunk floats.
+                unsafe { l.launch(cfg((m32.min(65535), 1), 128)) }?;
+            }
+            // The running lists start as fillers, their thresholds as the worst.
+            for (at, len) in [(buf_a, m * plan.a_stride * 8), (thresh, m * 8)] {
+                // SAFETY: the region at `at` holds `len` bytes (see Plan::regions).
+                unsafe { cudarc::driver::result::memset_d8_async(at, 0, len, stream.cu_stream()) }
+                    .map_err(|e| GpuError::from_driver(e, "clearing knn candidates"))?;
+            }
+            for t0 in (0..self.n).step_by(plan.tile) {
+                let tn = plan.tile.min(self.n - t0);
+                let last = t0 + tn == self.n;
+                // 2. The tile's products.
+                self.gemm(prod, t0, tn, qbuf, m)?;
+                // 3. Each segment's best k, after the running list.
+                let segs = tn.div_ceil(SEG);
+                {
+                    let (tn32, row0) = (tn as u32, t0 as u32);
+                    let (a_stride, off) = (plan.a_stride as u64, k32);
+                    let mut l = stream.launch_builder(&self.select_tile);
+                    l.arg(&prod)
+                        .arg(&tn32)
+                        .arg(&row0)
+                        .arg(&self.norms)
+                        .arg(&qnorm)
+                        .arg(&metric)
+                        .arg(&k32)
+                        .arg(&thresh)
+                        .arg(&buf_a)
+                        .arg(&a_stride)
+                        .arg(&off);
+                    // SAFETY: knn_select_tile(const float *prod, u32 t, u32 row0, const
+                    // float *xnorm, const float *qnorm, int metric, u32 k, const u64 *thresh,
+                    // u64 *out, u64 out_stride, u32 off): prod holds m rows of tn products;
+                    // A's rows hold k + segs * k candidates (a_stride); thresh m values;
+                    // norms are read for L2 only.
+                    unsafe { l.launch(cfg((segs as u32, m32), THREADS)) }?;
+                }
+                // 4. Reduce running list + candidates to k.
+                let mut len = k * (1 + segs);
+                let (mut src, mut src_stride) = (buf_a, plan.a_stride as u64);
+                let (mut dst, mut dst_stride) = (buf_b, plan.b_stride as u64);
+                while len > SEG {
+                    let blocks = len.div_ceil(SEG);
+                    self.list(
+                        stream,
+                        (src, src_stride),
+                        len,
+                        k,
+                        (dst, dst_stride),
+                        blocks,
+                        m,
+                    )?;
+                    std::mem::swap(&mut src, &mut dst);
+                    std::mem::swap(&mut src_stride, &mut dst_stride);
+                    len = blocks * k;
+                }
+                let (len32, in_stride) = (len as u32, src_stride);
+                let (out, out_stride) = (buf_a, plan.a_stride as u64);
+                let (rows, scores, bar) = if last {
+                    (
+                        rows_out + (c0 * k * 8) as u64,
+                        scores_out + (c0 * k * 4) as u64,
+                        zero,
+                    )
+                } else {
+                    (zero, zero, thresh)
+                };
+                let mut l = stream.launch_builder(&self.select_list);
+                l.arg(&src)
+                    .arg(&in_stride)
+                    .arg(&len32)
+                    .arg(&k32)
+                    .arg(&out)
+                    .arg(&out_stride)
+                    .arg(&metric)
+                    .arg(&rows)
+                    .arg(&scores)
+                    .arg(&bar);
+                // SAFETY: knn_select_list(const u64 *in, u64 in_stride, u32 m, u32 k, u64
+                // *out, u64 out_stride, int metric, long long *rows, float *scores, u64
+                // *thresh): one block per query (in place on A is allowed then); rows and
+                // scores hold nq * k values from the chunk's first query on, thresh m.
+                unsafe { l.launch(cfg((1, m32), THREADS)) }?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One reduction round: `blocks` segments of each query's `len` candidates at `src`, to
+    /// k each at `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn list(
+        &self,
+        stream: &Arc<CudaStream>,
+        (src, src_stride): (u64, u64),
+        len: usize,
+        k: usize,
+        (dst, dst_stride): (u64, u64),
+        blocks: usize,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        let (len32, k32, metric, none) = (len as u32, k as u32, 0i32, 0u64);
+        let mut l = stream.launch_builder(&self.select_list);
+        l.arg(&src)
+            .arg(&src_stride)
+            .arg(&len32)
+            .arg(&k32)
+            .arg(&dst)
+            .arg(&dst_stride)
+            .arg(&metric)
+            .arg(&none)
+            .arg(&none)
+            .arg(&none);
+        // SAFETY: as in search; src and dst are different buffers, dst's rows hold
+        // blocks * k candidates.
+        unsafe { l.launch(cfg((blocks as u32, m as u32), THREADS)) }?;
+        Ok(())
+    }
+
+    /// `prod[q * tn + j] = row(t0 + j) . query(q)` for the chunk's m queries (column-major:
+    /// C (tn x m) = X_tile^T (d x tn, transposed) * Q (d x m)).
+    fn gemm(&self, prod: u64, t0: usize, tn: usize, qbuf: u64, m: usize) -> Result<(), GpuError> {
+        use cublas::cublasComputeType_t::*;
+        use cublas::cudaDataType_t::*;
+        let (dtype, compute) = match self.precision {
+            Precision::Fp32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F),
+            Precision::Tf32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32),
+            Precision::Fp16 => (CUDA_R_16F, CUBLAS_COMPUTE_32F),
+        };
+        let esize = if self.precision == Precision::Fp16 {
+            2
+        } else {
+            4
+        };
+        let a = self.rows + (t0 * self.d * esize) as u64;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let d = self.d as i32;
+        // SAFETY: A holds tn rows of d values from row t0, B m queries of d values (same
+        // type), C room for tn * m floats; alpha and beta are host floats (pointer mode
+        // host, the default), read during the call.
+        unsafe {
+            cublas::cublasGemmEx(
+                self.handle.raw,
+                cublas::cublasOperation_t::CUBLAS_OP_T,
+                cublas::cublasOperation_t::CUBLAS_OP_N,
+                tn as i32,
+                m as i32,
+                d,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                dtype,
+                d,
+                qbuf as *const _,
+                dtype,
+                d,
+                &beta as *const f32 as *const _,
+                prod as *mut _,
+                CUDA_R_32F,
+                tn as i32,
+                compute,
+                cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .map_err(|e| cublas_error(e, "running the knn product"))
     }
 }
+
+#[cfg(test)]
+#[path = "gpu_tests.rs"]
+mod tests;

@@ -1,0 +1,523 @@
+//! The device search against a float64 reference computed here, on fresh random data of
+//! awkward sizes; exact ties on integer data; the tile plan; and (ignored) the kernel-level
+//! benchmark. Without a usable GPU the device tests say so and pass, unless
+//! NGX_GPU_REQUIRE=1 (set on the GPU machine).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::*;
+use crate::gpu::{compile, nvrtc_present, Compiled, Device, Gpu, Loader};
+use crate::ops::knn::index::Hits;
+use crate::testing::Rng;
+
+fn require_gpu() -> bool {
+    std::env::var("NGX_GPU_REQUIRE").as_deref() == Ok("1")
+}
+
+fn require_nvrtc() -> bool {
+    require_gpu() || std::env::var("NGX_GPU_REQUIRE_NVRTC").as_deref() == Ok("1")
+}
+
+#[test]
+fn the_search_kernels_compile_with_nvrtc() {
+    if !nvrtc_present() {
+        assert!(!require_nvrtc(), "libnvrtc is required but missing");
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let ptx = compile(&program()).unwrap();
+    for entry in ["knn_prep", "knn_select_tile", "knn_select_list"] {
+        assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
+    }
+}
+
+#[test]
+fn tiles_are_whole_segments_and_scratch_is_bounded() {
+    for n in [1, 4095, 4096, 4097, 1 << 20, 3_000_001] {
+        for nq in [1, 7, 16, 128, 1000, 1024, 2048, 2049, 10_000] {
+            for k in [1, 10, 100, 2047, MAX_K] {
+                let p = Plan::new(n, nq, k, TILE_BYTES);
+                assert_eq!(p.tile % SEG, 0);
+                assert!(p.tile >= SEG && p.tile < n + SEG, "{p:?}");
+                assert!(p.chunk <= QUERY_CHUNK && p.chunk <= nq.max(1));
+                // The product block stays in the L2 budget unless one segment is already more.
+                assert!(p.chunk * p.tile * 4 <= TILE_BYTES.max(p.chunk * SEG * 4));
+                // The running list and every segment's candidates fit in A.
+                assert!(p.a_stride >= k * (1 + p.tile.div_ceil(SEG)));
+                for d in [1, 128, 4096] {
+                    let (offs, total) = p.regions(d);
+                    assert!(offs.windows(2).all(|w| w[0] <= w[1] && w[1] % ALIGN == 0));
+                    // As the design comment states: independent of n and nq past a chunk.
+                    assert!(total < (165 << 20) + 8192 * d, "{n} {nq} {k} {d}: {total}");
+                    if k == 10 {
+                        assert!(total < (66 << 20) + 8192 * d, "{n} {nq} {k} {d}: {total}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A device, its context's compiled search program, and a stream; None (and a visible
+/// skip) where there is no GPU.
+struct Bench {
+    gpu: Gpu,
+    compiled: Compiled,
+    stream: Arc<CudaStream>,
+}
+
+fn device() -> Option<Bench> {
+    let opened = if !nvrtc_present() {
+        Err("libnvrtc not found".to_string())
+    } else {
+        let mut compiled = Compiled::default();
+        compile(&program())
+            .map(|ptx| compiled.insert(&program(), Arc::from(ptx)))
+            .unwrap_or_else(|e| panic!("topk.cu does not compile: {e}"));
+        Gpu::open(0, 1 << 26, None)
+            .map_err(|e| e.to_string())
+            .map(|gpu| (gpu, compiled))
+    };
+    match opened {
+        Ok((gpu, compiled)) => {
+            eprintln!("device: {}", gpu.info);
+            let Loader::Device(l) = gpu.loader(&compiled) else {
+                unreachable!()
+            };
+            let stream = l.ctx.new_stream().unwrap();
+            drop(l);
+            Some(Bench {
+                gpu,
+                compiled,
+                stream,
+            })
+        }
+        Err(e) if require_gpu() => panic!("NGX_GPU_REQUIRE=1 but no usable GPU: {e}"),
+        Err(e) => {
+            eprintln!("skipped: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+impl Bench {
+    fn load(&self, index: &Index) -> DeviceIndex {
+        let Loader::Device(mut l) = self.gpu.loader(&self.compiled) else {
+            unreachable!()
+        };
+        DeviceIndex::load(&mut l, index).unwrap()
+    }
+
+    /// Runs one search; returns (rows, scores).
+    fn search(&self, dev: &DeviceIndex, queries: &[f32], nq: usize, k: usize) -> Hits {
+        let s = &self.stream;
+        let q: CudaSlice<f32> = s.clone_htod(queries).unwrap();
+        let rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
+        let scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
+        let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k).max(1)).unwrap();
+        dev.search(
+            s,
+            q.device_ptr(s).0,
+            nq,
+            k,
+            scratch.device_ptr(s).0,
+            rows.device_ptr(s).0,
+            scores.device_ptr(s).0,
+        )
+        .unwrap();
+        s.synchronize().unwrap();
+        Hits {
+            k,
+            rows: s.clone_dtoh(&rows).unwrap(),
+            scores: s.clone_dtoh(&scores).unwrap(),
+        }
+    }
+}
+
+fn uniform(rng: &mut Rng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| (rng.next() >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
+        .collect()
+}
+
+fn index(rows: Vec<f32>, n: usize, d: usize, metric: Metric, precision: Precision) -> Index {
+    let mut rows = rows;
+    if metric == Metric::Cosine {
+        for r in rows.chunks_mut(d) {
+            let norm = r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                r.iter_mut()
+                    .for_each(|x| *x = (f64::from(*x) / norm) as f32);
+            }
+        }
+    }
+    Index {
+        n,
+        d,
+        rows,
+        metric,
+        precision,
+        ids: None,
+    }
+}
+
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum()
+}
+
+/// Every row's exact score for a query, as the metric defines it.
+fn scores64(idx: &Index, q: &[f32]) -> Vec<f64> {
+    let qn = dot64(q, q);
+    idx.rows
+        .chunks(idx.d)
+        .map(|x| match idx.metric {
+            Metric::Ip => dot64(q, x),
+            Metric::Cosine => {
+                if qn > 0.0 {
+                    dot64(q, x) / qn.sqrt()
+                } else {
+                    0.0
+                }
+            }
+            Metric::L2 => q
+                .iter()
+                .zip(x)
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum(),
+        })
+        .collect()
+}
+
+/// Row numbers best first (ties: lower row), the first k.
+fn best(metric: Metric, s: &[f64], k: usize) -> Vec<usize> {
+    let better = |a: &usize, b: &usize| {
+        let o = if metric == Metric::L2 {
+            s[*a].total_cmp(&s[*b])
+        } else {
+            s[*b].total_cmp(&s[*a])
+        };
+        o.then(a.cmp(b))
+    };
+    let mut order: Vec<usize> = (0..s.len()).collect();
+    if k < order.len() {
+        order.select_nth_unstable_by(k, better);
+        order.truncate(k);
+    }
+    order.sort_by(better);
+    order
+}
+
+/// Checks a search's hits against the float64 reference; returns the largest score error
+/// relative to the query's scale (|q| max|x|, (|q| + max|x|)^2 for L2).
+fn check(case: &str, idx: &Index, queries: &[f32], hits: &Hits, rel_tol: f64) -> f64 {
+    let (n, d, k) = (idx.n, idx.d, hits.k);
+    let xmax = idx
+        .rows
+        .chunks(d)
+        .map(|x| dot64(x, x).sqrt())
+        .fold(0.0, f64::max);
+    let mut worst: f64 = 0.0;
+    for (qi, q) in queries.chunks(d).enumerate() {
+        let s = scores64(idx, q);
+        let want = best(idx.metric, &s, k);
+        let qlen = dot64(q, q).sqrt();
+        let scale = match idx.metric {
+            Metric::Ip => qlen * xmax,
+            Metric::Cosine => xmax,
+            Metric::L2 => (qlen + xmax).powi(2),
+        }
+        .max(1e-30);
+        let tol = rel_tol * scale;
+        let rows = &hits.rows[qi * k..][..k];
+        let got = &hits.scores[qi * k..][..k];
+        let mut seen = HashSet::new();
+        for i in 0..k {
+            let at = format!("{case}: query {qi}, place {i}");
+            if i >= n {
+                assert_eq!(rows[i], -1, "{at}: beyond the index");
+                let worst_score = if idx.metric == Metric::L2 {
+                    f32::INFINITY
+                } else {
+                    f32::NEG_INFINITY
+                };
+                assert_eq!(got[i], worst_score, "{at}");
+                continue;
+            }
+            let r = rows[i];
+            assert!((0..n as i64).contains(&r), "{at}: row {r}");
+            assert!(seen.insert(r), "{at}: row {r} twice");
+            let r = r as usize;
+            let err_own = (f64::from(got[i]) - s[r]).abs();
+            let err_rank = (f64::from(got[i]) - s[want[i]]).abs();
+            worst = worst.max(err_own / scale).max(err_rank / scale);
+            assert!(
+                err_own <= tol,
+                "{at}: row {r} scored {} not {}",
+                got[i],
+                s[r]
+            );
+            assert!(
+                err_rank <= tol,
+                "{at}: score {} where the reference's is {} (row {} vs {r})",
+                got[i],
+                s[want[i]],
+                want[i]
+            );
+            if r != want[i] {
+                assert!(
+                    (s[r] - s[want[i]]).abs() <= 2.0 * tol,
+                    "{at}: row {r} ({}) where {} ({}) is better",
+                    s[r],
+                    want[i],
+                    s[want[i]]
+                );
+            }
+            if i > 0 {
+                let ordered = if idx.metric == Metric::L2 {
+                    got[i - 1] <= got[i]
+                } else {
+                    got[i - 1] >= got[i]
+                };
+                assert!(
+                    ordered,
+                    "{at}: not best first: {} then {}",
+                    got[i - 1],
+                    got[i]
+                );
+            }
+        }
+    }
+    worst
+}
+
+/// Stated accuracy (scores within this many times |q| max|x|, or (|q| + max|x|)^2 for L2),
+/// measured against float64: fp32 within 1e-5, TF32 and fp16 within 4e-3 and 2e-3 (inputs
+/// rounded to an 11-bit significand; float32 sums).
+fn tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::Fp32 => 1e-5,
+        Precision::Tf32 => 4e-3,
+        Precision::Fp16 => 2e-3,
+    }
+}
+
+#[test]
+fn gpu_search_matches_float64_on_awkward_sizes() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    use Metric::*;
+    use Precision::*;
+    // (n, d, nq, k, metric, precision, one segment per tile)
+    let cases = [
+        (1, 1, 1, 1, Ip, Fp32, false),
+        (1, 3, 7, 1, L2, Fp32, false),
+        (5, 3, 7, 5, Cosine, Fp32, false),
+        (10, 8, 4, 20, Ip, Fp32, false),
+        (1000, 127, 7, 1000, L2, Fp32, false),
+        (SEG + 1, 127, 7, 10, Ip, Fp32, true),
+        (3 * SEG - 7, 64, 1000, 10, L2, Fp32, true),
+        (3 * SEG - 7, 32, 7, MAX_K, Ip, Fp32, false),
+        (3 * SEG - 7, 32, 3, MAX_K, Cosine, Tf32, true),
+        (SEG + 1, 127, 1, 100, Cosine, Fp16, true),
+        (20_000, 128, 1000, 10, Ip, Tf32, false),
+        (20_000, 128, 1000, 10, L2, Fp16, false),
+        (20_000, 128, 16, 2000, Cosine, Fp32, false),
+        (3000, 17, QUERY_CHUNK + 452, 16, L2, Fp32, false),
+        (3 * SEG - 7, 3, 128, 1, Ip, Fp16, true),
+    ];
+    let mut worst = [0.0f64; 3];
+    for (n, d, nq, k, metric, precision, small) in cases {
+        let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
+        let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
+        let mut dev = b.load(&idx);
+        if small {
+            dev.set_tile_bytes(1);
+            assert_eq!(dev.plan(nq, k).tile, SEG);
+        }
+        let queries = uniform(&mut rng, nq * d);
+        let hits = b.search(&dev, &queries, nq, k);
+        let w = check(&case, &idx, &queries, &hits, tolerance(precision));
+        eprintln!("{case}: largest error {w:.2e}");
+        worst[precision as usize] = worst[precision as usize].max(w);
+    }
+    eprintln!(
+        "accuracy (largest score error / scale): fp32 {:.2e}, tf32 {:.2e}, fp16 {:.2e}",
+        worst[0], worst[1], worst[2]
+    );
+}
+
+#[test]
+fn exact_ties_go_to_the_lower_row() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    // Small integers: every product and sum is exact in every precision, so duplicated
+    // rows tie exactly and the order must be the reference's to the row.
+    let (n, d, nq, k) = (9000, 16, 5, 300);
+    let distinct: Vec<Vec<f32>> = (0..40)
+        .map(|_| (0..d).map(|_| rng.below(7) as f32 - 3.0).collect())
+        .collect();
+    let rows: Vec<f32> = (0..n)
+        .flat_map(|_| distinct[rng.below(40) as usize].clone())
+        .collect();
+    let queries: Vec<f32> = (0..nq * d).map(|_| rng.below(7) as f32 - 3.0).collect();
+    for metric in [Metric::Ip, Metric::L2] {
+        for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
+            for small in [false, true] {
+                let idx = index(rows.clone(), n, d, metric, precision);
+                let mut dev = b.load(&idx);
+                if small {
+                    dev.set_tile_bytes(1);
+                }
+                let hits = b.search(&dev, &queries, nq, k);
+                for (qi, q) in queries.chunks(d).enumerate() {
+                    let s = scores64(&idx, q);
+                    let want = best(metric, &s, k);
+                    let got = &hits.rows[qi * k..][..k];
+                    let want_rows: Vec<i64> = want.iter().map(|&r| r as i64).collect();
+                    assert_eq!(got, &want_rows[..], "{metric:?} {precision:?} query {qi}");
+                    let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
+                    assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn k_out_of_range_is_refused() {
+    let Some(b) = device() else { return };
+    let idx = index(vec![1.0; 8], 2, 4, Metric::Ip, Precision::Fp32);
+    let dev = b.load(&idx);
+    for k in [0, MAX_K + 1] {
+        let e = dev.search(&b.stream, 0, 1, k, 0, 0, 0).unwrap_err();
+        assert!(e.to_string().contains("k = "), "{e}");
+    }
+}
+
+/// The kernel-level benchmark: N = 1M, d = 128, k = 10, inner product; queries/s of
+/// `search` alone (device data, no HTTP) per precision and batch size.
+/// `cargo test --release --lib knn_kernel_benchmark -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn knn_kernel_benchmark() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    let (d, k) = (128, 10);
+    let n = std::env::var("KNN_BENCH_N").map_or(1_000_000, |v| v.parse().unwrap());
+    let rows = uniform(&mut rng, n * d);
+    let batches = [1usize, 16, 128, 1024];
+    let mut table = Vec::new();
+    for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
+        let idx = index(rows.clone(), n, d, Metric::Ip, precision);
+        let t = Instant::now();
+        let dev = b.load(&idx);
+        let load = t.elapsed().as_secs_f64();
+        let mut line = format!("| {precision:?} | {load:.2} s |");
+        for &nq in &batches {
+            let s = &b.stream;
+            let q: CudaSlice<f32> = s.clone_htod(&uniform(&mut rng, nq * d)).unwrap();
+            let out_rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
+            let out_scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
+            let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap();
+            let run = |times: usize| {
+                let t = Instant::now();
+                for _ in 0..times {
+                    dev.search(
+                        s,
+                        q.device_ptr(s).0,
+                        nq,
+                        k,
+                        scratch.device_ptr(s).0,
+                        out_rows.device_ptr(s).0,
+                        out_scores.device_ptr(s).0,
+                    )
+                    .unwrap();
+                }
+                s.synchronize().unwrap();
+                t.elapsed().as_secs_f64()
+            };
+            run(3);
+            let once = run(1).max(1e-6);
+            let times = ((0.5 / once) as usize).clamp(3, 2000);
+            let secs = run(times);
+            let qps = (nq * times) as f64 / secs;
+            eprintln!(
+                "{precision:?} batch {nq}: {:.1} us per search, {qps:.0} queries/s, scratch {} MiB",
+                secs / times as f64 * 1e6,
+                dev.scratch_bytes(nq, k) >> 20
+            );
+            line += &format!(" {qps:.0} |");
+        }
+        // Accuracy at this size: 8 queries against float64.
+        let queries = uniform(&mut rng, 8 * d);
+        let hits = b.search(&dev, &queries, 8, k);
+        let (mut found, mut worst) = (0, 0.0f64);
+        for (qi, q) in queries.chunks(d).enumerate() {
+            let s = scores64(&idx, q);
+            let want = best(idx.metric, &s, k);
+            let got = &hits.rows[qi * k..][..k];
+            found += want.iter().filter(|&&r| got.contains(&(r as i64))).count();
+            let scale = dot64(q, q).sqrt() * (d as f64 / 3.0).sqrt();
+            for (i, &r) in want.iter().enumerate() {
+                worst = worst.max((f64::from(hits.scores[qi * k + i]) - s[r]).abs() / scale);
+            }
+        }
+        line += &format!(" {:.3} | {worst:.1e} |", found as f64 / (8 * k) as f64);
+        table.push(line);
+    }
+    println!(
+        "\nknn search alone, N = {n}, d = {d}, k = {k}, inner product ({})",
+        b.gpu.info
+    );
+    println!(
+        "| precision | index load | batch 1 | batch 16 | batch 128 | batch 1024 | recall@{k} \
+         | score error / (|q| rms|x|) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for l in table {
+        println!("{l}");
+    }
+}
+
+#[test]
+fn a_missing_libcublas_is_detected_without_a_panic() {
+    // Where no CUDA is installed this answers false; on the GPU machine, true.
+    let present = cublas_present();
+    assert!(
+        present || !require_gpu(),
+        "NGX_GPU_REQUIRE=1 but libcublas is missing"
+    );
+    eprintln!("libcublas present: {present}");
+}
+
+/// A few small searches that cover every path (several tiles, reduction rounds, k beyond
+/// the index, fp16): quick enough for compute-sanitizer's memcheck and racecheck.
+#[test]
+fn small_searches_cover_every_path() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    use Metric::*;
+    use Precision::*;
+    for (n, d, nq, k, metric, precision, small) in [
+        (SEG + 1, 7, 3, 10, L2, Fp32, true),
+        (3 * SEG - 7, 5, 2, MAX_K, Ip, Fp32, false),
+        (100, 3, 2, 150, Cosine, Fp16, false),
+    ] {
+        let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
+        let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
+        let mut dev = b.load(&idx);
+        if small {
+            dev.set_tile_bytes(1);
+        }
+        let queries = uniform(&mut rng, nq * d);
+        let hits = b.search(&dev, &queries, nq, k);
+        check(&case, &idx, &queries, &hits, tolerance(precision));
+    }
+}
