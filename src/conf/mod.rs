@@ -34,7 +34,9 @@ pub const MAX_BATCH_SIZE: usize = 65536;
 pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
 pub const MAX_BATCH_BYTES: usize = 1 << 30;
 const UNSET_SIZE: usize = usize::MAX;
-pub const DEFAULT_POLL_US: usize = 0;
+/// Spinning saves the driver callback's wake-ups on a lightly loaded worker (README,
+/// `gpu_poll`).
+pub const DEFAULT_POLL_US: usize = 100;
 pub const MAX_POLL_US: usize = 10_000;
 pub const DEFAULT_PINNED_LIMIT: usize = 256 << 20;
 pub const MIN_PINNED_LIMIT: usize = 4 << 20;
