@@ -6,8 +6,8 @@
 #   bash bench/latency.sh      # there, as root, from the repository root, .gpu/ carried
 #
 # nginx (BENCH_WORKERS, default 4) on cores 0-7, wrk on 8-15. 1 KiB bodies. For each of
-#   - the GPU path without MPS, with gpu_poll 0 and with the default gpu_poll (100us; or
-#     gpu_poll $BENCH_POLL where set);
+#   - the GPU path without MPS, with gpu_poll 0 and with the default gpu_poll (100us where
+#     workers x 2 <= the server's cores, as here; or gpu_poll $BENCH_POLL where set);
 #   - the same with a private MPS control daemon the script starts (and stops) itself,
 #     workers `user root;`;
 #   - the CPU path (a nginx with no device visible) and `return 200`;
@@ -195,7 +195,7 @@ gpu_runs() { # server port: one connection alone first (idle server), then the l
     measure "$1" "$2" /echo "$c" 1
 }
 
-# 1. No MPS: the CPU path and `return 200`, the GPU path with gpu_poll 0 and $POLL.
+# 1. No MPS: the CPU path and `return 200`, the GPU path with gpu_poll 0 and the default.
 NOMPS=(-u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY)
 GPUENV=()
 [ "$DRY" = 1 ] && GPUENV=(NGX_GPU_FAULTS=fake)
@@ -250,7 +250,7 @@ for s in cpu gpu gpu_poll mps mps_poll; do
     f=$W/$s/logs/error.log
     [ -f "$f" ] && grep -h " batches, " "$f" | sed "s/.*gpu: /$s /" >>"$COUNTERS"
 done
-python3 - "$RES" "$W/startlines" "$COUNTERS" "$WORKERS" "$SECS" "${POLL:-100us (default)}" "$DRY" <<'EOF' | tee "$OUTDIR/latency-results.md"
+python3 - "$RES" "$W/startlines" "$COUNTERS" "$WORKERS" "$SECS" "${POLL:-default}" "$DRY" <<'EOF' | tee "$OUTDIR/latency-results.md"
 import sys
 res, starts, counters, workers, secs, poll, dry = sys.argv[1:]
 workers = int(workers)
