@@ -630,23 +630,6 @@ pub fn poll_us(set: usize, workers: usize, cores: usize) -> usize {
     }
 }
 
-#[cfg(test)]
-mod poll_tests {
-    use super::*;
-
-    #[test]
-    fn the_default_spins_only_with_a_core_to_spare_per_worker() {
-        assert_eq!(poll_us(UNSET_SIZE, 4, 16), DEFAULT_POLL_US);
-        assert_eq!(poll_us(UNSET_SIZE, 4, 8), DEFAULT_POLL_US);
-        assert_eq!(poll_us(UNSET_SIZE, 4, 7), 0);
-        assert_eq!(poll_us(UNSET_SIZE, 16, 16), 0);
-        assert_eq!(poll_us(UNSET_SIZE, 1, 1), 0);
-        // Set: as set, whatever the cores.
-        assert_eq!(poll_us(0, 1, 64), 0);
-        assert_eq!(poll_us(250, 16, 16), 250);
-    }
-}
-
 /// `0`, or a number with `us` or `ms` (nginx's time syntax has no microseconds).
 pub fn parse_poll(v: &str) -> Option<usize> {
     let us = if v == "0" {
@@ -808,4 +791,21 @@ pub unsafe fn finish(cf: *mut ngx_conf_t) -> bool {
     }
     mcf.kernels = Some(Ok(Arc::new(compiled)));
     true
+}
+
+#[cfg(test)]
+mod poll_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_spins_only_with_a_core_to_spare_per_worker() {
+        assert_eq!(poll_us(UNSET_SIZE, 4, 16), DEFAULT_POLL_US);
+        assert_eq!(poll_us(UNSET_SIZE, 4, 8), DEFAULT_POLL_US);
+        assert_eq!(poll_us(UNSET_SIZE, 4, 7), 0);
+        assert_eq!(poll_us(UNSET_SIZE, 16, 16), 0);
+        assert_eq!(poll_us(UNSET_SIZE, 1, 1), 0);
+        // Set: as set, whatever the cores.
+        assert_eq!(poll_us(0, 1, 64), 0);
+        assert_eq!(poll_us(250, 16, 16), 250);
+    }
 }
