@@ -133,9 +133,10 @@ EOF
         [ "$(grep -c 'gpu: using\|no usable GPU' "$W/$name/logs/error.log")" -ge "$WORKERS" ] && break
         sleep 0.1
     done
-    local line
+    local line on
     line=$(grep -ho 'gpu: using.*\|gpu: no usable GPU.*' "$W/$name/logs/error.log" | head -n1)
-    echo "$name $line" >>"$W/startlines"
+    on=$(grep -c 'gpu: using.*MPS: on' "$W/$name/logs/error.log")
+    echo "$name ${line#gpu: } ($on of $WORKERS workers say MPS: on)" >>"$W/startlines"
     say "$name: ${line:-no start line}"
 }
 
@@ -268,7 +269,7 @@ print(f"## Moderate concurrency and latency: {workers} workers, 1 KiB bodies, wr
       + (" (DRY RUN: no GPU, not GPU figures)" if dry == "1" else "") + "\n")
 for line in open(starts):
     name, _, text = line.strip().partition(" ")
-    print(f"- {name}: {text or 'no start line'}")
+    print(f"- {label.get(name, name)}: {text or 'no start line'}")
 def fmt(v):
     return "-" if v != v else f"{v / 1000:.3f}"
 for per in (16, 64):
