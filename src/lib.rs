@@ -127,10 +127,13 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         None => Kernels::Unavailable("kernels were not compiled".into()),
     };
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The cores this worker may run on (its affinity, cgroup limits).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let poll = conf::poll_us(mcf.poll_us, worker_count(cycle), cores);
         let mut config = gpu_thread::Config::new(
             mcf.ops.clone(),
             mcf.batch_bytes as u64,
-            std::time::Duration::from_micros(mcf.poll_us as u64),
+            std::time::Duration::from_micros(poll as u64),
             mcf.pinned_limit,
         );
         config.placement = engine::devices::Placement {

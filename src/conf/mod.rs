@@ -35,7 +35,9 @@ pub const MAX_BATCH_SIZE: usize = 65536;
 pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
 pub const MAX_BATCH_BYTES: usize = 1 << 30;
 const UNSET_SIZE: usize = usize::MAX;
-pub const DEFAULT_POLL_US: usize = 0;
+/// Spinning saves the wake-ups of a lightly loaded worker's GPU thread (README,
+/// `gpu_poll`); the default where there are cores to spare (see `poll_us`).
+pub const DEFAULT_POLL_US: usize = 100;
 pub const MAX_POLL_US: usize = 10_000;
 pub const DEFAULT_PINNED_LIMIT: usize = 256 << 20;
 pub const MIN_PINNED_LIMIT: usize = 4 << 20;
@@ -48,7 +50,8 @@ pub struct MainConf {
     pub queue_size: ngx_int_t,
     /// `gpu_batch_bytes`: the most body bytes in one batch (and a piece's size).
     pub batch_bytes: usize,
-    /// `gpu_poll`, in microseconds.
+    /// `gpu_poll`, in microseconds; unset (`usize::MAX`) until a worker knows its cores
+    /// (see `poll_us`).
     pub poll_us: usize,
     /// `gpu_pinned_limit`: the most pinned host memory one worker's batches may hold.
     pub pinned_limit: usize,
@@ -319,9 +322,6 @@ pub unsafe extern "C" fn init_main_conf(_cf: *mut ngx_conf_t, conf: *mut c_void)
     }
     if mcf.batch_bytes == UNSET_SIZE {
         mcf.batch_bytes = DEFAULT_BATCH_BYTES;
-    }
-    if mcf.poll_us == UNSET_SIZE {
-        mcf.poll_us = DEFAULT_POLL_US;
     }
     if mcf.pinned_limit == UNSET_SIZE {
         mcf.pinned_limit = DEFAULT_PINNED_LIMIT;
@@ -714,6 +714,18 @@ unsafe extern "C" fn cmd_gpu_batch_bytes(
     NGX_CONF_OK
 }
 
+/// A worker's `gpu_poll` in microseconds: as set, or by default `DEFAULT_POLL_US` where
+/// every worker's GPU thread has a core to spare beside the workers (`workers` x 2 <=
+/// `cores`, the cores this worker may run on), else 0: spinning GPU threads would take
+/// the cores the workers need (`worker_processes auto`, `worker_cpu_affinity`).
+pub fn poll_us(set: usize, workers: usize, cores: usize) -> usize {
+    match set {
+        UNSET_SIZE if workers.saturating_mul(2) <= cores => DEFAULT_POLL_US,
+        UNSET_SIZE => 0,
+        us => us,
+    }
+}
+
 /// `0`, or a number with `us` or `ms` (nginx's time syntax has no microseconds).
 pub fn parse_poll(v: &str) -> Option<usize> {
     let us = if v == "0" {
@@ -898,4 +910,21 @@ pub unsafe fn finish(cf: *mut ngx_conf_t) -> bool {
     }
     mcf.kernels = Some(Ok(Arc::new(compiled)));
     true
+}
+
+#[cfg(test)]
+mod poll_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_spins_only_with_a_core_to_spare_per_worker() {
+        assert_eq!(poll_us(UNSET_SIZE, 4, 16), DEFAULT_POLL_US);
+        assert_eq!(poll_us(UNSET_SIZE, 4, 8), DEFAULT_POLL_US);
+        assert_eq!(poll_us(UNSET_SIZE, 4, 7), 0);
+        assert_eq!(poll_us(UNSET_SIZE, 16, 16), 0);
+        assert_eq!(poll_us(UNSET_SIZE, 1, 1), 0);
+        // Set: as set, whatever the cores.
+        assert_eq!(poll_us(0, 1, 64), 0);
+        assert_eq!(poll_us(250, 16, 16), 250);
+    }
 }

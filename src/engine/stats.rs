@@ -18,6 +18,9 @@ pub struct Stats {
     pub queue_ns: AtomicU64,
     /// Summed over batches: packing into pinned memory and queueing the GPU work.
     pub pack_ns: AtomicU64,
+    /// Summed over GPU batches: the part of `pack_ns` spent in `Device::launch` (the
+    /// driver calls that queue the copies, kernels and done signal), apart from packing.
+    pub launch_ns: AtomicU64,
     /// Summed over GPU batches: from launch to the thread seeing it done.
     pub gpu_ns: AtomicU64,
     /// Summed over batches: handing results back (GPU) or running them (CPU path).
@@ -55,7 +58,8 @@ impl Stats {
         let answered = self.answered.load(Relaxed);
         format!(
             "gpu: {} batches, {} pieces ({:.1} per batch), {} MiB, {} requests answered; \
-             mean per batch: pack {:.1} us, GPU {:.1} us, finish {:.1} us; \
+             mean per batch: pack {:.1} us (of which launch calls {:.1} us), GPU {:.1} us, \
+             finish {:.1} us; \
              mean queue time {:.1} us; {} GPU errors, {} fallbacks, {} panics; \
              holding {} MiB pinned and {} MiB device memory",
             self.batches.load(Relaxed),
@@ -64,6 +68,7 @@ impl Stats {
             self.bytes.load(Relaxed) >> 20,
             answered,
             us(&self.pack_ns, b),
+            us(&self.launch_ns, b),
             us(&self.gpu_ns, b),
             us(&self.finish_ns, b),
             us(&self.queue_ns, answered.max(1) as f64),

@@ -59,7 +59,8 @@ pub struct Config {
     /// `gpu_batch_bytes`: the most body bytes in one batch.
     pub batch_bytes: u64,
     /// `gpu_poll`: how long the thread spins on in-flight batches and new jobs before it
-    /// sleeps (zero: it sleeps at once and the driver's callback wakes it).
+    /// sleeps (zero: it sleeps at once and the driver's callback wakes it), and on new jobs
+    /// after the last GPU batch was done (a lone client's next request comes that soon).
     pub poll: Duration,
     /// `gpu_pinned_limit`: the most pinned host memory the device's slots may hold.
     pub pinned_limit: usize,
@@ -408,6 +409,8 @@ struct State {
     /// Batches launched on a device so far (fault plans count them).
     launches: u64,
     panics: VecDeque<Instant>,
+    /// When the last GPU batch was seen done (see `Config::poll`).
+    last_done: Option<Instant>,
     /// Reused buffers of the CPU path.
     scratch_in: Vec<u8>,
     scratch_out: Vec<u8>,
@@ -434,6 +437,7 @@ impl State {
             config,
             launches: 0,
             panics: VecDeque::new(),
+            last_done: None,
             scratch_in: Vec::new(),
             scratch_out: Vec::new(),
         }
@@ -668,9 +672,13 @@ impl State {
         }
         self.dispatch();
         let busy = self.in_flight.iter().any(Option::is_some);
-        if busy && !self.config.poll.is_zero() && self.spin(jobs) {
+        let poll = self.config.poll;
+        let lingering = self.last_done.is_some_and(|t| t.elapsed() < poll);
+        if (busy || lingering) && !poll.is_zero() && self.spin(jobs) {
             return true;
         }
+        // Lingers once per batch: the next batch done sets it again.
+        self.last_done = None;
         let timeout = match self.next_wake() {
             Some(at) => crossbeam_channel::at(at),
             None => never(),
@@ -975,6 +983,7 @@ impl State {
             })
             .collect();
         let mut unpacked = Vec::new();
+        let mut queueing = Duration::ZERO;
         let res = (|| {
             #[cfg(any(test, feature = "fault-injection"))]
             {
@@ -999,10 +1008,13 @@ impl State {
             let layout = op_dev.layout(&items);
             let (desc, data) = device.stage(slot, layout.desc_len, layout.data_len)?;
             unpacked = op_dev.pack(&items, &layout, desc, data);
+            let t = Instant::now();
             device.launch(slot, &layout, &mut |target| op_dev.launch(&layout, target))?;
+            queueing = t.elapsed();
             Ok::<Layout, GpuError>(layout)
         })();
         drop(items);
+        stats::add(&self.stats.launch_ns, queueing);
         for (i, e) in unpacked {
             self.fail(batch.pieces[i].id, e);
         }
@@ -1064,6 +1076,7 @@ impl State {
             return;
         }
         let seen = Instant::now();
+        self.last_done = Some(seen);
         stats::add(
             &self.stats.gpu_ns,
             seen.saturating_duration_since(fl.launched),

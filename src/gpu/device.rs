@@ -174,9 +174,9 @@ struct Slot {
     event: CudaEvent,
     /// Pinned host input: descriptors, then the packed bodies. Write-combined: fast to
     /// fill and to copy to the device.
-    host_in: Held<PinnedHostSlice<u8>>,
+    host_in: HostBuf,
     /// Pinned host output, without write-combining so the CPU reads it fast.
-    host_out: Held<PinnedHostSlice<u8>>,
+    host_out: HostBuf,
     dev_in: Held<CudaSlice<u8>>,
     dev_out: Held<CudaSlice<u8>>,
     /// The op's scratch buffers for a batch (`Layout::scratch`).
@@ -190,7 +190,7 @@ struct Slot {
 
 impl Slot {
     fn pinned(&self) -> usize {
-        self.host_in.capacity() + self.host_out.capacity()
+        self.host_in.held.capacity() + self.host_out.held.capacity()
     }
 
     fn device(&self) -> usize {
@@ -366,8 +366,8 @@ impl Gpu {
                 event: ctx
                     .new_event(None)
                     .map_err(|e| GpuError::opening(e, "creating an event"))?,
-                host_in: Held::default(),
-                host_out: Held::default(),
+                host_in: HostBuf::default(),
+                host_out: HostBuf::default(),
                 dev_in: Held::default(),
                 dev_out: Held::default(),
                 scratch: Vec::new(),
@@ -407,14 +407,9 @@ impl Gpu {
         let stream = s.stream.clone();
         let d = |e| GpuError::from_driver(e, "copying");
         let dev = ptr_of(&stream, device(&stream, &mut s.dev_in, len)?);
-        let out = pinned(&ctx, &mut s.host_out, len, true, budget)?;
-        let src = &s
-            .host_in
-            .buf
-            .as_ref()
-            .expect("staged")
-            .as_slice()
-            .map_err(d)?[..len];
+        s.host_out.ensure(&ctx, len, true, budget)?;
+        let src = s.host_in.bytes(len);
+        let out = &mut s.host_out;
         let mut h2d = Vec::new();
         let mut d2h = Vec::new();
         for _ in 0..reps {
@@ -425,7 +420,7 @@ impl Gpu {
             stream.synchronize().map_err(d)?;
             h2d.push(t.elapsed().as_secs_f64());
             let t = std::time::Instant::now();
-            let dst = &mut out.as_mut_slice().map_err(d)?[..len];
+            let dst = out.bytes_mut(len);
             // SAFETY: as above.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev, stream.cu_stream()) }
                 .map_err(d)?;
@@ -456,15 +451,15 @@ impl Device for Gpu {
         data_len: usize,
     ) -> Result<(&mut [u8], &mut [u8]), GpuError> {
         let ctx = self.ctx.clone();
+        // The slot's calls that follow are the driver's own, on this thread.
+        ctx.bind_to_thread()
+            .map_err(|e| GpuError::from_driver(e, "staging"))?;
         let budget = self.pinned_budget();
         let s = &mut self.slots[slot];
         s.desc_len = align_desc(desc_len);
         let total = s.desc_len + data_len;
-        let buf = pinned(&ctx, &mut s.host_in, total, false, budget)?;
-        let all = buf
-            .as_mut_slice()
-            .map_err(|e| GpuError::from_driver(e, "staging"))?;
-        let (desc, data) = all[..total].split_at_mut(s.desc_len);
+        s.host_in.ensure(&ctx, total, false, budget)?;
+        let (desc, data) = s.host_in.bytes_mut(total).split_at_mut(s.desc_len);
         Ok((&mut desc[..desc_len], data))
     }
 
@@ -490,10 +485,9 @@ impl Device for Gpu {
         for (held, &bytes) in s.scratch.iter_mut().zip(&layout.scratch) {
             scratch.push(ptr_of(&stream, device(&stream, held, bytes.max(32))?));
         }
-        pinned(&ctx, &mut s.host_out, out_len.max(16), true, budget)?;
+        s.host_out.ensure(&ctx, out_len.max(16), true, budget)?;
         let d = |what: &'static str| move |e| GpuError::from_driver(e, what);
-        let host_in = s.host_in.buf.as_ref().expect("staged");
-        let staged = &host_in.as_slice().map_err(d("copying the batch in"))?[..in_len];
+        let staged = s.host_in.bytes(in_len);
         if in_len > 0 {
             // SAFETY: dev_in holds at least in_len bytes; the staging is pinned and stays
             // untouched until the slot's done signal (the thread does not stage a busy slot).
@@ -512,10 +506,7 @@ impl Device for Gpu {
         };
         run(Target::Device(&launch))?;
         if out_len > 0 {
-            let host_out = s.host_out.buf.as_mut().expect("allocated");
-            let dst = &mut host_out
-                .as_mut_slice()
-                .map_err(d("copying the results out"))?[..out_len];
+            let dst = s.host_out.bytes_mut(out_len);
             // SAFETY: dev_out holds out_len bytes written by the kernels queued before; dst
             // is pinned and not read until the done signal.
             unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, dev_out, stream.cu_stream()) }
@@ -540,12 +531,7 @@ impl Device for Gpu {
 
     fn output(&self, slot: usize) -> Result<&[u8], GpuError> {
         let s = &self.slots[slot];
-        match &s.host_out.buf {
-            Some(h) => Ok(&h
-                .as_slice()
-                .map_err(|e| GpuError::from_driver(e, "reading the results"))?[..s.out_len]),
-            None => Ok(&[]),
-        }
+        Ok(s.host_out.bytes(s.out_len))
     }
 
     fn trim(&mut self, slot: usize) -> usize {
@@ -639,6 +625,70 @@ fn device<'a, T: DeviceRepr>(
                 .map_err(|e| GpuError::from_driver(e, "allocating device memory"))
         },
     )
+}
+
+/// A slot's pinned host buffer, and its address, taken once when it is allocated.
+/// `PinnedHostSlice`'s accessors synchronize on an event of its own at every access (two
+/// driver calls each, four per batch), for copies cudarc orders itself; this module orders
+/// a slot's work itself (nothing touches a busy slot's buffers), so it skips them.
+#[derive(Default)]
+struct HostBuf {
+    held: Held<PinnedHostSlice<u8>>,
+    /// The buffer's address (0: none), valid while `held` holds it.
+    addr: usize,
+}
+
+impl HostBuf {
+    /// Makes room for `len` bytes (see `pinned`).
+    fn ensure(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        len: usize,
+        readable: bool,
+        budget: usize,
+    ) -> Result<(), GpuError> {
+        // Always through `Held::ensure`, which notes the need for trimming; the address
+        // is taken anew only when it allocated.
+        let fresh = self.addr == 0 || self.held.capacity() < len;
+        if fresh {
+            self.addr = 0;
+        }
+        let buf = pinned(ctx, &mut self.held, len, readable, budget)?;
+        if fresh {
+            self.addr = buf
+                .as_mut_ptr()
+                .map_err(|e| GpuError::from_driver(e, "staging"))? as usize;
+        }
+        Ok(())
+    }
+
+    /// The buffer's first `len` bytes (none where nothing was allocated and none asked).
+    fn bytes(&self, len: usize) -> &[u8] {
+        if len == 0 {
+            return &[];
+        }
+        assert!(self.addr != 0 && len <= self.held.capacity());
+        // SAFETY: addr is the start of the pinned allocation `held` owns, of at least len
+        // bytes (checked above); `&self` keeps it from being freed or written meanwhile.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, len) }
+    }
+
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        if len == 0 {
+            return &mut [];
+        }
+        assert!(self.addr != 0 && len <= self.held.capacity());
+        // SAFETY: as in `bytes`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, len) }
+    }
+
+    fn trim(&mut self) -> usize {
+        let freed = self.held.trim();
+        if self.held.buf.is_none() {
+            self.addr = 0;
+        }
+        freed
+    }
 }
 
 fn pinned<'a>(

@@ -142,6 +142,55 @@ fn the_test_device_answers_every_request_like_the_cpu_path() {
     assert!(max > 1);
 }
 
+/// CPU time (user + system, in clock ticks) the thread `tid` of this process has used.
+fn cpu_ticks(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // Fields after the command name (in parentheses): state is the 3rd field of the
+    // line, utime and stime the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn spinning_on_the_device_answers_lone_requests_and_stops_when_idle() {
+    // gpu_poll: the thread spins on its batch and, after it, for the next request; lone
+    // requests one after another get their own answers, and a worker left idle stops
+    // spinning (a thread that kept spinning would use most of the second below, or its
+    // share of a busy machine's cores: far over 5 ticks of 10 ms).
+    let mut c = config(64 * 1024);
+    c.poll = Duration::from_millis(2);
+    let t = fake_thread(c, "");
+    let mut rng = Rng::fresh();
+    let inputs: Vec<Vec<u8>> = [0, 1, 1023, 1024, 1025, 65537]
+        .iter()
+        .map(|&n| {
+            let extra = rng.below(3) as usize;
+            rng.bytes(n + extra)
+        })
+        .collect();
+    for (i, data) in inputs.iter().enumerate() {
+        let op = if i % 2 == 0 { Op::Echo } else { Op::Blake3 };
+        let done = one_by_one(&t, vec![job(i as u64, op, data, Batching::default())]);
+        assert_eq!(done[0].device, Ran::Gpu(0), "request {i}");
+        assert_eq!(
+            done[0].result.as_ref().unwrap().body,
+            reference(op, data),
+            "request {i} of {} bytes",
+            data.len()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let tid = t.stats().tid.load(Ordering::Relaxed);
+    let before = cpu_ticks(tid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(tid) - before;
+    assert!(
+        used <= 5,
+        "the idle GPU thread used {used} ticks of CPU in 1 s"
+    );
+}
+
 #[test]
 fn delay_waits_for_a_fuller_batch() {
     let t = cpu_thread(1 << 20);
