@@ -13,25 +13,9 @@ use crate::engine::job::{Batching, Body, Device as Ran, Fallback, Job, Segment};
 use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::testing::{collect, log_lines, wait_done, Rng};
 
-/// Writes a version-1 `.npy` with header `descr`, `fortran` and `shape`, then `data`.
-pub fn write_npy(path: &std::path::Path, descr: &str, fortran: bool, shape: &[usize], data: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = match dims.len() {
-        1 => format!("({},)", dims[0]),
-        _ => format!("({})", dims.join(", ")),
-    };
-    let fo = if fortran { "True" } else { "False" };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {fo}, 'shape': {shape}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut f = b"\x93NUMPY\x01\x00".to_vec();
-    f.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    f.extend_from_slice(header.as_bytes());
-    f.extend_from_slice(data);
-    std::fs::write(path, f).unwrap();
-}
+#[path = "../../../t/npy.rs"]
+mod npy;
+pub use npy::write_npy;
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
