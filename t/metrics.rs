@@ -405,7 +405,8 @@ fn wait_ready(addr: &str, want: bool, secs: u64) -> serde_json::Value {
 #[test]
 fn readiness_is_false_while_a_kernel_location_has_no_gpu_and_true_again_without_it() {
     if gpu_required() {
-        return; // a GPU serves the kernel there
+        eprintln!("skipped: a GPU serves the kernel there, so readiness never goes false");
+        return;
     }
     let kernel =
         "#include \"ngx_gpu_kernel.h\"\nextern \"C\" __global__ void inv(ngx_gpu_batch b) {}\n";
@@ -725,6 +726,7 @@ fn the_status_page_in_headless_chromium_charts_the_load_just_sent() {
             gpu_required(),
             "chromium is missing: sh t/deps.sh --tests installs it"
         );
+        eprintln!("skipped: no chromium in the GPU machine's bundle");
         return;
     };
     let ngx = Nginx::start(&config(&format!(
