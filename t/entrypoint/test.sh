@@ -62,7 +62,12 @@ sub "user nginx nginx;" "user $user $group;"
 sub "access_log /dev/stdout gpu;" "access_log off;"
 printf '%s\n' "$conf" >"$P/conf/nginx.conf"
 
-FAKE=$ROOT/t/entrypoint/fake-mps
+# The stand-in runs as the daemon's user (nobody, as root): a copy in the work directory,
+# since the checkout may be in a directory only its owner can enter (mktemp -d).
+FAKE=$W/fake-mps
+mkdir -p "$FAKE"
+cp "$ROOT/t/entrypoint/fake-mps/nvidia-cuda-mps-control" "$FAKE/"
+chmod 755 "$FAKE" "$FAKE/nvidia-cuda-mps-control"
 # nginx's master and workers overwrite /proc/PID/environ with their process titles: a
 # wrapper named nginx records the environment the entrypoint hands nginx, then is nginx.
 mkdir -p "$W/bin"
