@@ -92,6 +92,9 @@ main() {
     tar -C . --exclude=./target --exclude=./build --exclude=./docker/vendor --exclude=./.git \
         --exclude=./.gpu --exclude=./.gpu-image -cf - . \
         | $SUDO tar -C "$ROOT/src" --no-same-owner -xf -
+    # The tree's top directory comes with the clone's mode (0700 under mktemp -d): the
+    # test's user must enter it, as a user's own checkout lets them.
+    $SUDO chmod 755 "$ROOT/src"
     $SUDO mkdir -p "$DEBS"
 
     local rc=0
