@@ -305,6 +305,112 @@ fn metadata_health_and_readiness() {
     ngx.assert_healthy();
 }
 
+/// Triton's repository and statistics extensions (tritonclient checks them too): bodies
+/// read whole (also from a temp file), methods, limits, and counts that follow requests.
+#[test]
+fn repository_and_statistics_extensions() {
+    let mut rng = Rng::fresh();
+    let dir = data_dir("kserve-ext");
+    let (_, ip) = write_models(&dir, &mut rng);
+    let d = dir.display();
+    let ngx = Nginx::start(&config(&format!(
+        "gpu_model vectors knn {d}/ip.npy metric=ip ids={d}/ids.npy k=5;\n\
+         gpu_model near knn {d}/l2.npy metric=l2;\n\
+         server {{ listen 127.0.0.1:{{PORT}};\n\
+           location /v2 {{ gpu_process kserve; }}\n\
+           location /file/ {{ rewrite ^/file(/.*)$ $1 break; gpu_process kserve;\n\
+             client_body_in_file_only on; }}\n\
+         }}"
+    )));
+    let a = ngx.addr();
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    for (path, body) in [
+        ("/v2/repository/index", &b""[..]),
+        ("/v2/repository/index", b"{\"ready\": true}"),
+        ("/file/v2/repository/index", b"{\"ready\": false}"),
+    ] {
+        let r = post(&a, path, body);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let v = json_of(&r);
+        assert_eq!(names(&v), ["near", "vectors"], "{path}");
+        assert_eq!(v[0]["state"], "READY");
+    }
+    let r = post(&a, "/v2/repository/index", b"{\"ready\": \"yes\"}");
+    assert_eq!(r.status, 400);
+    assert!(json_of(&r)["error"].as_str().unwrap().contains("boolean"));
+    let r = post(&a, "/v2/repository/index", &vec![b' '; 70 * 1024]);
+    assert_eq!(r.status, 413, "{}", r.text());
+    let r = get(&a, "/v2/repository/index");
+    assert_eq!((r.status, r.header("Allow")), (405, Some("POST")));
+    assert_eq!(
+        post(&a, "/v2/repository/models/near/load", b"{}").status,
+        200
+    );
+    assert_eq!(
+        post(&a, "/file/v2/repository/models/near/load", b"").status,
+        200
+    );
+    for (path, body, want) in [
+        (
+            "/v2/repository/models/nope/load",
+            &b"{}"[..],
+            "failed to load 'nope'",
+        ),
+        (
+            "/v2/repository/models/near/load",
+            b"{\"parameters\": {\"config\": \"{}\"}}",
+            "\"config\" is not supported",
+        ),
+        (
+            "/v2/repository/models/near/unload",
+            b"{}",
+            "failed to unload 'near'",
+        ),
+    ] {
+        let r = post(&a, path, body);
+        assert_eq!(r.status, 400, "{path}");
+        let msg = json_of(&r)["error"].as_str().unwrap().to_string();
+        assert!(msg.contains(want), "{path}: {msg}");
+    }
+    // Statistics: three good requests and one bad one of "vectors", none of "near".
+    for rows in [1, 2, 3] {
+        let q = rand_f32(&mut rng, rows * D);
+        assert_eq!(infer(&a, "vectors", &q, rows, true, json!({})).status, 200);
+    }
+    let bad = infer(&a, "vectors", &ip[..D + 1], 1, false, json!({}));
+    assert_eq!(bad.status, 400);
+    let s = json_of(&get(&a, "/v2/models/vectors/stats"));
+    let m = &s["model_stats"][0];
+    assert_eq!(m["name"], "vectors");
+    assert_eq!(m["inference_stats"]["success"]["count"], 3);
+    assert_eq!(m["inference_stats"]["fail"]["count"], 1);
+    assert_eq!(m["inference_count"], 3);
+    assert!(m["inference_stats"]["success"]["ns"].as_u64().unwrap() > 0);
+    let all = json_of(&get(&a, "/v2/models/stats"));
+    let near = &all["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "near")
+        .unwrap()["inference_stats"];
+    assert_eq!(near["success"]["count"], 0);
+    assert_eq!(
+        json_of(&get(&a, "/v2/models/vectors/versions/1/stats"))["model_stats"][0]["name"],
+        "vectors"
+    );
+    assert_eq!(get(&a, "/v2/models/nope/stats").status, 404);
+    ngx.assert_healthy();
+}
+
 #[test]
 fn infer_answers_match_an_exact_reference() {
     let mut rng = Rng::fresh();

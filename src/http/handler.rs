@@ -48,7 +48,7 @@ pub struct RequestCtx {
 }
 
 /// Runs `f`, answering `fallback` instead of letting a panic reach nginx.
-fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+pub(crate) fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(fallback)
 }
 

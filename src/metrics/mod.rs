@@ -89,6 +89,12 @@ pub fn answered(loc: usize, outcome: Outcome, took: Duration, bytes_out: u64) {
     if let Some(s) = a.zone.loc(loc) {
         s.count(outcome).fetch_add(1, Relaxed);
         s.request.observe(&DURATION_BOUNDS_US, us(took));
+        if outcome == Outcome::Success {
+            s.success_us.fetch_add(us(took), Relaxed);
+            s.last_success_ms.fetch_max(now_ms(), Relaxed);
+        } else {
+            s.failure_us.fetch_add(us(took), Relaxed);
+        }
         s.response_bytes.fetch_add(bytes_out, Relaxed);
     }
     if let Some((a, w)) = mine() {

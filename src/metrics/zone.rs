@@ -11,7 +11,7 @@ use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Orderi
 /// Written first into a fresh zone; a reused zone must carry it (same layout version).
 pub const MAGIC: u64 = 0x6e67_785f_6770_7531; // "ngx_gpu1"
 /// Bumped whenever a struct below changes (it is part of the zone's name too).
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 /// Devices NVML samples, at most.
 pub const MAX_DEVICES: usize = 16;
 
@@ -109,6 +109,12 @@ pub struct LocStats {
     pub batches: AtomicU64,
     pub request_bytes: AtomicU64,
     pub response_bytes: AtomicU64,
+    /// Microseconds of the requests answered with success, and of the rest (KServe's
+    /// statistics split request time by outcome).
+    pub success_us: AtomicU64,
+    pub failure_us: AtomicU64,
+    /// When the last successful request was answered (ms since the Unix epoch; 0: never).
+    pub last_success_ms: AtomicU64,
     pub request: DurationHist,
     pub queue: DurationHist,
     pub compute: DurationHist,
@@ -561,16 +567,16 @@ mod sizes {
     /// The README's figures for the zone's size.
     #[test]
     fn zone_sizes_as_documented() {
-        assert_eq!(size_of::<LocStats>(), 712);
+        assert_eq!(size_of::<LocStats>(), 736);
         assert_eq!(size_of::<WorkerSlot>(), 424);
         assert_eq!(size_of::<DeviceSample>(), 208);
-        // 256 + 712 L + 424 W + 9 W L, rounded up to 64, + 16 devices x 208.
+        // 256 + 736 L + 424 W + 9 W L, rounded up to 64, + 16 devices x 208.
         let formula =
-            |l: usize, w: usize| (256 + 712 * l + 424 * w + 9 * w * l).div_ceil(64) * 64 + 3328;
+            |l: usize, w: usize| (256 + 736 * l + 424 * w + 9 * w * l).div_ceil(64) * 64 + 3328;
         for (l, w) in [(0, 1), (1, 1), (10, 16), (1000, 128), (7, 3)] {
             assert_eq!(Layout::new(l, w).size, formula(l, w), "{l} x {w}");
         }
-        assert_eq!(formula(10, 16), 18_944);
-        assert_eq!(formula(1000, 128), 1_921_856);
+        assert_eq!(formula(10, 16), 19_200);
+        assert_eq!(formula(1000, 128), 1_945_856);
     }
 }

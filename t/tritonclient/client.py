@@ -122,4 +122,31 @@ try:
 except InferenceServerException as e:
     expect("unknown model" in str(e), f"error text: {e}")
 
+# The model repository extension: the declared models, loaded when nginx started.
+expect({"model_repository", "statistics"} <= set(meta["extensions"]), f"extensions {meta}")
+index = client.get_model_repository_index()
+expect(sorted(m["name"] for m in index) == ["near", "vectors"], f"index {index}")
+expect(all(m["state"] == "READY" and m["version"] == "1" for m in index), f"index {index}")
+client.load_model("vectors")  # already loaded: answered as Triton answers it
+for call, what in ((lambda: client.load_model("nope"), "load of an unknown model"),
+                   (lambda: client.unload_model("vectors"), "unload")):
+    try:
+        call()
+        expect(False, f"{what} was accepted")
+    except InferenceServerException as e:
+        expect("failed to" in str(e), f"{what}: error text {e}")
+
+# The statistics extension, from the metrics zone: the requests this test sent.
+stats = client.get_inference_statistics("vectors")["model_stats"]
+expect(len(stats) == 1 and stats[0]["name"] == "vectors", f"stats {stats}")
+st = stats[0]["inference_stats"]
+expect(int(st["success"]["count"]) == 16, f"vectors successes {st}")
+expect(int(st["fail"]["count"]) == 1, f"vectors failures {st}")
+expect(int(st["success"]["ns"]) > 0 and int(st["queue"]["count"]) >= 16, f"{st}")
+expect(1 <= int(stats[0]["execution_count"]) <= int(stats[0]["inference_count"]), f"{stats}")
+expect(int(stats[0]["last_inference"]) > 1.7e12, f"{stats}")
+every = client.get_inference_statistics()["model_stats"]
+near = [m for m in every if m["name"] == "near"]
+expect(len(every) == 2 and int(near[0]["inference_stats"]["success"]["count"]) == 17, f"{every}")
+
 print(f"tritonclient: {checks} checks passed")

@@ -143,7 +143,12 @@ pub fn server_metadata() -> Value {
     json!({
         "name": "ngx_http_gpu_module",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": [
+            "binary_tensor_data",
+            "model_configuration",
+            "model_repository",
+            "statistics"
+        ],
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod extensions;
 #[cfg(test)]
 mod fuzz;
 
@@ -37,6 +38,11 @@ pub enum Route<'a> {
     ModelReady(&'a str),
     ModelConfig(&'a str),
     Infer(&'a str),
+    /// `GET /v2/models/stats` (every model) or `/v2/models/<name>/stats`.
+    Stats(Option<&'a str>),
+    RepositoryIndex,
+    RepositoryLoad(&'a str),
+    RepositoryUnload(&'a str),
     /// 404 with this message.
     NotFound(String),
 }
@@ -45,7 +51,10 @@ impl Route<'_> {
     /// The methods the route takes (for 405 and `Allow`).
     pub fn allow(&self) -> &'static str {
         match self {
-            Route::Infer(_) => "POST",
+            Route::Infer(_)
+            | Route::RepositoryIndex
+            | Route::RepositoryLoad(_)
+            | Route::RepositoryUnload(_) => "POST",
             _ => "GET, HEAD",
         }
     }
@@ -62,6 +71,12 @@ pub fn route(path: &str) -> Route<'_> {
         [] => Route::Server,
         ["health", "live"] => Route::Live,
         ["health", "ready"] => Route::Ready,
+        ["models", "stats"] => Route::Stats(None),
+        ["repository", "index"] => Route::RepositoryIndex,
+        ["repository", "models", name, "load"] if !name.is_empty() => Route::RepositoryLoad(name),
+        ["repository", "models", name, "unload"] if !name.is_empty() => {
+            Route::RepositoryUnload(name)
+        }
         ["models", name, ref tail @ ..] if !name.is_empty() => {
             let tail = match tail {
                 ["versions", "1", t @ ..] => t,
@@ -77,6 +92,7 @@ pub fn route(path: &str) -> Route<'_> {
                 ["ready"] => Route::ModelReady(name),
                 ["config"] => Route::ModelConfig(name),
                 ["infer"] => Route::Infer(name),
+                ["stats"] => Route::Stats(Some(name)),
                 _ => Route::NotFound(format!("no route {path}")),
             }
         }
@@ -125,6 +141,25 @@ pub unsafe fn handle(
         };
         return queue(r, s.op.clone(), s.key, Params(vec![Value::I64(header_len)]));
     }
+    if matches!(
+        route,
+        Route::RepositoryIndex | Route::RepositoryLoad(_) | Route::RepositoryUnload(_)
+    ) {
+        if !post {
+            return discard_then(r, |r| {
+                send_error(r, 405, "method not allowed: use POST", &[("Allow", "POST")])
+            });
+        }
+        if (*r).headers_in.content_length_n > REPOSITORY_BODY_MAX {
+            let msg = format!("a repository request's body is at most {REPOSITORY_BODY_MAX} bytes");
+            return discard_then(r, |r| send_error(r, 413, &msg, &[]));
+        }
+        let rc = ngx_http_read_client_request_body(r, Some(repository_body_read));
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
+        return NGX_DONE as ngx_int_t;
+    }
     if !get {
         let allow = route.allow();
         return discard_then(r, |r| {
@@ -163,10 +198,77 @@ pub unsafe fn handle(
                 }
             }
         }
+        Route::Stats(name) => {
+            let zone = crate::metrics::zone();
+            let stat = |s: &Served| {
+                extensions::model_stats(s.model.name(), zone.as_ref().and_then(|z| z.loc(s.key)))
+            };
+            let stats: Vec<serde_json::Value> = match name {
+                None => mcf.served.iter().map(stat).collect(),
+                Some(name) => match find(name) {
+                    Some(s) => vec![stat(s)],
+                    None => return discard_then(r, |r| send_error(r, 404, &unknown(name), &[])),
+                },
+            };
+            serde_json::json!({ "model_stats": stats })
+        }
         Route::NotFound(msg) => return discard_then(r, |r| send_error(r, 404, &msg, &[])),
-        Route::Infer(_) => unreachable!("answered above"),
+        Route::Infer(_)
+        | Route::RepositoryIndex
+        | Route::RepositoryLoad(_)
+        | Route::RepositoryUnload(_) => unreachable!("answered above"),
     };
     discard_then(r, |r| send_json(r, 200, &doc))
+}
+
+/// The most bytes of a repository request's body (`{"ready": true}`, load parameters).
+const REPOSITORY_BODY_MAX: i64 = 64 * 1024;
+
+/// Body post-handler of the repository routes: answers from the whole (small) body.
+unsafe extern "C" fn repository_body_read(r: *mut ngx_http_request_t) {
+    let rc = crate::http::handler::guard(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        repository(r)
+    });
+    ngx_http_finalize_request(r, rc);
+}
+
+unsafe fn repository(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // A body this small that nginx kept in a temp file (client_body_in_file_only) is read
+    // here: one small read of a file nginx just wrote, as nginx reads small files itself.
+    let body = match crate::http::body::take(r).and_then(|b| b.to_vec()) {
+        Ok(b) if b.len() as i64 <= REPOSITORY_BODY_MAX => b,
+        Ok(_) => {
+            let msg = format!("a repository request's body is at most {REPOSITORY_BODY_MAX} bytes");
+            return send_error(r, 413, &msg, &[]);
+        }
+        Err(e) => return send_error(r, 500, &format!("reading the request body: {e}"), &[]),
+    };
+    let uri = std::str::from_utf8((*r).uri.as_bytes()).unwrap_or("");
+    let mcf = &*(*(*r).main_conf.add(ngx_http_gpu_module.ctx_index) as *const MainConf);
+    let declared = |name: &str| mcf.served.iter().any(|s| s.model.name() == name);
+    let answer = match route(uri) {
+        Route::RepositoryIndex => {
+            let running = worker::running();
+            let entries: Vec<extensions::Entry> = mcf
+                .served
+                .iter()
+                .map(|s| extensions::Entry {
+                    name: s.model.name(),
+                    unavailable: (!running).then_some("the GPU thread is not running"),
+                })
+                .collect();
+            extensions::repository_index(&entries, &body)
+        }
+        Route::RepositoryLoad(name) => {
+            extensions::load(name, declared(name), &body).map(|()| serde_json::json!({}))
+        }
+        Route::RepositoryUnload(name) => Err(extensions::unload_refused(name)),
+        _ => Err(format!("no route {uri}")),
+    };
+    match answer {
+        Ok(doc) => send_json(r, 200, &doc),
+        Err(msg) => send_error(r, 400, &msg, &[]),
+    }
 }
 
 unsafe fn discard_then(
@@ -228,6 +330,28 @@ mod tests {
         assert!(matches!(route("/v2/models//infer"), Route::NotFound(_)));
         assert!(matches!(route("/v2/models/m/explain"), Route::NotFound(_)));
         assert!(matches!(route("/v1/models/m"), Route::NotFound(_)));
+        assert_eq!(route("/v2/models/stats"), Route::Stats(None));
+        assert_eq!(route("/v2/models/m/stats"), Route::Stats(Some("m")));
+        assert_eq!(
+            route("/v2/models/m/versions/1/stats"),
+            Route::Stats(Some("m"))
+        );
+        assert_eq!(route("/v2/repository/index"), Route::RepositoryIndex);
+        assert_eq!(
+            route("/v2/repository/models/m/load"),
+            Route::RepositoryLoad("m")
+        );
+        assert_eq!(
+            route("/v2/repository/models/m/unload"),
+            Route::RepositoryUnload("m")
+        );
+        assert!(matches!(
+            route("/v2/repository/models//load"),
+            Route::NotFound(_)
+        ));
+        assert!(matches!(route("/v2/repository"), Route::NotFound(_)));
+        assert_eq!(Route::RepositoryIndex.allow(), "POST");
+        assert_eq!(Route::Stats(None).allow(), "GET, HEAD");
         assert_eq!(Route::Infer("m").allow(), "POST");
         assert_eq!(Route::Server.allow(), "GET, HEAD");
     }
