@@ -653,3 +653,40 @@ fn minilm_answers_like_sentence_transformers() {
     assert!(cosine(&flat[384..], &reference[5]) >= 0.9999);
     ngx.assert_healthy();
 }
+
+/// The official `openai` client, unmodified (t/openai/client.py), with the python of the
+/// venv t/openai/test.sh makes; skipped, saying so, without it. Against the real model and
+/// golden.json where it was fetched, else the generated one.
+#[test]
+fn openai_client() {
+    let Ok(python) = std::env::var("NGX_GPU_OPENAI_PYTHON") else {
+        eprintln!("SKIPPED: openai client: run t/openai/test.sh (make check does)");
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (dir, name, golden) = match minilm() {
+        Some(m) => (m, "all-MiniLM-L6-v2", root.join("t/embed/golden.json")),
+        None => (tiny_dir("openai"), "tiny", PathBuf::from("-")),
+    };
+    let ngx = Nginx::start(&config(&format!(
+        "gpu_model {name} embed {} precision=fp32;\n\
+         server {{\n\
+             listen 127.0.0.1:{{PORT}};\n\
+             location = /v1/embeddings {{ gpu_process embeddings {name}; }}\n\
+         }}\n",
+        dir.display()
+    )));
+    let out = std::process::Command::new(python)
+        .arg(root.join("t/openai/client.py"))
+        .arg(ngx.addr())
+        .arg(name)
+        .arg(&golden)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    eprintln!("{stdout}");
+    ngx.assert_healthy();
+}
