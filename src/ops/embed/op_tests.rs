@@ -128,9 +128,11 @@ fn close(got: &[f32], want: &[f32], floor: f64, what: &str) {
 #[test]
 fn the_model_is_resolved_by_name_and_must_be_an_embed_model() {
     let m = model("resolve", &[]);
-    let e = openai_op("other", &[], &[m.clone()]).err().unwrap();
+    let e = openai_op("other", &[], std::slice::from_ref(&m))
+        .err()
+        .unwrap();
     assert!(e.contains("no model \"other\" is declared"), "{e}");
-    assert!(openai_op("resolve", &[], &[m.clone()]).is_ok());
+    assert!(openai_op("resolve", &[], std::slice::from_ref(&m)).is_ok());
     let c = crate::ops::parse(&["embeddings", "resolve"]).unwrap();
     assert_eq!(c.op.name(), "resolve");
     for (args, want) in [
@@ -139,7 +141,9 @@ fn the_model_is_resolved_by_name_and_must_be_an_embed_model() {
         (&["truncate=maybe"][..], "truncate=\"maybe\""),
         (&["k=3"][..], "unknown parameter \"k\""),
     ] {
-        let e = openai_op("resolve", args, &[m.clone()]).err().unwrap();
+        let e = openai_op("resolve", args, std::slice::from_ref(&m))
+            .err()
+            .unwrap();
         assert!(e.contains(want), "{args:?}: {e}");
     }
     assert!(crate::ops::parse(&["embeddings"]).is_err());
@@ -169,7 +173,7 @@ fn the_model_is_resolved_by_name_and_must_be_an_embed_model() {
 #[test]
 fn requests_answer_with_the_cpu_forward_pass_and_the_tokenizers_count() {
     let m = model("mini", &[]);
-    let op = openai_op("mini", &[], &[m.clone()]).unwrap();
+    let op = openai_op("mini", &[], std::slice::from_ref(&m)).unwrap();
     // Texts from empty to non-ASCII (words the tiny vocabulary lacks).
     let texts = ["the cat sat", "", "x", "héllo wörld", "the dog ran ."];
     for format in ["float", "base64"] {
@@ -203,7 +207,12 @@ fn requests_answer_with_the_cpu_forward_pass_and_the_tokenizers_count() {
 #[test]
 fn bad_requests_get_the_fitting_error() {
     let m = model("errs", &[]);
-    let op = openai_op("errs", &["max_inputs=3", "truncate=off"], &[m.clone()]).unwrap();
+    let op = openai_op(
+        "errs",
+        &["max_inputs=3", "truncate=off"],
+        std::slice::from_ref(&m),
+    )
+    .unwrap();
     let long = "the cat ".repeat(40);
     let cases: Vec<(Json, &str)> = vec![
         (json!({"input": "x", "model": "gpt-4"}), "404"),
@@ -251,7 +260,7 @@ fn bad_requests_get_the_fitting_error() {
     let e: Json = serde_json::from_slice(&op.error_body(404, "gone").unwrap()).unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
     // With truncation (the default), a long text is cut at max_tokens (40 here).
-    let op = openai_op("errs", &[], &[m.clone()]).unwrap();
+    let op = openai_op("errs", &[], std::slice::from_ref(&m)).unwrap();
     let d = op.decode(
         &body(json!({"input": long, "model": "errs"})),
         &Params::default(),
@@ -264,7 +273,7 @@ fn bad_requests_get_the_fitting_error() {
 fn through_the_thread(kernels: Kernels, ran: Ran, floor: f64, params: &[&str]) {
     let mut rng = Rng::fresh();
     let m = model("thread", params);
-    let op = openai_op("thread", &[], &[m.clone()]).unwrap();
+    let op = openai_op("thread", &[], std::slice::from_ref(&m)).unwrap();
     op.set_batch_tokens(60);
     assert_eq!(op.max_rows(), 60);
     let kserve = (m.clone() as Arc<dyn Model>)
