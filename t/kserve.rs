@@ -9,6 +9,9 @@ use std::path::Path;
 use harness::*;
 use serde_json::{json, Value};
 
+#[path = "embed/tiny.rs"]
+mod tiny;
+
 const D: usize = 9;
 const N: usize = 301;
 
@@ -671,12 +674,21 @@ fn tritonclient() {
     let mut rng = Rng::fresh();
     let dir = data_dir("kserve-triton");
     write_models(&dir, &mut rng);
-    let ngx = Nginx::start(&conf(&dir));
+    // A generated embed model beside the knn models (TEXT BYTES in, EMBEDDING FP32 out).
+    tiny::Tiny::new(&dir.join("tiny"), 0x7c11).write();
+    let ngx = Nginx::start(&conf(&dir).replace(
+        "gpu_model near",
+        &format!(
+            "gpu_model tiny embed {} precision=fp32;\n gpu_model near",
+            dir.join("tiny").display()
+        ),
+    ));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("t/tritonclient/client.py");
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(ngx.addr())
         .arg(&dir)
+        .arg("tiny")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -34,6 +34,8 @@ pub const DEFAULT_BATCH_SIZE: usize = 128;
 pub const MAX_BATCH_SIZE: usize = 65536;
 pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
 pub const MAX_BATCH_BYTES: usize = 1 << 30;
+/// `gpu_batch_tokens`' largest value (its default: `ops::embed::op::DEFAULT_BATCH_TOKENS`).
+pub const MAX_BATCH_TOKENS: usize = 1 << 20;
 const UNSET_SIZE: usize = usize::MAX;
 /// Spinning saves the wake-ups of a lightly loaded worker's GPU thread (README,
 /// `gpu_poll`); the default where there are cores to spare (see `poll_us`).
@@ -84,6 +86,9 @@ pub struct MainConf {
     /// its `gpu_fallback` (the served models' fallback in the metrics' readiness).
     pub kserve_location: String,
     pub kserve_fallback: Fallback,
+    /// The first `gpu_process kserve;` location's `gpu_batch_tokens` (the served embed
+    /// models' batches).
+    pub kserve_batch_tokens: usize,
     /// This configuration's compiled programs, or why there are none. Kept with the
     /// configuration, not in a process-wide variable: a reload that fails after compiling
     /// leaves the running configuration's kernels as they were, for workers the master
@@ -110,6 +115,8 @@ pub struct LocConf {
     pub batch_size: usize,
     /// `gpu_batch_delay`, in ms: how long the oldest request may wait for a fuller batch.
     pub batch_delay: ngx_msec_t,
+    /// `gpu_batch_tokens`: most tokens in one batch of an embed op.
+    pub batch_tokens: usize,
     /// `gpu_client_eof`: what a client's end of input means while its job waits.
     pub client_eof: Option<ClientEof>,
     /// `gpu_metrics`, `gpu_health` or `gpu_status`: what the location serves instead.
@@ -126,7 +133,7 @@ pub enum ClientEof {
 
 /* directive table */
 
-pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 17] = [
+pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 18] = [
     ngx_command_t {
         name: ngx_string!("gpu_process"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -183,6 +190,15 @@ pub static mut NGX_HTTP_GPU_COMMANDS: [ngx_command_t; 17] = [
         type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
             as ngx_uint_t,
         set: Some(cmd_gpu_batch_size),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("gpu_batch_tokens"),
+        type_: (NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1)
+            as ngx_uint_t,
+        set: Some(cmd_gpu_batch_tokens),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -310,6 +326,7 @@ pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             served: Vec::new(),
             kserve_location: String::new(),
             kserve_fallback: Fallback::Cpu,
+            kserve_batch_tokens: crate::ops::embed::op::DEFAULT_BATCH_TOKENS,
             kernels: None,
         },
     )
@@ -342,6 +359,7 @@ pub unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
             timeout: UNSET_MSEC,
             batch_size: UNSET_SIZE,
             batch_delay: UNSET_MSEC,
+            batch_tokens: UNSET_SIZE,
             client_eof: None,
             endpoint: None,
         },
@@ -375,6 +393,16 @@ pub unsafe extern "C" fn merge_loc_conf(
     if conf.queue_size == UNSET_SIZE {
         conf.queue_size = prev.queue_size;
     }
+    if conf.batch_tokens == UNSET_SIZE {
+        conf.batch_tokens = if prev.batch_tokens == UNSET_SIZE {
+            crate::ops::embed::op::DEFAULT_BATCH_TOKENS
+        } else {
+            prev.batch_tokens
+        };
+    }
+    if let Some(op) = &conf.op {
+        op.set_batch_tokens(conf.batch_tokens);
+    }
     if conf.client_eof.is_none() {
         conf.client_eof = Some(prev.client_eof.unwrap_or(ClientEof::Answer));
     }
@@ -383,6 +411,7 @@ pub unsafe extern "C" fn merge_loc_conf(
         mcf.max_batch_size = mcf.max_batch_size.max(conf.batch_size);
         if conf.kserve {
             mcf.kserve_fallback = conf.fallback.unwrap_or(Fallback::Cpu);
+            mcf.kserve_batch_tokens = conf.batch_tokens;
         } else if let Some(f) = mcf.op_fallbacks.get_mut(conf.op_key) {
             *f = conf.fallback.unwrap_or(Fallback::Cpu);
         }
@@ -688,6 +717,30 @@ unsafe extern "C" fn cmd_gpu_batch_size(
     NGX_CONF_OK
 }
 
+unsafe extern "C" fn cmd_gpu_batch_tokens(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lcf = &mut *(conf as *mut LocConf);
+    if lcf.batch_tokens != UNSET_SIZE {
+        return c"is duplicate".as_ptr().cast_mut();
+    }
+    let v = args(cf)[0];
+    match v.parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_TOKENS).contains(&n) => lcf.batch_tokens = n,
+        _ => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{v}\" in \"gpu_batch_tokens\" directive, it must be a number from 1 to {MAX_BATCH_TOKENS}"
+            );
+            return NGX_CONF_ERROR;
+        }
+    }
+    NGX_CONF_OK
+}
+
 unsafe extern "C" fn cmd_gpu_batch_bytes(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -831,6 +884,7 @@ pub fn serve_models(mcf: &mut MainConf) {
         let Some(op) = model.clone().serve() else {
             continue;
         };
+        op.set_batch_tokens(mcf.kserve_batch_tokens);
         mcf.served.push(crate::http::kserve::Served {
             model: model.clone(),
             op: op.clone(),

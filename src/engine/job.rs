@@ -232,6 +232,8 @@ impl Job {
 pub enum JobError {
     /// 400: the body or a parameter is not valid input for the op.
     BadInput(String),
+    /// 404: the request names something the location does not serve (a model).
+    NotFound(String),
     /// 413: the body is larger than the op takes.
     TooLarge(String),
     /// 503: no GPU and `gpu_fallback off`.

@@ -105,17 +105,28 @@ unsafe fn content_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     if create_ctx(r).is_none() {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
-    if (*r).method & (NGX_HTTP_POST | NGX_HTTP_PUT) as ngx_uint_t == 0 {
+    let post_only = loc_conf(r).op.as_ref().is_some_and(|op| op.post_only());
+    let allowed = if post_only {
+        NGX_HTTP_POST
+    } else {
+        NGX_HTTP_POST | NGX_HTTP_PUT
+    };
+    if (*r).method & allowed as ngx_uint_t == 0 {
         let rc = ngx_http_discard_request_body(r);
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
         record(r, Outcome::BadRequest, 0);
+        let (msg, allow) = if post_only {
+            ("method not allowed: use POST", "POST")
+        } else {
+            ("method not allowed: use POST or PUT", "POST, PUT")
+        };
         return send_error(
             r,
             NGX_HTTP_NOT_ALLOWED as ngx_uint_t,
-            "method not allowed: use POST or PUT",
-            &[("Allow", "POST, PUT")],
+            msg,
+            &[("Allow", allow)],
         );
     }
     if !worker::running() {
@@ -413,13 +424,16 @@ unsafe fn evaluate(
 /// Answers a request with `e`'s status and message (JSON, or the location's error_page).
 unsafe fn respond_error(r: *mut ngx_http_request_t, e: JobError) -> ngx_int_t {
     let outcome = match e {
-        JobError::BadInput(_) | JobError::TooLarge(_) => Outcome::BadRequest,
+        JobError::BadInput(_) | JobError::NotFound(_) | JobError::TooLarge(_) => {
+            Outcome::BadRequest
+        }
         JobError::Unavailable(_) => Outcome::Unavailable,
         JobError::Internal(_) => Outcome::Internal,
     };
     record(r, outcome, 0);
     match e {
         JobError::BadInput(m) => send_error(r, NGX_HTTP_BAD_REQUEST as ngx_uint_t, &m, &[]),
+        JobError::NotFound(m) => send_error(r, NGX_HTTP_NOT_FOUND as ngx_uint_t, &m, &[]),
         JobError::TooLarge(m) => {
             send_error(r, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_uint_t, &m, &[])
         }

@@ -64,9 +64,10 @@ pub unsafe fn send(
     ngx_http_output_filter(r, cl)
 }
 
-/// Sends `{"error": message}` as application/json, unless the location has an
-/// `error_page` for `status`: then `headers` are set and `status` is returned, for nginx to
-/// answer with that page when the request is finalized with it.
+/// Sends `{"error": message}` as application/json (or the error shape of the location's
+/// op's protocol, `Op::error_body`), unless the location has an `error_page` for
+/// `status`: then `headers` are set and `status` is returned, for nginx to answer with
+/// that page when the request is finalized with it.
 pub unsafe fn send_error(
     r: *mut ngx_http_request_t,
     status: ngx_uint_t,
@@ -81,13 +82,20 @@ pub unsafe fn send_error(
         }
         return status as ngx_int_t;
     }
-    send(
-        r,
-        status,
-        "application/json",
-        json_error(message).into_bytes(),
-        headers,
-    )
+    let body = op_of(r)
+        .and_then(|op| op.error_body(status as u16, message))
+        .unwrap_or_else(|| json_error(message).into_bytes());
+    send(r, status, "application/json", body, headers)
+}
+
+/// The op of the request's `gpu_process` location, if it has one.
+unsafe fn op_of(r: *mut ngx_http_request_t) -> Option<&'static dyn crate::ops::Op> {
+    let lcf =
+        *(*r).loc_conf.add(crate::ngx_http_gpu_module.ctx_index) as *const crate::conf::LocConf;
+    if lcf.is_null() {
+        return None;
+    }
+    (*lcf).op.as_deref()
 }
 
 /// Whether an `error_page` of the request's location covers `status`.

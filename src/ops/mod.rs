@@ -33,6 +33,7 @@ pub const REGISTRY: &[(&str, Parse)] = &[
     ("echo", echo::parse),
     ("blake3", blake3::parse),
     ("kernel", kernel::parse),
+    ("embeddings", embed::op::parse),
 ];
 
 /// The header the built-in ops' kernels share, served to NVRTC by name.
@@ -129,7 +130,9 @@ impl Output {
 /// A request decoded on the GPU thread before it is batched (`Op::decode`): what its batch
 /// needs to know of it, and the op's own typed input and answer settings.
 pub struct Decoded {
-    /// Rows the request adds to a batch (counted against `Op::max_rows`).
+    /// Rows the request adds to a batch (counted against `Op::max_rows`): query rows for
+    /// knn, tokens for the embed ops (so `gpu_batch_tokens`, their `max_rows`, bounds a
+    /// batch's tokens with this one mechanism).
     pub rows: usize,
     /// The op's own state (the typed input, what the encoder needs: requested outputs,
     /// binary or JSON, k); the op downcasts it.
@@ -200,6 +203,21 @@ pub trait Op: Send + Sync + 'static {
     /// more rows goes in a batch of its own.
     fn max_rows(&self) -> usize {
         usize::MAX
+    }
+
+    /// `gpu_batch_tokens` of the op's location, given once the configuration is merged;
+    /// ops that count tokens as rows take it as their `max_rows`.
+    fn set_batch_tokens(&self, _n: usize) {}
+
+    /// Whether the op takes POST only (else POST and PUT).
+    fn post_only(&self) -> bool {
+        false
+    }
+
+    /// The body of an error answer in the op's protocol (the OpenAI API's error object);
+    /// `None`: the module's `{"error": message}`.
+    fn error_body(&self, _status: u16, _message: &str) -> Option<Vec<u8>> {
+        None
     }
 
     /// Whether the op has a CPU path (`run_cpu`). Without one, its requests get 503 where
@@ -348,7 +366,10 @@ mod tests {
     #[test]
     fn unknown_ops_and_extra_arguments_are_refused() {
         let e = parse(&["sha1"]).err().unwrap();
-        assert_eq!(e, "unknown op \"sha1\" (known ops: echo, blake3, kernel)");
+        assert_eq!(
+            e,
+            "unknown op \"sha1\" (known ops: echo, blake3, kernel, embeddings)"
+        );
         let e = parse(&["echo", "x"]).err().unwrap();
         assert_eq!(e, "op \"echo\" takes no arguments, got \"x\"");
         assert!(parse(&[]).is_err());

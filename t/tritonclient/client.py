@@ -3,9 +3,11 @@
 outputs named and not named, k as a request parameter; every answer checked against a
 float64 numpy reference computed here from the model's .npy files.
 
-usage: python client.py HOST:PORT DATA_DIR
+usage: python client.py HOST:PORT DATA_DIR [EMBED_MODEL]
 DATA_DIR holds ip.npy + ids.npy (model "vectors", metric ip, k=5) and l2.npy (model
-"near", metric l2, float16).
+"near", metric l2, float16). EMBED_MODEL, where given, names an embed model served too
+(a generated one: its answers are checked for shape, unit norm, JSON against binary, and
+a text in a batch against the same text alone).
 """
 
 import sys
@@ -122,10 +124,40 @@ try:
 except InferenceServerException as e:
     expect("unknown model" in str(e), f"error text: {e}")
 
+if len(sys.argv) > 3:
+    name = sys.argv[3]
+    mm = client.get_model_metadata(name)
+    expect(mm["inputs"][0] == {"name": "TEXT", "datatype": "BYTES", "shape": [-1]}, f"{mm}")
+    dim = mm["outputs"][0]["shape"][1]
+    texts = np.array(["hello world".encode(), "héllo wörld".encode(), b"", b"x"], dtype=np.object_)
+
+    def embed(values, binary):
+        inp = httpclient.InferInput("TEXT", [len(values)], "BYTES")
+        inp.set_data_from_numpy(values, binary_data=binary)
+        out = httpclient.InferRequestedOutput("EMBEDDING", binary_data=binary)
+        return client.infer(name, [inp], outputs=[out]).as_numpy("EMBEDDING")
+
+    b = embed(texts, True)
+    j = embed(texts, False)
+    expect(b.shape == (len(texts), dim) and b.dtype == np.float32, f"{b.shape} {b.dtype}")
+    expect(np.array_equal(b, j), "binary and JSON embeddings differ")
+    norms = np.linalg.norm(b.astype(np.float64), axis=1)
+    expect(np.all(np.abs(norms - 1) < 1e-5), f"norms {norms}")
+    alone = embed(texts[1:2], True)
+    cos = float(alone[0].astype(np.float64) @ b[1].astype(np.float64))
+    expect(cos >= 0.999999, f"alone vs in a batch: {cos}")
+    expect(float(b[0] @ b[3]) < 0.9999, "different texts, the same vector")
+    try:
+        client.infer(name, [httpclient.InferInput("TEXT", [1], "FP32")])
+        expect(False, "an FP32 TEXT was served")
+    except Exception as e:  # the client refuses to send it, or nginx answers 400
+        expect("BYTES" in str(e) or "data" in str(e), f"error text: {e}")
+
 # The model repository extension: the declared models, loaded when nginx started.
 expect({"model_repository", "statistics"} <= set(meta["extensions"]), f"extensions {meta}")
 index = client.get_model_repository_index()
-expect(sorted(m["name"] for m in index) == ["near", "vectors"], f"index {index}")
+served = {"near", "vectors"} | ({sys.argv[3]} if len(sys.argv) > 3 else set())
+expect({m["name"] for m in index} == served, f"index {index}")
 expect(all(m["state"] == "READY" and m["version"] == "1" for m in index), f"index {index}")
 client.load_model("vectors")  # already loaded: answered as Triton answers it
 for call, what in ((lambda: client.load_model("nope"), "load of an unknown model"),
@@ -147,6 +179,6 @@ expect(1 <= int(stats[0]["execution_count"]) <= int(stats[0]["inference_count"])
 expect(int(stats[0]["last_inference"]) > 1.7e12, f"{stats}")
 every = client.get_inference_statistics()["model_stats"]
 near = [m for m in every if m["name"] == "near"]
-expect(len(every) == 2 and int(near[0]["inference_stats"]["success"]["count"]) == 17, f"{every}")
+expect(len(every) == len(served) and int(near[0]["inference_stats"]["success"]["count"]) == 17, f"{every}")
 
 print(f"tritonclient: {checks} checks passed")

@@ -282,6 +282,69 @@ fn decode_output(v: Value) -> Result<RequestedOutput, String> {
 }
 
 impl Input {
+    /// The elements of a BYTES tensor: JSON strings, or binary data in Triton's layout
+    /// (each element a 4-byte little-endian length, then its bytes). Their count must be
+    /// the shape's.
+    pub fn to_bytes(&self) -> Result<Vec<Vec<u8>>, String> {
+        if self.datatype != "BYTES" {
+            return Err(format!(
+                "\"{}\" has datatype {}: expected BYTES",
+                self.name, self.datatype
+            ));
+        }
+        let count = self.shape.iter().product::<u64>();
+        let out = match &self.data {
+            Data::Json(v) => v
+                .iter()
+                .map(|x| match x {
+                    Value::String(s) => Ok(s.as_bytes().to_vec()),
+                    _ => Err(format!("\"{}\": \"data\" holds a non-string", self.name)),
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+            Data::Binary(data) => {
+                let mut out = Vec::new();
+                let mut b: &[u8] = data;
+                while !b.is_empty() {
+                    if out.len() as u64 >= count {
+                        return Err(format!(
+                            "\"{}\": binary data holds more than the shape's {count} elements",
+                            self.name
+                        ));
+                    }
+                    if b.len() < 4 {
+                        return Err(format!(
+                            "\"{}\": binary data ends inside an element's length",
+                            self.name
+                        ));
+                    }
+                    let (len, rest) = b.split_at(4);
+                    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                    if len > rest.len() {
+                        return Err(format!(
+                            "\"{}\": element {} says {len} bytes, {} are left",
+                            self.name,
+                            out.len(),
+                            rest.len()
+                        ));
+                    }
+                    let (elem, rest) = rest.split_at(len);
+                    out.push(elem.to_vec());
+                    b = rest;
+                }
+                out
+            }
+        };
+        if out.len() as u64 != count {
+            return Err(format!(
+                "\"{}\" has {} elements where shape {:?} needs {count}",
+                self.name,
+                out.len(),
+                self.shape
+            ));
+        }
+        Ok(out)
+    }
+
     /// The elements as f32, from FP32 or FP16 data (JSON numbers must fit the type).
     pub fn to_f32(&self) -> Result<Vec<f32>, String> {
         match (&self.data, self.datatype.as_str()) {

@@ -1,6 +1,6 @@
-//! Property/fuzz harness of the infer decoder (`decode.rs` and knn's use of it): random
-//! bytes, mutated valid requests (JSON and binary) and random JSON documents never panic,
-//! and what decodes is consistent. `NGX_GPU_FUZZ_CASES` sets the number of inputs of each
+//! Property/fuzz harness of the infer decoder (`decode.rs`, knn's use of it, and BYTES
+//! tensors as the embed models take them): random bytes, mutated valid requests (JSON and
+//! binary) and random JSON documents never panic, and what decodes is consistent. `NGX_GPU_FUZZ_CASES` sets the number of inputs of each
 //! kind (default 3000 in `cargo test`); the count run is printed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::json;
 
+use super::decode;
 use crate::ops::knn::index::{Index, Metric, Precision};
 use crate::ops::knn::{decode_request, KnnModel};
 
@@ -47,7 +48,73 @@ fn decodes_sanely(m: &KnnModel, body: &[u8], header_len: Option<u64>) -> Result<
         prop_assert!(r.queries.iter().all(|v| v.is_finite()));
         prop_assert!(!r.answer.outputs.is_empty());
     }
+    // Every input read as BYTES too: whatever decodes has the shape's count.
+    if let Ok(req) = decode::decode(body, header_len) {
+        for input in &req.inputs {
+            if let Ok(v) = input.to_bytes() {
+                prop_assert_eq!(v.len() as u64, input.shape.iter().product::<u64>());
+            }
+        }
+    }
     Ok(())
+}
+
+/// A valid BYTES request of `texts`: JSON strings, or binary elements (4-byte
+/// little-endian length, then the bytes).
+fn valid_bytes(texts: &[String], binary: bool) -> (Vec<u8>, Option<u64>) {
+    let mut input = json!({"name": "TEXT", "datatype": "BYTES", "shape": [texts.len()]});
+    if binary {
+        let mut data = Vec::new();
+        for t in texts {
+            data.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            data.extend_from_slice(t.as_bytes());
+        }
+        input["parameters"] = json!({"binary_data_size": data.len()});
+        let mut body = serde_json::to_vec(&json!({"inputs": [input]})).unwrap();
+        let n = body.len() as u64;
+        body.extend_from_slice(&data);
+        (body, Some(n))
+    } else {
+        input["data"] = json!(texts);
+        (
+            serde_json::to_vec(&json!({"inputs": [input]})).unwrap(),
+            None,
+        )
+    }
+}
+
+#[test]
+fn mutated_bytes_requests_never_panic() {
+    let m = model(5, 3);
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        ..Config::default()
+    });
+    let strategy = (
+        prop::collection::vec(".{0,12}", 1..5),
+        any::<bool>(),
+        prop::collection::vec(mutation(), 0..6),
+    );
+    runner
+        .run(&strategy, |(texts, binary, muts)| {
+            let (mut body, mut hl) = valid_bytes(&texts, binary);
+            if muts.is_empty() {
+                // Unmutated: the texts come back as sent.
+                let req = decode::decode(&body, hl).map_err(TestCaseError::fail)?;
+                let got = req.inputs[0].to_bytes().map_err(TestCaseError::fail)?;
+                let want: Vec<Vec<u8>> = texts.iter().map(|t| t.as_bytes().to_vec()).collect();
+                prop_assert_eq!(got, want);
+            }
+            for mu in &muts {
+                apply(&mut body, &mut hl, mu);
+            }
+            decodes_sanely(&m, &body, hl)
+        })
+        .unwrap();
+    eprintln!(
+        "fuzz: {} inputs decoded so far",
+        RUN.load(Ordering::Relaxed)
+    );
 }
 
 /// A valid request: rows x d queries, JSON or binary, FP32 or FP16, with some options.
@@ -187,7 +254,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<i64>().prop_map(|i| json!(i)),
         (-1e6f64..1e6).prop_map(|f| json!(f)),
         prop::sample::select(vec![
-            "QUERY", "IDS", "SCORES", "FP32", "FP16", "INT64", "k", ""
+            "QUERY", "IDS", "SCORES", "FP32", "FP16", "INT64", "k", "", "TEXT", "BYTES"
         ])
         .prop_map(|s| json!(s)),
     ];

@@ -359,6 +359,13 @@ impl DeviceEncoder {
         let n = batch.len();
         let tokens: usize = batch.iter().map(|e| self.len(e)).sum();
         let longest = batch.iter().map(|e| self.len(e)).max().unwrap_or(0);
+        self.plan_of(n, tokens, longest)
+    }
+
+    /// The plan of a batch of `n` texts, `tokens` in all (each cut at `max_tokens`), the
+    /// longest of `longest`: what `plan` gives for such a batch (the op makes it again at
+    /// launch from these three numbers).
+    pub fn plan_of(&self, n: usize, tokens: usize, longest: usize) -> Plan {
         let (h, nb) = (self.hidden, self.narrow_bytes());
         let mut off = 0;
         let mut region = |bytes: usize| {

@@ -40,7 +40,7 @@ fn the_kernels_compile_with_nvrtc_and_have_every_entry() {
 }
 
 /// The device and the compiled kernels, or None (said) where there is no usable GPU.
-fn device() -> Option<(Gpu, Compiled)> {
+pub(super) fn device() -> Option<(Gpu, Compiled)> {
     let opened = if nvrtc_present() {
         compile(&program()).and_then(|ptx| {
             let mut c = Compiled::default();

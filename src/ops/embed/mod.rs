@@ -6,13 +6,19 @@
 //! - `tokenizer.rs`: texts to token ids (`tokenizer.json`);
 //! - `weights.rs`: `model.safetensors`, checked against the architecture;
 //! - `cpu.rs`: the forward pass in float32 on the CPU (fallback and reference);
-//! - `gpu.rs` + `embed.cu`: the forward pass on the device (cuBLAS GEMMs, NVRTC kernels).
+//! - `gpu.rs` + `embed.cu`: the forward pass on the device (cuBLAS GEMMs, NVRTC kernels);
+//! - `op.rs`: the ops that serve it (`gpu_process embeddings`, KServe), batched by tokens;
+//! - `openai.rs`: the OpenAI embeddings API's request, answer and error JSON.
 
 pub mod cpu;
 pub mod files;
 pub mod gpu;
 #[cfg(test)]
 mod gpu_tests;
+pub mod op;
+#[cfg(test)]
+mod op_tests;
+pub mod openai;
 #[cfg(test)]
 mod tests;
 pub mod tokenizer;
@@ -82,9 +88,9 @@ impl Model for EmbedModel {
         }
     }
 
-    /// No op serves encoders over KServe yet (the embeddings op is the next step).
+    /// The embed op over KServe (`op.rs`): TEXT in, EMBEDDING out.
     fn serve(self: Arc<Self>) -> Option<Arc<dyn Op>> {
-        None
+        Some(Arc::new(op::serving(self)))
     }
 }
 
