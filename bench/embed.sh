@@ -4,6 +4,8 @@
 #   sh bench/embed-bundle.sh   # here: nginx, the module, wrk, libraries and all-MiniLM-L6-v2
 #                              # as float16 (45 MB) into .gpu-bench/ (about 52 MB in all)
 #   bash bench/embed.sh        # there, as root, from the repository root, carry [".gpu-bench"]
+#                              # (the device tool: command "bash bench/embed.sh", carry
+#                              # [".gpu-bench"], timeout_s 600; the report comes back in $OUT)
 #
 # all-MiniLM-L6-v2, nginx with BENCH_WORKERS (4) workers on cores 0-7, wrk on 8-15, a pool of
 # 4096 varied English sentences of about 10-40 tokens (bench/embed_data.py; tokens counted
@@ -259,15 +261,15 @@ wait_ready() {
     done
     return 1
 }
-gpu_mem() { # name: GPU memory of each of its nginx's workers, from nvidia-smi
+gpu_mem() { # name when: GPU memory of each of its nginx's workers, from nvidia-smi
     local master pids line
     master=$(cat "$W/$1/logs/nginx.pid" 2>/dev/null) || return
     pids=" $(pgrep -P "$master" | tr '\n' ' ')"
     line=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null \
         | while IFS=', ' read -r pid mem unit; do case "$pids" in *" $pid "*) echo -n "$mem$unit "; esac; done)
-    raw "gpu_mem $1 ${line:-none}"
+    raw "gpu_mem $1 ($2): ${line:-none}"
     raw "gpu_mem_all $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')"
-    say "GPU memory per worker ($1): ${line:-not reported}"
+    say "GPU memory per worker ($1, $2): ${line:-not reported}"
 }
 
 # 2. The module (and the two-tier peer behind the same nginx, in the first MPS run).
@@ -309,6 +311,10 @@ if [ "$MODULE_OK" = 1 ] && [ "$STANDIN" = 0 ] && ! conf_ok "$EMBED_MODELS $SEARC
     SEARCH_LOC=""
 fi
 
+# Connections that offer about half of PEAK when each waits 2 ms, then about LONE_P50 ms.
+half_conns() { # peak lone_p50
+    python3 -c "import math, sys; l = float(sys.argv[2]); print(max(1, round(float(sys.argv[1]) / 2 * (2 + (1 if math.isnan(l) else l)) / 1000)))" "$1" "$2"
+}
 module_runs() { # name setup
     local name=$1 setup=$2 peak=0 c half lone code
     curl -s --max-time 30 -H 'Content-Type: application/json' --data-binary @"$W/data/check.json" \
@@ -323,7 +329,7 @@ except Exception as e:
     print("note the module's answer to 8 sentences is not an embeddings list:", repr(e)[:120],
           open(sys.argv[1], errors="replace").read(200).replace("\n", " "))
 EOF
-    gpu_mem "$name"
+    gpu_mem "$name" "loaded, idle"
     # Warm-up (buffers grow, kernels settle), not measured.
     "${CLI[@]}" "$WRK" -t4 -c64 -d1s -s "$ROOT/bench/embed.lua" http://127.0.0.1:8401/v1/embeddings \
         -- "$W/data/single.bodies" >/dev/null 2>&1
@@ -334,7 +340,7 @@ EOF
         peak=$(python3 -c "print(max($peak, $LAST_RPS))")
     done
     # Half of the peak: each connection waits 2 ms, then about the lone p50 for its answer.
-    half=$(python3 -c "print(max(1, round($peak / 2 * (2 + $lone) / 1000)))")
+    half=$(half_conns "$peak" "$lone")
     measure "$setup, half load" single 8401 /v1/embeddings "$half" 2
     measure "$setup" batch32 8401 /v1/embeddings 1
     measure "$setup" batch32 8401 /v1/embeddings "$BCONNS"
@@ -344,6 +350,7 @@ EOF
         raw "search_check $code $(head -c 300 "$W/search.json" | tr '\n' ' ')"
         measure "$setup" search 8401 /search "$SCONNS"
     fi
+    gpu_mem "$name" "after the runs"
 }
 two_tier_runs() { # setup
     local setup=$1 peak=0 c half lone
@@ -355,7 +362,7 @@ two_tier_runs() { # setup
         measure "$setup" single 8401 /tt/v1/embeddings "$c"
         peak=$(python3 -c "print(max($peak, $LAST_RPS))")
     done
-    half=$(python3 -c "print(max(1, round($peak / 2 * (2 + $lone) / 1000)))")
+    half=$(half_conns "$peak" "$lone")
     measure "$setup, half load" single 8401 /tt/v1/embeddings "$half" 2
     measure "$setup" batch32 8401 /tt/v1/embeddings 1
     measure "$setup" batch32 8401 /tt/v1/embeddings "$BCONNS"
@@ -369,6 +376,7 @@ late() { # what: true (and a note) when the run is past BENCH_BUDGET's share for
 TWO_TIER_DONE=0
 for mps in $MPS_RUNS; do
     ENVS=(-u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY)
+    [ "$TWO_TIER_DONE" = 1 ] && [ "$MODULE_OK" = 0 ] && continue
     [ "$TWO_TIER_DONE" = 1 ] && late "the module run with MPS $mps" $((BUDGET / 2)) && continue
     if [ "$mps" = on ]; then
         if [ "$(id -u)" != 0 ] || ! command -v nvidia-cuda-mps-control >/dev/null; then
@@ -381,7 +389,6 @@ for mps in $MPS_RUNS; do
         sleep 0.5
         ENVS=()
     fi
-    [ "$TWO_TIER_DONE" = 1 ] && [ "$MODULE_OK" = 0 ] && continue
     # Two-tier backends (under the MPS daemon where it runs): once, in the first run.
     UP=""
     if [ "$TWO_TIER_DONE" = 0 ]; then
@@ -492,7 +499,9 @@ for line in open(raw):
     elif f[0] == "inproc" and f[1] == "batch":
         inproc[int(f[2])] = float(f[4])
     elif f[0] == "inproc" and f[1] == "check":
-        info["check"] = f"module's answer vs sentence-transformers (same fp16 weights, fp32 compute): min cosine {f[3]} over {f[5]} sentences"
+        ok = "met" if float(f[3]) >= 0.999 else "NOT met"
+        info["check"] = (f"the module's embeddings vs sentence-transformers' (the same fp16 weights, computed in float32): "
+                         f"min cosine {f[3]} over {f[5]} sentences (issue 11: >= 0.999 in fp16: {ok})")
     elif f[0] == "inproc" and f[1] == "checkfail":
         notes.append("the check of the module's answer against sentence-transformers failed: " + " ".join(f[2:]))
     elif f[0] == "inproc" and f[1] == "#":
@@ -545,7 +554,7 @@ for r in rows:
     tt = twotier(r) if not r["setup"].startswith("two-tier") else None
     vs_tt = f"{s / sent(tt):.1f}x" if tt and sent(tt) > 0 and r["kind"] != "search" else ""
     vs_ip = ""
-    if r["kind"] != "search" and r["pace"] == 0 and r["c"] > 1:
+    if r["setup"].startswith("module") and r["kind"] != "search" and r["pace"] == 0 and r["c"] > 1:
         b = r["spb"] if r["spb"] else per_req(r)
         k, v = nearest_inproc(b)
         if v:
@@ -555,7 +564,7 @@ for r in rows:
     spb = f"{r['spb']:.1f}" if r["spb"] else "-"
     out.append(f"| {r['setup']} | {r['kind']} | {conns} | {r['rps']:,.0f} | {sentences} | {tokens} | {r['p50']:.3f} | {r['p99']:.3f} | {r['bad']} | {spb} | {vs_tt} | {vs_ip} |")
 for b in sorted(inproc):
-    out.append(f"| sentence-transformers in-process fp16 | batch {b} | - | - | {inproc[b]:,.0f} | {inproc[b] * tok:,.0f} | - | - | - | {b} | | 1.00x ({b}) |")
+    out.append(f"| sentence-transformers in-process fp16 | batch {b} | - | - | {inproc[b]:,.0f} | {inproc[b] * tok:,.0f} | - | - | - | {b} | | |")
 out.append("")
 out.append("'vs two-tier': sentences/s over the two-tier stack's at the same request kind and connections. "
            "'vs in-process ST': sentences/s over sentence-transformers in-process at the batch size nearest to the "
@@ -605,6 +614,11 @@ if goals and dry != "1":
     out.append("\n## Goals (issue 11)\n")
     out += [f"- {g}" for g in goals]
 for e in info.get("elapsed_s", []):
-    out.append(f"\nWhole run: {e} s. Raw: embed-raw.txt, embed-wrk.log, embed-peers.log, embed-servers.log.")
+    out.append(f"\nWhole run: {e} s. Beside this file: embed-wrk.log (every wrk output), embed-peers.log, embed-servers.log.")
+out.append("\n## Raw numbers (embed-raw.txt)\n")
+out.append("Rows: setup, request kind, connections, pace ms, req/s, p50 ms, p99 ms, errors, sentences per batch.\n")
+out.append("```")
+out += [line.rstrip("\n") for line in open(raw)]
+out.append("```")
 print("\n".join(out))
 EOF
