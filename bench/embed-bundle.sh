@@ -14,11 +14,11 @@ dest=$root/.gpu-bench
 nice cargo build --release
 rm -rf "$dest"
 mkdir -p "$dest/bin" "$dest/lib"
-cp "$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" "$dest/bin/nginx"
+cp "$(ls -td target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" "$dest/bin/nginx"
 cp target/release/libngx_http_gpu_module.so "$dest/ngx_http_gpu_module.so"
 cp "$(command -v wrk)" "$dest/bin/wrk"
 for l in libpcre2-8.so.0 libcrypt.so.1 libluajit-5.1.so.2; do cp -L "/lib/x86_64-linux-gnu/$l" "$dest/lib/"; done
-strip "$dest/ngx_http_gpu_module.so" 2>/dev/null || true
+strip "$dest/ngx_http_gpu_module.so" "$dest/bin/nginx" 2>/dev/null || true
 # The float16 model: from .gpu-embed/ where t/embed/gpu-bundle.sh already made it, else made
 # now in a scratch directory (it also builds the embed tests' binary there; not carried).
 if [ ! -f "$root/.gpu-embed/all-MiniLM-L6-v2/model.safetensors" ]; then

@@ -56,7 +56,7 @@ ROWS_N=${INDEX_ROWS:-1000000}
 CPU_SECS=$SECS
 if [ "$DRY" = 1 ]; then
     G=""
-    NGINX=${BENCH_NGINX:-$(ls -d "$ROOT"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n1)}
+    NGINX=${BENCH_NGINX:-$(ls -td "$ROOT"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n1)}
     MODULE=${BENCH_MODULE:-$ROOT/target/release/libngx_http_gpu_module.so}
     WRK=${BENCH_WRK:-$(command -v wrk)}
     MODEL=${EMBED_MODEL:-$ROOT/$(sh t/embed/fetch-model.sh)}
@@ -79,6 +79,16 @@ else
     SRV_CPUS=${BENCH_SERVER_CPUS:-0-7}
     CLI_CPUS=${BENCH_CLIENT_CPUS:-8-15}
     export LD_LIBRARY_PATH=$G/lib:${LD_LIBRARY_PATH:-}
+    # NVRTC and cuBLAS from PyTorch's wheels where the system has none (the module loads them
+    # by name; without them it answers from the CPU path and the table says so).
+    for lib in nvrtc:cuda_nvrtc cublas:cublas; do
+        ldconfig -p 2>/dev/null | grep -q "lib${lib%%:*}\.so" && continue
+        found=0
+        for d in ${LD_LIBRARY_PATH//:/ }; do compgen -G "$d/lib${lib%%:*}.so*" >/dev/null && found=1; done
+        [ "$found" = 1 ] && continue
+        d=$(python3 -c "import os, nvidia.${lib#*:} as m; print(os.path.join(list(m.__path__)[0], 'lib'))" 2>/dev/null) \
+            && [ -d "$d" ] && export LD_LIBRARY_PATH=$d:$LD_LIBRARY_PATH && echo "== lib${lib%%:*} from $d" >&2
+    done
 fi
 for f in "$NGINX" "$MODULE" "$WRK" "$MODEL/tokenizer.json"; do
     [ -f "$f" ] || { echo "missing: $f (sh bench/embed-bundle.sh; for BENCH_DRY=1: cargo build --release)"; exit 1; }
@@ -264,7 +274,7 @@ wait_ready() {
 gpu_mem() { # name when: GPU memory of each of its nginx's workers, from nvidia-smi
     local master pids line
     master=$(cat "$W/$1/logs/nginx.pid" 2>/dev/null) || return
-    pids=" $(pgrep -P "$master" | tr '\n' ' ')"
+    pids=" $(awk -v m="$master" '$4 == m {printf "%s ", $1}' /proc/[0-9]*/stat 2>/dev/null)"
     line=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null \
         | while IFS=', ' read -r pid mem unit; do case "$pids" in *" $pid "*) echo -n "$mem$unit "; esac; done)
     raw "gpu_mem $1 ($2): ${line:-none}"
@@ -277,6 +287,7 @@ EMBED_MODELS="gpu_model minilm embed $MODEL precision=fp16;"
 SEARCH_MODELS="gpu_model idx knn $W/index.npy precision=fp16 k=10;"
 EMBED_LOC="location = /v1/embeddings { gpu_process ${EMBED_OP:-embeddings minilm}; }"
 SEARCH_LOC="location = /search { gpu_process ${SEARCH_OP:-search minilm idx}; }"
+[ -n "${EMBED_OP:-}${SEARCH_OP:-}" ] && note "EMBED_OP=${EMBED_OP:-} SEARCH_OP=${SEARCH_OP:-}: the module's rows run those ops, not the embeddings and search ops"
 MODULE_OK=1
 STANDIN=0
 STANDIN_PID=""
