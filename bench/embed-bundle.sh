@@ -29,4 +29,9 @@ if [ ! -f "$root/.gpu-embed/all-MiniLM-L6-v2/model.safetensors" ]; then
 else
     cp -r "$root/.gpu-embed/all-MiniLM-L6-v2" "$dest/"
 fi
+# sentence-transformers (the peers) reads the tokenizer's and its own small settings too.
+src=$root/$(sh t/embed/fetch-model.sh)
+for f in tokenizer_config.json special_tokens_map.json config_sentence_transformers.json; do
+    [ -f "$src/$f" ] && cp "$src/$f" "$dest/all-MiniLM-L6-v2/"
+done
 du -sh "$dest"

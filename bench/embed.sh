@@ -425,7 +425,12 @@ for mps in $MPS_RUNS; do
         [ "$up" = "$WORKERS" ] || note "two-tier: $up of $WORKERS backends started ($(tail -n1 "$W/peer-1.log"))"
     fi
     name=mod-mps-$mps
-    start_nginx "$name" 8401 "$EMBED_MODELS $SEARCH_MODELS" "$EMBED_LOC $SEARCH_LOC" "${ENVS[@]}" || exit 1
+    if ! start_nginx "$name" 8401 "$EMBED_MODELS $SEARCH_MODELS" "$EMBED_LOC $SEARCH_LOC" "${ENVS[@]}" 2>"$W/start.err"; then
+        note "nginx (MPS $mps) did not start: $(head -c 300 "$W/start.err")"
+        stop_peers
+        if [ "$mps" = on ]; then mps_quit; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi
+        continue
+    fi
     if [ "$MODULE_OK" = 1 ]; then
         t0=$SECONDS
         wait_ready 8401 /v1/embeddings "$WANT"
