@@ -32,7 +32,9 @@
 # INDEX_ROWS (1000000), BENCH_SERVER_CPUS / BENCH_CLIENT_CPUS (0-7 / 8-15); EMBED_OP and
 # SEARCH_OP replace the ops' gpu_process arguments (e.g. `echo`, to try the module's side of
 # the plumbing in a dry run before the embeddings op exists: its answers are not embeddings);
-# EMBED_EXTRA: more http-level directives for the module (e.g. "gpu_batch_size 256;");
+# EMBED_EXTRA: more http-level directives for the module (e.g. "gpu_batch_tokens 32768;");
+# EMBED_LOC_EXTRA: directives in the /v1/embeddings and /search locations (default
+# "gpu_batch_size 256;", as nginx-conf/embeddings.conf; gpu_batch_delay stays at its 0);
 # BENCH_BUDGET (480): seconds after which the optional parts (the second MPS run, the CPU
 # path) are skipped, with a line saying so, to stay inside one device call.
 # BENCH_DRY=1: the whole script here on the CPU with tiny durations (nginx and the module from
@@ -60,7 +62,7 @@ if [ "$DRY" = 1 ]; then
     MODULE=${BENCH_MODULE:-$ROOT/target/release/libngx_http_gpu_module.so}
     WRK=${BENCH_WRK:-$(command -v wrk)}
     MODEL=${EMBED_MODEL:-$ROOT/$(sh t/embed/fetch-model.sh)}
-    SECS=${BENCH_SECS:-1}
+    SECS=${BENCH_SECS:-2}
     CPU_SECS=$SECS
     CONNS=${EMBED_CONNS:-"8 32"}
     BCONNS=${BATCH_CONNS:-8}
@@ -75,7 +77,7 @@ else
     MODULE=${BENCH_MODULE:-$G/ngx_http_gpu_module.so}
     WRK=${BENCH_WRK:-$G/bin/wrk}
     MODEL=${EMBED_MODEL:-$G/all-MiniLM-L6-v2}
-    CPU_SECS=$(( SECS > 2 ? 2 : SECS ))
+    CPU_SECS=$(( SECS > 3 ? 3 : SECS ))
     SRV_CPUS=${BENCH_SERVER_CPUS:-0-7}
     CLI_CPUS=${BENCH_CLIENT_CPUS:-8-15}
     export LD_LIBRARY_PATH=$G/lib:${LD_LIBRARY_PATH:-}
@@ -230,8 +232,11 @@ n = re.search(r"(\d+) requests in", out)
 lat = dict((p, ms(v, u)) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M))
 bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
 errs = re.search(r"Socket errors:.*timeout (\d+)", out)
+done = int(n.group(1)) if n else 0
+if done == 0:  # nothing answered within the run: no latency to speak of
+    lat = {}
 print(rps.group(1) if rps else "0", round(lat.get("50", float("nan")), 3), round(lat.get("99", float("nan")), 3),
-      (int(bad.group(1)) if bad else 0) + (int(errs.group(1)) if errs else 0), n.group(1) if n else 0)
+      (int(bad.group(1)) if bad else 0) + (int(errs.group(1)) if errs else 0), done)
 EOF
 }
 # Batches run so far by a location's op (nv_inference_exec_count, summed over workers).
@@ -248,7 +253,7 @@ measure() {
     b0=$(batches "$port" "$path")
     read -r rps p50 p99 bad n <<<"$(run_wrk "http://127.0.0.1:$port$path" "$c" "$bodies" "$pace")"
     b1=$(batches "$port" "$path")
-    [ "$((b1 - b0))" -gt 0 ] && spb=$(python3 -c "print(round($n * $per / ($b1 - $b0), 1))")
+    [ "$((b1 - b0))" -gt 0 ] && [ "$n" -gt 0 ] && spb=$(python3 -c "print(round($n * $per / ($b1 - $b0), 1))")
     raw "row $setup $kind $c $pace $rps $p50 $p99 $bad $spb"
     say "$setup $kind c=$c pace=$pace: $rps req/s, p50 $p50 ms, p99 $p99 ms, errors $bad, sentences/batch $spb"
     LAST_RPS=$rps
@@ -284,9 +289,10 @@ gpu_mem() { # name when: GPU memory of each of its nginx's workers, from nvidia-
 
 # 2. The module (and the two-tier peer behind the same nginx, in the first MPS run).
 EMBED_MODELS="gpu_model minilm embed $MODEL precision=fp16;"
-SEARCH_MODELS="gpu_model idx knn $W/index.npy precision=fp16 k=10;"
-EMBED_LOC="location = /v1/embeddings { gpu_process ${EMBED_OP:-embeddings minilm}; }"
-SEARCH_LOC="location = /search { gpu_process ${SEARCH_OP:-search minilm idx}; }"
+SEARCH_MODELS="gpu_model idx knn $W/index.npy metric=ip precision=fp16 k=10 batch_rows=1024;"
+LOC_EXTRA=${EMBED_LOC_EXTRA-gpu_batch_size 256;}
+EMBED_LOC="location = /v1/embeddings { gpu_process ${EMBED_OP:-embeddings minilm}; $LOC_EXTRA }"
+SEARCH_LOC="location = /search { gpu_process ${SEARCH_OP:-search minilm idx}; $LOC_EXTRA }"
 [ -n "${EMBED_OP:-}${SEARCH_OP:-}" ] && note "EMBED_OP=${EMBED_OP:-} SEARCH_OP=${SEARCH_OP:-}: the module's rows run those ops, not the embeddings and search ops"
 MODULE_OK=1
 STANDIN=0
