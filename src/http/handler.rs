@@ -16,7 +16,7 @@ use crate::engine::job::{Batching, Completion, Device, Job, JobError};
 use crate::engine::worker;
 use crate::engine::worker::{log_repeated, Repeated};
 use crate::http::body;
-use crate::http::response::{send, send_error};
+use crate::http::response::{send, send_error_shaped};
 use crate::metrics::{self, Outcome};
 use crate::ngx_http_gpu_module;
 use crate::ops::{Op, Params};
@@ -54,6 +54,21 @@ fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 
 unsafe fn loc_conf(r: *mut ngx_http_request_t) -> &'static LocConf {
     &*(*(*r).loc_conf.add(ngx_http_gpu_module.ctx_index) as *const LocConf)
+}
+
+/// Sends an error in the shape of the location's op (`Op::error_shape`; plain JSON for
+/// KServe locations, whose ops vary per request).
+unsafe fn send_error(
+    r: *mut ngx_http_request_t,
+    status: ngx_uint_t,
+    message: &str,
+    headers: &[(&str, &str)],
+) -> ngx_int_t {
+    let shape = loc_conf(r)
+        .op
+        .as_ref()
+        .map_or(crate::ops::ErrorShape::Plain, |op| op.error_shape());
+    send_error_shaped(r, shape, status, message, headers)
 }
 
 pub unsafe fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut RequestCtx> {

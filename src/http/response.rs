@@ -4,6 +4,8 @@ use core::ptr;
 
 use ngx::ffi::*;
 
+pub use crate::ops::ErrorShape;
+
 /// Sends `body` with `status` and `content_type`. The body's memory is handed to the
 /// request pool (freed by a pool cleanup), so large outputs are not copied again.
 /// Returns what the output filter returned, for ngx_http_finalize_request.
@@ -73,6 +75,17 @@ pub unsafe fn send_error(
     message: &str,
     headers: &[(&str, &str)],
 ) -> ngx_int_t {
+    send_error_shaped(r, ErrorShape::Plain, status, message, headers)
+}
+
+/// `send_error` with the error in `shape` (the location's op's, `Op::error_shape`).
+pub unsafe fn send_error_shaped(
+    r: *mut ngx_http_request_t,
+    shape: ErrorShape,
+    status: ngx_uint_t,
+    message: &str,
+    headers: &[(&str, &str)],
+) -> ngx_int_t {
     if has_error_page(r, status) {
         for (k, v) in headers {
             if push_header(r, k, v).is_none() {
@@ -85,7 +98,7 @@ pub unsafe fn send_error(
         r,
         status,
         "application/json",
-        json_error(message).into_bytes(),
+        error_body(shape, status, message).into_bytes(),
         headers,
     )
 }
@@ -114,9 +127,38 @@ unsafe fn push_header(r: *mut ngx_http_request_t, k: &str, v: &str) -> Option<()
     Some(())
 }
 
+/// An error's JSON body in `shape`: `{"error": "message"}`, or OpenAI's
+/// `{"error": {"message": "...", "type": "..."}}` (`invalid_request_error` for 4xx,
+/// `server_error` for 5xx).
+pub fn error_body(shape: ErrorShape, status: ngx_uint_t, message: &str) -> String {
+    match shape {
+        ErrorShape::Plain => json_error(message),
+        ErrorShape::OpenAi => {
+            let kind = if status < 500 {
+                "invalid_request_error"
+            } else {
+                "server_error"
+            };
+            let mut s = String::from("{\"error\": {\"message\": \"");
+            escape_into(&mut s, message);
+            s.push_str("\", \"type\": \"");
+            s.push_str(kind);
+            s.push_str("\"}}\n");
+            s
+        }
+    }
+}
+
 pub fn json_error(message: &str) -> String {
     let mut s = String::with_capacity(message.len() + 16);
     s.push_str("{\"error\": \"");
+    escape_into(&mut s, message);
+    s.push_str("\"}\n");
+    s
+}
+
+/// Appends `message` as the inside of a JSON string.
+fn escape_into(s: &mut String, message: &str) {
     for c in message.chars() {
         match c {
             '"' => s.push_str("\\\""),
@@ -126,8 +168,6 @@ pub fn json_error(message: &str) -> String {
             c => s.push(c),
         }
     }
-    s.push_str("\"}\n");
-    s
 }
 
 /// Moves `body` under the pool's ownership; it is freed when the request is.

@@ -19,6 +19,7 @@ pub mod embed;
 pub mod kernel;
 pub mod knn;
 pub mod model;
+pub mod search;
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -33,6 +34,7 @@ pub const REGISTRY: &[(&str, Parse)] = &[
     ("echo", echo::parse),
     ("blake3", blake3::parse),
     ("kernel", kernel::parse),
+    ("search", search::parse),
 ];
 
 /// The header the built-in ops' kernels share, served to NVRTC by name.
@@ -142,10 +144,25 @@ impl std::fmt::Debug for Decoded {
     }
 }
 
+/// How a location's error answers are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error": "message"}` (the raw-body ops, KServe v2).
+    #[default]
+    Plain,
+    /// `{"error": {"message": "...", "type": "..."}}` (OpenAI-style JSON APIs).
+    OpenAi,
+}
+
 /// A configured op (one per `gpu_process` location).
 pub trait Op: Send + Sync + 'static {
     /// `echo`, `kernel blur`: in log lines and error messages.
     fn name(&self) -> &str;
+
+    /// The shape of the location's error answers (400, 405, 413, 503, 504, 500).
+    fn error_shape(&self) -> ErrorShape {
+        ErrorShape::Plain
+    }
 
     /// Binds names to what the http block declares, once the whole configuration is read
     /// (a kernel may be declared after the locations that use it), and checks what needed
@@ -348,7 +365,10 @@ mod tests {
     #[test]
     fn unknown_ops_and_extra_arguments_are_refused() {
         let e = parse(&["sha1"]).err().unwrap();
-        assert_eq!(e, "unknown op \"sha1\" (known ops: echo, blake3, kernel)");
+        assert_eq!(
+            e,
+            "unknown op \"sha1\" (known ops: echo, blake3, kernel, search)"
+        );
         let e = parse(&["echo", "x"]).err().unwrap();
         assert_eq!(e, "op \"echo\" takes no arguments, got \"x\"");
         assert!(parse(&[]).is_err());
