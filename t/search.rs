@@ -452,21 +452,26 @@ fn missing_models_wrong_kinds_and_widths_fail_the_test_naming_both() {
     );
 }
 
-/// The real all-MiniLM-L6-v2 where `make check` fetched it (t/embed/fetch-model.sh).
+/// The real all-MiniLM-L6-v2 where the embed tests find it: `NGX_GPU_EMBED_MODEL`, the GPU
+/// bundle's copy, or where `make check` fetched it (t/embed/fetch-model.sh).
 fn minilm() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/embed-model/all-MiniLM-L6-v2");
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
+    let candidates = [
+        std::env::var_os("NGX_GPU_EMBED_MODEL").map(PathBuf::from),
+        Some(PathBuf::from(".gpu-embed/all-MiniLM-L6-v2")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/embed-model/all-MiniLM-L6-v2")),
+    ];
+    if let Some(dir) = candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("model.safetensors").exists())
+    {
+        return Some(std::fs::canonicalize(dir).unwrap());
     }
     assert!(
         std::env::var("NGX_GPU_REQUIRE_EMBED_MODEL").as_deref() != Ok("1"),
-        "NGX_GPU_REQUIRE_EMBED_MODEL=1 but {} is missing",
-        dir.display()
+        "NGX_GPU_REQUIRE_EMBED_MODEL=1 but all-MiniLM-L6-v2 is missing"
     );
-    eprintln!(
-        "skipped: {} not fetched (t/embed/fetch-model.sh)",
-        dir.display()
-    );
+    eprintln!("skipped: all-MiniLM-L6-v2 not fetched (t/embed/fetch-model.sh)");
     None
 }
 
@@ -560,7 +565,7 @@ fn build_index(url: &str, model: &str, corpus: &[String], out: &Path) -> (Vec<u8
     std::fs::create_dir_all(out).unwrap();
     let file = out.join("corpus.txt");
     std::fs::write(&file, corpus.join("\n") + "\n").unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx-conf/search/build-index.py");
+    let script = conf_dir().join("search/build-index.py");
     let run = std::process::Command::new("python3")
         .arg(script)
         .args(["--url", url, "--model", model, "--batch", "7"])
@@ -746,4 +751,51 @@ fn the_build_script_works_against_the_module_s_own_embeddings_endpoint() {
         let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         assert!(dot / (n(g) * n(w)) >= 0.9999, "{g:?} vs {w:?}");
     }
+}
+
+#[test]
+fn the_example_config_tests_clean_with_stand_in_files() {
+    // Wherever the real model is missing too: a generated encoder and an index of its
+    // width where search.conf expects all-MiniLM-L6-v2 and the built index.
+    let dir =
+        std::env::temp_dir().join(format!("ngx-gpu-t-search-stand-in-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = tiny::Tiny::new(&dir.join("model"), 3);
+    t.write();
+    let d = t.config["hidden_size"].as_u64().unwrap() as usize;
+    let mut rng = Rng::fresh();
+    let rows: Vec<Vec<f32>> = (0..10)
+        .map(|_| {
+            (0..d)
+                .map(|_| (rng.next() % 1000) as f32 / 1000.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    write_index(&dir, &rows);
+    let text = std::fs::read_to_string(conf_dir().join("search.conf"))
+        .unwrap()
+        .replace(
+            "search/all-MiniLM-L6-v2",
+            &dir.join("model").display().to_string(),
+        )
+        .replace(
+            "search/index.npy",
+            &dir.join("index.npy").display().to_string(),
+        )
+        .replace("listen 127.0.0.1:8080;", "listen 127.0.0.1:{PORT};");
+    let out = nginx_t(&text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the index's width is checked against the encoder's.
+    write_index(&dir, &[vec![0.5; d + 2]]);
+    let out = nginx_t(&text);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the knn index has"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,8 @@ use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::ops::knn::index::{Index, Metric, Precision};
 use crate::testing::{collect, log_lines, wait_done, Rng};
 
+// The embed tests include it too, in a module private to ops::embed.
+#[allow(clippy::duplicate_mod)]
 #[path = "../../../t/embed/tiny.rs"]
 pub mod tiny;
 
@@ -173,8 +175,11 @@ impl Fixture {
     }
 }
 
-/// (ids, scores) per text, and the usage's token count, from an answer.
-pub fn parse_answer(out: &Output) -> (Vec<(Vec<i64>, Vec<f64>)>, u64, String) {
+/// Each text's hits: external ids and scores, best first.
+pub type TextHits = Vec<(Vec<i64>, Vec<f64>)>;
+
+/// (ids, scores) per text, the usage's token count and the model's name, from an answer.
+pub fn parse_answer(out: &Output) -> (TextHits, u64, String) {
     assert_eq!(&*out.content_type, "application/json");
     let v: Value = serde_json::from_slice(&out.body).unwrap();
     assert_eq!(v["object"], "list");
