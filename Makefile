@@ -46,7 +46,7 @@ build: deps
 	cp "$$(ls -d target/release/build/nginx-sys-*/out/objs/nginx | head -n1)" $(PREFIX)/sbin/nginx
 	cp target/release/libngx_http_gpu_module.so $(PREFIX)/modules/ngx_http_gpu_module.so
 	cp nginx-conf/*.conf $(PREFIX)/conf/
-	cp -r nginx-conf/kernels nginx-conf/models $(PREFIX)/conf/
+	cp -r nginx-conf/kernels nginx-conf/models nginx-conf/search $(PREFIX)/conf/
 	mkdir -p $(PREFIX)/include && cp include/ngx_gpu_kernel.h $(PREFIX)/include/
 
 run: build

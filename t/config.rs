@@ -29,7 +29,7 @@ fn unknown_op() {
     let e = emerg(&server("gpu_process sha1;"));
     assert!(
         e.contains(
-            "[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3, kernel, embeddings)"
+            "[emerg] \"gpu_process\" directive: unknown op \"sha1\" (known ops: echo, blake3, kernel, embeddings, search, kserve)"
         ),
         "{e}"
     );

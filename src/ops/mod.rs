@@ -19,6 +19,7 @@ pub mod embed;
 pub mod kernel;
 pub mod knn;
 pub mod model;
+pub mod search;
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ pub const REGISTRY: &[(&str, Parse)] = &[
     ("blake3", blake3::parse),
     ("kernel", kernel::parse),
     ("embeddings", embed::op::parse),
+    ("search", search::parse),
 ];
 
 /// The header the built-in ops' kernels share, served to NVRTC by name.
@@ -76,7 +78,10 @@ pub fn parse(args: &[&str]) -> Result<Configured, String> {
     match REGISTRY.iter().find(|(n, _)| n == name) {
         Some((_, parse)) => parse(rest),
         None => {
-            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            // `kserve` is a protocol, not one op: the location's directive handler takes it
+            // before the registry (conf/mod.rs), but users name it the same way.
+            let mut known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            known.push("kserve");
             Err(format!(
                 "unknown op \"{name}\" (known ops: {})",
                 known.join(", ")
@@ -368,7 +373,7 @@ mod tests {
         let e = parse(&["sha1"]).err().unwrap();
         assert_eq!(
             e,
-            "unknown op \"sha1\" (known ops: echo, blake3, kernel, embeddings)"
+            "unknown op \"sha1\" (known ops: echo, blake3, kernel, embeddings, search, kserve)"
         );
         let e = parse(&["echo", "x"]).err().unwrap();
         assert_eq!(e, "op \"echo\" takes no arguments, got \"x\"");
