@@ -7,6 +7,10 @@ pub mod buffers;
 mod compile;
 mod device;
 mod error;
+pub mod rendezvous;
+#[cfg(test)]
+mod rendezvous_tests;
+pub mod shared;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fake;
 #[cfg(test)]

@@ -109,7 +109,7 @@ impl Bench {
         let Loader::Device(mut l) = self.gpu.loader(&self.compiled) else {
             unreachable!()
         };
-        DeviceIndex::load(&mut l, index).unwrap()
+        DeviceIndex::load(&mut l, index, None).unwrap()
     }
 
     /// Runs one search; returns (rows, scores).
