@@ -7,12 +7,12 @@ pub mod buffers;
 mod compile;
 mod device;
 mod error;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fake;
 pub mod rendezvous;
 #[cfg(test)]
 mod rendezvous_tests;
 pub mod shared;
-#[cfg(any(test, feature = "fault-injection"))]
-pub mod fake;
 #[cfg(test)]
 mod tests;
 

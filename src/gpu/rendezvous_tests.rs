@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::rendezvous::{Origin, Rendezvous};
+use super::rendezvous::Rendezvous;
 
 const SIZE: u64 = 4096;
 
@@ -183,11 +183,23 @@ fn concurrent_processes_elect_one_maker_and_all_hold_its_fd() {
     let spawned: Vec<_> = (0..5).map(|_| spawn(&dir, "k1", 300)).collect();
     let holders: Vec<Holder> = spawned.into_iter().map(|(c, rx)| result(c, rx)).collect();
     let makers: Vec<&Holder> = holders.iter().filter(|h| h.origin == "Allocated").collect();
-    assert_eq!(makers.len(), 1, "one maker: {:?}", holders.iter().map(|h| (&h.origin, &h.text)).collect::<Vec<_>>());
+    assert_eq!(
+        makers.len(),
+        1,
+        "one maker: {:?}",
+        holders
+            .iter()
+            .map(|h| (&h.origin, &h.text))
+            .collect::<Vec<_>>()
+    );
     let want = format!("made by {}", makers[0].pid);
     for h in &holders {
         assert_eq!(h.text, want, "process {} ({})", h.pid, h.origin);
-        assert!(h.origin == "Allocated" || h.origin == "Imported", "{}", h.origin);
+        assert!(
+            h.origin == "Allocated" || h.origin == "Imported",
+            "{}",
+            h.origin
+        );
     }
     assert_eq!(sockets(&dir).len(), 5, "every holder serves");
     // And this process can fetch it too.
@@ -197,7 +209,11 @@ fn concurrent_processes_elect_one_maker_and_all_hold_its_fd() {
     for h in holders {
         h.quit();
     }
-    assert!(sockets(&dir).is_empty(), "clean exits remove their sockets: {:?}", sockets(&dir));
+    assert!(
+        sockets(&dir).is_empty(),
+        "clean exits remove their sockets: {:?}",
+        sockets(&dir)
+    );
     super::rendezvous::remove_dir(&dir);
 }
 
@@ -209,14 +225,22 @@ fn the_makers_death_loses_nothing_and_a_respawn_allocates_when_none_is_left() {
     assert_eq!(a.origin, "Allocated");
     let want = format!("made by {}", a.pid);
     let b = holder(&dir, "k2", 0);
-    assert_eq!((b.origin.as_str(), b.text.as_str()), ("Imported", want.as_str()));
+    assert_eq!(
+        (b.origin.as_str(), b.text.as_str()),
+        ("Imported", want.as_str())
+    );
     // The maker dies with SIGKILL: its socket file stays, nobody listens on it.
     let a_pid = a.pid;
     a.kill();
-    assert!(sockets(&dir).iter().any(|s| s.contains(&format!(".{a_pid}."))));
+    assert!(sockets(&dir)
+        .iter()
+        .any(|s| s.contains(&format!(".{a_pid}."))));
     // A respawned worker imports the same memory from the other holder.
     let c = holder(&dir, "k2", 0);
-    assert_eq!((c.origin.as_str(), c.text.as_str()), ("Imported", want.as_str()));
+    assert_eq!(
+        (c.origin.as_str(), c.text.as_str()),
+        ("Imported", want.as_str())
+    );
     // Every holder dies: the next one finds only stale sockets, removes them, makes anew.
     b.kill();
     c.kill();
@@ -239,7 +263,10 @@ fn keys_do_not_meet() {
     Rendezvous::open(&dir).unwrap();
     let a = holder(&dir, "ka", 0);
     let b = holder(&dir, "kb", 0);
-    assert_eq!((a.origin.as_str(), b.origin.as_str()), ("Allocated", "Allocated"));
+    assert_eq!(
+        (a.origin.as_str(), b.origin.as_str()),
+        ("Allocated", "Allocated")
+    );
     assert_ne!(a.text, b.text);
     a.quit();
     b.quit();
@@ -254,7 +281,10 @@ fn in_process_serve_fetch_and_stop() {
     let server = rdv.serve("k3", memfd("hello"), SIZE).unwrap();
     assert!(server.path().exists());
     let got = rdv.fetch("k3").unwrap();
-    assert_eq!((got.size, read_fd(&got.fd).unwrap().as_str()), (SIZE, "hello"));
+    assert_eq!(
+        (got.size, read_fd(&got.fd).unwrap().as_str()),
+        (SIZE, "hello")
+    );
     // Twice: the server answers more than once.
     assert!(rdv.fetch("k3").is_some());
     let path = server.path().to_path_buf();
@@ -290,12 +320,15 @@ fn only_a_private_directory_of_ours_is_used_and_keys_are_checked() {
     let dir = fresh_dir("perm");
     std::fs::create_dir(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let e = Rendezvous::open(&dir).err().expect("a directory others can read is refused");
+    let e = Rendezvous::open(&dir).expect_err("a directory others can read is refused");
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
     let link = fresh_dir("link");
     std::os::unix::fs::symlink(&dir, &link).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    assert!(Rendezvous::open(&link).is_err(), "a symbolic link is refused");
+    assert!(
+        Rendezvous::open(&link).is_err(),
+        "a symbolic link is refused"
+    );
     let rdv = Rendezvous::open(&dir).unwrap();
     for bad in ["", "../x", "a/b", "a.b", &"k".repeat(65)] {
         assert!(rdv.lock(bad).is_err(), "{bad:?}");
@@ -319,7 +352,10 @@ fn the_lock_is_exclusive_between_processes() {
     let (a, b) = (result(a, ra), result(b, rb));
     assert!(started.elapsed() >= Duration::from_millis(400));
     let origins = [a.origin.as_str(), b.origin.as_str()];
-    assert!(origins.contains(&"Allocated") && origins.contains(&"Imported"), "{origins:?}");
+    assert!(
+        origins.contains(&"Allocated") && origins.contains(&"Imported"),
+        "{origins:?}"
+    );
     assert_eq!(a.text, b.text);
     a.quit();
     b.quit();

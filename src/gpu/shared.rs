@@ -181,10 +181,7 @@ fn import(ctx: &Arc<CudaContext>, fd: &OwnedFd, size: usize) -> Result<SharedReg
 }
 
 /// Creates an exportable allocation of `size` bytes, maps it and exports its fd.
-fn create(
-    ctx: &Arc<CudaContext>,
-    size: usize,
-) -> Result<(SharedRegion, OwnedFd), String> {
+fn create(ctx: &Arc<CudaContext>, size: usize) -> Result<(SharedRegion, OwnedFd), String> {
     let prop = props(ctx);
     let mut handle: CUmemGenericAllocationHandle = 0;
     // SAFETY: prop is fully set for a pinned device allocation; handle is written.
@@ -224,7 +221,9 @@ pub fn obtain(
     bytes: usize,
     fill: impl FnOnce(u64) -> Result<(), GpuError>,
 ) -> Result<(SharedRegion, Origin), String> {
-    let dir = DIR.get().ok_or("no meeting directory (not a worker of nginx)")?;
+    let dir = DIR
+        .get()
+        .ok_or("no meeting directory (not a worker of nginx)")?;
     let rdv = Rendezvous::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     ctx.bind_to_thread()
         .map_err(|e| GpuError::from_driver(e, "binding the context").to_string())?;

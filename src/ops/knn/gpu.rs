@@ -236,9 +236,17 @@ pub fn content_key(index: &Index, digest: &[u8; 32]) -> [u8; 32] {
 /// The digest of an index's rows (float32 as loaded, little-endian bytes).
 pub fn index_digest(rows: &[f32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
-    for chunk in rows.chunks(1 << 16) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-        h.update(&bytes);
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and any byte is a valid u8; the slice covers exactly
+        // the rows' memory, borrowed for the call.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(rows.as_ptr().cast::<u8>(), rows.len() * 4) };
+        h.update(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in rows {
+        h.update(&v.to_le_bytes());
     }
     *h.finalize().as_bytes()
 }
