@@ -37,6 +37,11 @@ pub fn set_dir(dir: PathBuf) {
 
 pub use super::rendezvous::Origin;
 
+/// Whether this process shares (it is a worker of nginx: `set_dir` was called).
+pub fn enabled() -> bool {
+    DIR.get().is_some()
+}
+
 /// A shared allocation mapped in this process, and this process's server of its fd.
 pub struct SharedRegion {
     ptr: u64,

@@ -301,7 +301,7 @@ fn fill_stored(
 impl DeviceIndex {
     /// Puts the index on the device (float16 rows converted there, row norms computed for
     /// L2) and opens cuBLAS. With `share` (the model's name and content digest, see
-    /// `content_key`), the rows live in memory shared by every worker of this nginx on the
+    /// `content_key`), in a worker of nginx (`gpu::shared::enabled`), the rows live in memory shared by every worker of this nginx on the
     /// device (`gpu::shared`): imported from a worker that holds them, or uploaded here
     /// for the others; where that is not possible, a copy of this worker's own, and one
     /// line in `loader.notes` says which. Waits for the copies.
@@ -338,7 +338,7 @@ impl DeviceIndex {
         let layout = Stored::of(index);
         let mut shared = None;
         let mut own = None;
-        if let Some((name, digest)) = share {
+        if let Some((name, digest)) = share.filter(|_| crate::gpu::shared::enabled()) {
             let started = std::time::Instant::now();
             let fill = |base: u64| fill_stored(&stream, &prep, index, &layout, base);
             let mib = layout.bytes as f64 / (1 << 20) as f64;
