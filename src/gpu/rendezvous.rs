@@ -183,8 +183,12 @@ impl Rendezvous {
                 if s.load(Ordering::Acquire) {
                     break;
                 }
-                if let Ok(c) = conn {
-                    let _ = send(&c, fd.as_raw_fd(), size);
+                match conn {
+                    Ok(c) => {
+                        let _ = send(&c, fd.as_raw_fd(), size);
+                    }
+                    // Out of fds or the like: no busy loop while it lasts.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
