@@ -23,6 +23,8 @@ export LD_LIBRARY_PATH="$G/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 ROWS=${NGX_GPU_SHARE_ROWS:-2097152}
 DIM=128
 COUNTS=${NGX_GPU_SHARE_WORKERS:-"1 2 4 8"}
+# Which MPS modes get the run under load (both by default; "off" for a short run).
+LOAD_MODES=${NGX_GPU_SHARE_LOAD:-"off on"}
 
 NGX_GPU_ENTRYPOINT_LIB=1 . docker/entrypoint.sh
 
@@ -216,11 +218,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 # Without MPS: an empty pipe directory, so that no system-wide daemon is found either.
 export CUDA_MPS_PIPE_DIRECTORY=$W/no-mps CUDA_MPS_LOG_DIRECTORY=$W/no-mps
 memory off
-under_load off
+case " $LOAD_MODES " in *" off "*) under_load off ;; esac
 unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 if ngx_mps_start; then
     memory on
-    under_load on
+    case " $LOAD_MODES " in *" on "*) under_load on ;; esac
     ngx_mps_stop
 else
     bad "the MPS control daemon did not start: ${ngx_mps_why:-}"
