@@ -44,6 +44,7 @@ pub static mut ngx_http_gpu_module: ngx_module_t = ngx_module_t {
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_process: Some(init_process),
     exit_process: Some(exit_process),
+    exit_master: Some(exit_master),
     ..ngx_module_t::default()
 };
 
@@ -121,6 +122,15 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if !mcf.used {
         return NGX_OK as ngx_int_t;
     }
+    // Where this nginx's workers meet to share device memory (gpu::shared): named after
+    // the master, so respawned workers and those of a reload meet the live ones. Made by
+    // the first worker that needs it; the master removes it at its exit.
+    let master = if ngx_process == NGX_PROCESS_WORKER as ngx_uint_t {
+        libc::getppid()
+    } else {
+        libc::getpid()
+    };
+    gpu::shared::set_dir(gpu::rendezvous::dir_for(master as u32));
     let kernels = match &mcf.kernels {
         Some(Ok(compiled)) => Kernels::Ptx(compiled.clone()),
         Some(Err(why)) => Kernels::Unavailable(why.clone()),
@@ -244,6 +254,13 @@ unsafe fn fault_plan(cycle: *mut ngx_cycle_t) -> Result<Option<faults::Plan>, St
         "gpu: fault injection build, faults planned: {text}"
     );
     Ok(Some(plan))
+}
+
+/// The master's exit: removes the workers' meeting directory (gpu::shared). No CUDA here.
+unsafe extern "C" fn exit_master(_cycle: *mut ngx_cycle_t) {
+    let _ = std::panic::catch_unwind(|| {
+        gpu::rendezvous::remove_dir(&gpu::rendezvous::dir_for(std::process::id()));
+    });
 }
 
 unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {

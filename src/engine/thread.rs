@@ -36,7 +36,7 @@ use crate::engine::devices::Placement;
 use crate::engine::job::{Completion, Device as Ran, Event, Fallback, Job, JobError, Level};
 use crate::engine::notify::Notifier;
 use crate::engine::stats::{self, Stats};
-use crate::gpu::{no_panic, panic_message, Compiled, Device, Gpu, GpuError, Memory};
+use crate::gpu::{no_panic, panic_message, Compiled, Device, Gpu, GpuError, Loader, Memory};
 use crate::metrics::{self, DeviceState, OpState};
 use crate::ops::{Assembly, Item, Layout, Op, OpOnDevice, Output};
 
@@ -550,6 +550,11 @@ impl State {
                 for (key, op) in ops.iter().enumerate() {
                     if let Some(state) = op.load(&mut loader)? {
                         states.insert(key, state);
+                    }
+                }
+                if let Loader::Device(d) = &mut loader {
+                    for note in d.notes.drain(..) {
+                        out.log(Level::Notice, note);
                     }
                 }
             }

@@ -132,6 +132,9 @@ pub struct DeviceLoader<'a> {
     pub ctx: &'a Arc<CudaContext>,
     compiled: &'a Compiled,
     modules: HashMap<u64, Arc<CudaModule>>,
+    /// Lines for the worker's log (notice level) from the ops' loads: how each shared
+    /// region was come by, or why a copy of its own was loaded.
+    pub notes: Vec<String>,
 }
 
 impl DeviceLoader<'_> {
@@ -344,6 +347,7 @@ impl Gpu {
                     ctx: &ctx,
                     compiled,
                     modules: HashMap::new(),
+                    notes: Vec::new(),
                 };
                 Some(FaultKernels {
                     illegal_address: loader.function(program, "ngx_gpu_fault_illegal_address")?,
@@ -561,6 +565,7 @@ impl Device for Gpu {
             ctx: &self.ctx,
             compiled,
             modules: HashMap::new(),
+            notes: Vec::new(),
         })
     }
 

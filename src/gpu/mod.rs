@@ -9,6 +9,10 @@ mod device;
 mod error;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fake;
+pub mod rendezvous;
+#[cfg(test)]
+mod rendezvous_tests;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 

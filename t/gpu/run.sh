@@ -9,6 +9,7 @@
 #   bash .gpu/run.sh            everything
 #   bash .gpu/run.sh tests      the test binaries only
 #   bash .gpu/run.sh sanitize   compute-sanitizer only
+#   bash .gpu/run.sh share      one knn index per GPU shared by the workers (t/gpu/share.sh)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -54,6 +55,15 @@ if [ "$what" = all ] || [ "$what" = sanitize ]; then
         { echo "######## compute-sanitizer $tool (rc=$rc)"; cat "$OUT/one.log"; } >>"$OUT/sanitizer.log"
         rm -f "$OUT/one.log"
     done
+fi
+if [ "$what" = all ] || [ "$what" = share ]; then
+    # GPU memory against the worker count, with and without MPS; a worker's SIGKILL and a
+    # reload under load (its tables are printed as it ends).
+    start=$SECONDS
+    OUT=$OUT bash t/gpu/share.sh >"$OUT/share.log" 2>&1; rc=$?
+    [ $rc -ne 0 ] && status=1
+    sed -n '/^GPU memory used by nginx/,$p' "$OUT/share.log"
+    summary+="share: $(tail -n1 "$OUT/share.log") (rc=$rc, $((SECONDS - start))s)"$'\n'
 fi
 echo
 echo "$summary"

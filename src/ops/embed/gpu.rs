@@ -1,5 +1,5 @@
-//! The encoder on the device: weights uploaded once per worker in the configured
-//! precision, matrix products on cuBLAS (fp16/bf16 inputs with float32 accumulation on
+//! The encoder on the device: weights uploaded once per GPU in the configured precision
+//! and shared by the workers there (`gpu::shared`, else once per worker), matrix products on cuBLAS (fp16/bf16 inputs with float32 accumulation on
 //! tensor cores, or float32), the rest in `embed.cu`.
 //!
 //! A batch is packed without padding (its texts' tokens back to back), so the products run
@@ -18,6 +18,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfi
 use super::files::{Activation, Pooling};
 use super::weights::{Linear, Norm};
 use super::{EmbedModel, Encoded, Precision};
+use crate::gpu::shared::SharedRegion;
 use crate::gpu::{launch_config, no_panic, DeviceLoader, GpuError, Program};
 
 /// The program of the op's kernels (`embed.cu`), made once per process.
@@ -144,8 +145,12 @@ pub struct DeviceEncoder {
     /// One cuBLAS handle per stream it ran on (a handle's workspace must not be shared by
     /// two streams' products in flight at once), made on first use.
     blas: Mutex<Vec<(usize, Blas)>>,
-    // Dropped after the handles (fields drop in order): the weights they may still read.
+    /// Bytes of device memory the weights take (aligned places included).
+    weight_bytes: usize,
+    // Dropped after the handles (fields drop in order): the weights they may still read,
+    // this worker's own or shared by the workers on the device (`gpu::shared`).
     _memory: Vec<CudaSlice<u8>>,
+    _shared: Option<SharedRegion>,
 }
 
 // The op's per-worker state must be able to move to the GPU thread.
@@ -201,29 +206,68 @@ fn head_width(dh: usize) -> usize {
 /// Largest head the attention kernel takes (its registers and shared tiles).
 pub const MAX_HEAD: usize = 64;
 
+/// Where `Uploader` puts the weights.
+enum Target<'a> {
+    /// One allocation per tensor, this worker's own.
+    Own {
+        stream: Arc<CudaStream>,
+        memory: &'a mut Vec<CudaSlice<u8>>,
+    },
+    /// A dry pass: lays the tensors out in one region and hashes their bytes (the region's
+    /// content key), copying nothing.
+    Plan(Box<blake3::Hasher>),
+    /// Copies each tensor to its place in the region at `base` (synchronous copies).
+    Write(u64),
+    /// Only says where each tensor lies in the region at `base` (it is there already).
+    Place(u64),
+}
+
+/// Puts the weights on the device, tensor after tensor, at 256-byte aligned places of one
+/// region (or in allocations of their own); every pass over the same model visits the
+/// same tensors in the same order (`upload`), so places agree between passes.
 struct Uploader<'a> {
-    stream: Arc<CudaStream>,
-    memory: &'a mut Vec<CudaSlice<u8>>,
+    into: Target<'a>,
+    at: usize,
 }
 
 impl Uploader<'_> {
-    fn bytes(&mut self, b: &[u8]) -> Result<u64, GpuError> {
-        let s = self
-            .stream
-            .clone_htod(b)
-            .map_err(|e| GpuError::from_driver(e, "uploading the embed model's weights"))?;
-        let (ptr, _) = s.device_ptr(&self.stream);
-        self.memory.push(s);
-        Ok(ptr)
+    fn tensor(&mut self, v: &[f32], p: Precision) -> Result<u64, GpuError> {
+        let fail = |e| GpuError::from_driver(e, "uploading the embed model's weights");
+        let width = if p == Precision::Fp32 { 4 } else { 2 };
+        let len = v.len() * width;
+        let at = self.at;
+        self.at += len.div_ceil(256) * 256;
+        match &mut self.into {
+            Target::Own { stream, memory } => {
+                let s = stream.clone_htod(&narrow(v, p)).map_err(fail)?;
+                let (ptr, _) = s.device_ptr(stream);
+                memory.push(s);
+                Ok(ptr)
+            }
+            Target::Plan(h) => {
+                h.update(&(len as u64).to_le_bytes());
+                h.update(&narrow(v, p));
+                Ok(at as u64)
+            }
+            Target::Write(base) => {
+                let bytes = narrow(v, p);
+                // SAFETY: the region holds the plan's bytes, and this tensor's place within
+                // them is at..at + len; the copy is synchronous.
+                unsafe { cudarc::driver::result::memcpy_htod_sync(*base + at as u64, &bytes) }
+                    .map_err(fail)?;
+                Ok(*base + at as u64)
+            }
+            Target::Place(base) => Ok(*base + at as u64),
+        }
     }
 
     fn f32(&mut self, v: &[f32]) -> Result<u64, GpuError> {
-        self.bytes(&narrow(v, Precision::Fp32))
+        self.tensor(v, Precision::Fp32)
     }
 
     fn linear(&mut self, l: &Linear, p: Precision) -> Result<DevLinear, GpuError> {
         Ok(DevLinear {
-            w: self.bytes(&narrow(&l.w, p))?,
+            w: self.tensor(&l.w, p)?,
             b: self.f32(&l.b)?,
             out: l.out,
             inp: l.inp,
@@ -236,6 +280,42 @@ impl Uploader<'_> {
             b: self.f32(&n.b)?,
         })
     }
+
+    /// Every tensor of `model`, in one fixed order: the embeddings, then layer by layer.
+    fn upload(&mut self, model: &EmbedModel) -> Result<Placed, GpuError> {
+        let (w, p) = (&model.weights, model.precision);
+        let word = self.tensor(&w.word, p)?;
+        let position = self.tensor(&w.position, p)?;
+        let token_type = self.tensor(&w.token_type, p)?;
+        let emb_norm = self.norm(&w.emb_norm)?;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            layers.push(DevLayer {
+                qkv: self.linear(&l.qkv, p)?,
+                attn_out: self.linear(&l.attn_out, p)?,
+                attn_norm: self.norm(&l.attn_norm)?,
+                ffn_in: self.linear(&l.ffn_in, p)?,
+                ffn_out: self.linear(&l.ffn_out, p)?,
+                ffn_norm: self.norm(&l.ffn_norm)?,
+            });
+        }
+        Ok(Placed {
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+        })
+    }
+}
+
+/// Where the weights lie on the device.
+struct Placed {
+    word: u64,
+    position: u64,
+    token_type: u64,
+    emb_norm: DevNorm,
+    layers: Vec<DevLayer>,
 }
 
 impl DeviceEncoder {
@@ -280,28 +360,77 @@ impl DeviceEncoder {
         // One handle now: a library that does not open fails the load, not a batch.
         let blas = vec![(0, Blas::new()?)];
 
-        let w = &model.weights;
         let mut memory = Vec::new();
-        let mut up = Uploader {
-            stream: ctx.default_stream(),
-            memory: &mut memory,
-        };
-        let word = up.bytes(&narrow(&w.word, p))?;
-        let position = up.bytes(&narrow(&w.position, p))?;
-        let token_type = up.bytes(&narrow(&w.token_type, p))?;
-        let emb_norm = up.norm(&w.emb_norm)?;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for l in &w.layers {
-            layers.push(DevLayer {
-                qkv: up.linear(&l.qkv, p)?,
-                attn_out: up.linear(&l.attn_out, p)?,
-                attn_norm: up.norm(&l.attn_norm)?,
-                ffn_in: up.linear(&l.ffn_in, p)?,
-                ffn_out: up.linear(&l.ffn_out, p)?,
-                ffn_norm: up.norm(&l.ffn_norm)?,
-            });
+        let mut shared = None;
+        let stream = ctx.default_stream();
+        if crate::gpu::shared::enabled() {
+            // One copy of the weights per GPU for all workers (gpu::shared), keyed by the
+            // bytes the device holds: a dry pass lays them out and hashes them.
+            let mut plan = Uploader {
+                into: Target::Plan(Box::new(blake3::Hasher::new_derive_key(
+                    "ngx-gpu embed weights v1",
+                ))),
+                at: 0,
+            };
+            plan.upload(model)?;
+            let bytes = plan.at;
+            let Target::Plan(h) = plan.into else {
+                unreachable!()
+            };
+            let key = *h.finalize().as_bytes();
+            let mib = bytes as f64 / (1 << 20) as f64;
+            let started = std::time::Instant::now();
+            let fill = |base: u64| {
+                Uploader {
+                    into: Target::Write(base),
+                    at: 0,
+                }
+                .upload(model)?;
+                ctx.synchronize()
+                    .map_err(|e| GpuError::from_driver(e, "uploading the embed model's weights"))
+            };
+            match crate::gpu::shared::obtain(&ctx, &key, bytes, fill) {
+                Ok((region, origin)) => {
+                    loader.notes.push(match origin {
+                        crate::gpu::shared::Origin::Imported => format!(
+                            "gpu: embed weights shared on gpu{}, imported from another worker \
+                             ({mib:.1} MiB, nothing uploaded)",
+                            ctx.ordinal()
+                        ),
+                        crate::gpu::shared::Origin::Allocated => format!(
+                            "gpu: embed weights shared on gpu{}, uploaded by this worker in {} \
+                             ms ({mib:.1} MiB) for the others",
+                            ctx.ordinal(),
+                            started.elapsed().as_millis()
+                        ),
+                    });
+                    shared = Some(region);
+                }
+                Err(why) => loader.notes.push(format!(
+                    "gpu: embed weights not shared ({why}); this worker loads a copy of its own"
+                )),
+            }
         }
-        up.stream
+        let mut up = Uploader {
+            into: match &shared {
+                Some(region) => Target::Place(region.ptr()),
+                None => Target::Own {
+                    stream: stream.clone(),
+                    memory: &mut memory,
+                },
+            },
+            at: 0,
+        };
+        let Placed {
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+        } = up.upload(model)?;
+        let weight_bytes = up.at;
+        drop(up);
+        stream
             .synchronize()
             .map_err(|e| GpuError::from_driver(e, "uploading the embed model's weights"))?;
         Ok(DeviceEncoder {
@@ -329,13 +458,15 @@ impl DeviceEncoder {
             layers,
             kernels,
             blas: Mutex::new(blas),
+            weight_bytes,
             _memory: memory,
+            _shared: shared,
         })
     }
 
     /// Bytes of device memory the weights take.
     pub fn weight_bytes(&self) -> usize {
-        self._memory.iter().map(|m| m.len()).sum()
+        self.weight_bytes
     }
 
     pub fn dim(&self) -> usize {

@@ -196,3 +196,61 @@ fn minilm_on_the_device_matches_sentence_transformers_and_the_cpu() {
         );
     }
 }
+
+#[test]
+fn shared_weights_are_uploaded_once_imported_after_and_embed_as_the_cpu_does() {
+    let Some((gpu, compiled)) = device() else {
+        return;
+    };
+    // Workers of nginx share; this test process does from here on (a directory of its own).
+    crate::gpu::shared::set_dir(
+        std::env::temp_dir().join(format!("ngx-gpu-share-test.{}", std::process::id())),
+    );
+    let mut rng = Rng::fresh();
+    let dir = std::env::temp_dir().join(format!("ngx-gpu-embed-share-{}", std::process::id()));
+    // A seed of this run's own: no other test or run holds these weights.
+    let t = tiny::Tiny::new(&dir, rng.next());
+    t.write();
+    for (param, p) in precisions() {
+        let m = EmbedModel::load("m", &dir, &[param]).unwrap();
+        let texts: Vec<Encoded> = random_texts(&mut rng, 7, 40)
+            .iter()
+            .map(|s| m.tokenize(s).unwrap())
+            .collect();
+        let refs: Vec<&Encoded> = texts.iter().collect();
+        let want = m.cpu_embed(&refs);
+        let load = || {
+            let Loader::Device(mut dl) = gpu.loader(&compiled) else {
+                panic!("not a device loader")
+            };
+            let enc = DeviceEncoder::load(&mut dl, &m).unwrap_or_else(|e| panic!("{e}"));
+            let stream = dl.ctx.new_stream().unwrap();
+            (enc, stream, dl.notes.clone())
+        };
+        let (first, s1, notes) = load();
+        assert!(
+            notes.len() == 1 && notes[0].contains("uploaded by this worker"),
+            "{param}: {notes:?}"
+        );
+        let (second, s2, notes) = load();
+        assert!(
+            notes.len() == 1 && notes[0].contains("imported from another worker"),
+            "{param}: {notes:?}"
+        );
+        assert_eq!(first.weight_bytes(), second.weight_bytes());
+        let a = first
+            .embed_now(&s1, &refs)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(first);
+        // The first holder is gone; the memory stays with the second.
+        let b = second
+            .embed_now(&s2, &refs)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a, b, "{param}: the same weights give the same embeddings");
+        for i in 0..texts.len() {
+            let c = cosine(&b[i], &want[i]);
+            assert!(c >= floor(p), "{param} text {i}: cosine {c}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

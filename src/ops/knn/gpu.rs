@@ -46,6 +46,7 @@ use cudarc::driver::{
 };
 
 use super::index::{Index, Metric, Precision};
+use crate::gpu::shared::SharedRegion;
 use crate::gpu::{no_panic, DeviceLoader, GpuError, Program};
 
 /// The largest k a search takes.
@@ -138,9 +139,9 @@ pub struct DeviceIndex {
     select_tile: CudaFunction,
     select_list: CudaFunction,
     tile_bytes: usize,
-    _rows32: Option<CudaSlice<f32>>,
-    _rows16: Option<CudaSlice<u16>>,
-    _norms: Option<CudaSlice<f32>>,
+    /// The memory of the rows and norms (`Stored`): this worker's own, or shared.
+    _own: Option<CudaSlice<u8>>,
+    _shared: Option<SharedRegion>,
     ctx: Arc<CudaContext>,
 }
 
@@ -187,10 +188,128 @@ fn cfg(grid: (u32, u32), threads: u32) -> LaunchConfig {
     }
 }
 
+/// How the index lies on the device: rows (float32, or float16 for Fp16) from byte 0,
+/// then (L2) the rows' squared norms as float32 at `norms`; `bytes` in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stored {
+    bytes: usize,
+    norms: Option<usize>,
+}
+
+impl Stored {
+    fn of(index: &Index) -> Stored {
+        let width = match index.precision {
+            Precision::Fp16 => 2,
+            _ => 4,
+        };
+        let rows = index.n * index.d * width;
+        match index.metric {
+            Metric::L2 => {
+                let at = rows.div_ceil(ALIGN) * ALIGN;
+                Stored {
+                    bytes: at + index.n * 4,
+                    norms: Some(at),
+                }
+            }
+            _ => Stored {
+                bytes: rows,
+                norms: None,
+            },
+        }
+    }
+}
+
+/// The key of what `Stored` holds for this index, for sharing it between workers: the
+/// digest of the rows (`index_digest`, taken once in the master), the shape, metric,
+/// precision and this layout's version. The model's name is left out on purpose: two
+/// models with the same content share one copy.
+pub fn content_key(index: &Index, digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"knn stored v1");
+    h.update(digest);
+    h.update(&(index.n as u64).to_le_bytes());
+    h.update(&(index.d as u64).to_le_bytes());
+    h.update(format!("{:?} {:?}", index.metric, index.precision).as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The digest of an index's rows (float32 as loaded, little-endian bytes).
+pub fn index_digest(rows: &[f32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and any byte is a valid u8; the slice covers exactly
+        // the rows' memory, borrowed for the call.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(rows.as_ptr().cast::<u8>(), rows.len() * 4) };
+        h.update(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in rows {
+        h.update(&v.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Writes the index's `Stored` form at device address `base` (`Stored::of(index).bytes`
+/// bytes) and waits for it: float32 rows copied, or float16 rows converted on the device
+/// from a float32 copy freed after; L2 norms computed by `knn_prep`.
+fn fill_stored(
+    stream: &Arc<CudaStream>,
+    prep: &CudaFunction,
+    index: &Index,
+    layout: &Stored,
+    base: u64,
+) -> Result<(), GpuError> {
+    let (n, d) = (index.n, index.d);
+    let alloc = |e| GpuError::from_driver(e, "loading a knn index");
+    let norms_at = layout.norms.map_or(0, |off| base + off as u64);
+    let half = matches!(index.precision, Precision::Fp16);
+    let mut staged = None;
+    let x = if half {
+        let rows32 = stream.clone_htod(&index.rows).map_err(alloc)?;
+        let at = rows32.device_ptr(stream).0;
+        staged = Some(rows32);
+        at
+    } else {
+        // SAFETY: base holds at least n * d floats (Stored); the copy is synchronous.
+        unsafe { cudarc::driver::result::memcpy_htod_sync(base, &index.rows) }.map_err(alloc)?;
+        base
+    };
+    if half || norms_at != 0 {
+        let (n32, d32) = (n as u32, d as u32);
+        let (normalize, half) = (0i32, i32::from(half));
+        let out = if half != 0 { base } else { 0 };
+        let mut l = stream.launch_builder(prep);
+        l.arg(&x)
+            .arg(&n32)
+            .arg(&d32)
+            .arg(&normalize)
+            .arg(&half)
+            .arg(&out)
+            .arg(&norms_at);
+        // SAFETY: knn_prep(const float *x, u32 n, u32 d, int normalize, int half, void
+        // *out, float *norm2): x holds n * d floats, out (if not 0) n * d halves, norm2
+        // (if not 0) n floats, all within `Stored`'s bytes at base or the staged copy.
+        unsafe { l.launch(cfg(((n as u32).min(65535), 1), 128)) }?;
+    }
+    stream.synchronize().map_err(alloc)?;
+    drop(staged);
+    Ok(())
+}
+
 impl DeviceIndex {
-    /// Copies the index to the device (float16 rows converted there), computes the row
-    /// norms for L2 and opens cuBLAS. Waits for the copies.
-    pub fn load(loader: &mut DeviceLoader, index: &Index) -> Result<DeviceIndex, GpuError> {
+    /// Puts the index on the device (float16 rows converted there, row norms computed for
+    /// L2) and opens cuBLAS. With `share` (the model's name and content digest, see
+    /// `content_key`), in a worker of nginx (`gpu::shared::enabled`), the rows live in memory shared by every worker of this nginx on the
+    /// device (`gpu::shared`): imported from a worker that holds them, or uploaded here
+    /// for the others; where that is not possible, a copy of this worker's own, and one
+    /// line in `loader.notes` says which. Waits for the copies.
+    pub fn load(
+        loader: &mut DeviceLoader,
+        index: &Index,
+        share: Option<(&str, &[u8; 32])>,
+    ) -> Result<DeviceIndex, GpuError> {
         let (n, d) = (index.n, index.d);
         if n == 0 || d == 0 || index.rows.len() != n * d {
             return Err(GpuError::Unavailable(format!(
@@ -216,39 +335,46 @@ impl DeviceIndex {
         let opening = |e| GpuError::opening(e, "loading a knn index");
         ctx.bind_to_thread().map_err(opening)?;
         let stream = ctx.default_stream();
-        let alloc = |e| GpuError::from_driver(e, "loading a knn index");
-        let rows32 = stream.clone_htod(&index.rows).map_err(alloc)?;
-        let norms = match index.metric {
-            Metric::L2 => Some(stream.alloc_zeros::<f32>(n).map_err(alloc)?),
-            _ => None,
-        };
-        let rows16 = match index.precision {
-            Precision::Fp16 => Some(stream.alloc_zeros::<u16>(n * d).map_err(alloc)?),
-            _ => None,
-        };
-        let addr32 = rows32.device_ptr(&stream).0;
-        let addr16 = rows16.as_ref().map_or(0, |r| r.device_ptr(&stream).0);
-        let norms_at = norms.as_ref().map_or(0, |r| r.device_ptr(&stream).0);
-        if rows16.is_some() || norms.is_some() {
-            let (n32, d32) = (n as u32, d as u32);
-            let (normalize, half) = (0i32, i32::from(rows16.is_some()));
-            let mut l = stream.launch_builder(&prep);
-            l.arg(&addr32)
-                .arg(&n32)
-                .arg(&d32)
-                .arg(&normalize)
-                .arg(&half)
-                .arg(&addr16)
-                .arg(&norms_at);
-            // SAFETY: knn_prep(const float *x, u32 n, u32 d, int normalize, int half, void
-            // *out, float *norm2): x holds n * d floats, out (if not 0) n * d halves, norm2
-            // (if not 0) n floats.
-            unsafe { l.launch(cfg(((n as u32).min(65535), 1), 128)) }?;
+        let layout = Stored::of(index);
+        let mut shared = None;
+        let mut own = None;
+        if let Some((name, digest)) = share.filter(|_| crate::gpu::shared::enabled()) {
+            let started = std::time::Instant::now();
+            let fill = |base: u64| fill_stored(&stream, &prep, index, &layout, base);
+            let mib = layout.bytes as f64 / (1 << 20) as f64;
+            let gpu = ctx.ordinal();
+            match crate::gpu::shared::obtain(&ctx, &content_key(index, digest), layout.bytes, fill)
+            {
+                Ok((region, origin)) => {
+                    loader.notes.push(match origin {
+                        crate::gpu::shared::Origin::Imported => format!(
+                            "gpu: knn \"{name}\": index shared on gpu{gpu}, imported from \
+                             another worker ({mib:.1} MiB, nothing uploaded)"
+                        ),
+                        crate::gpu::shared::Origin::Allocated => format!(
+                            "gpu: knn \"{name}\": index shared on gpu{gpu}, uploaded by this \
+                             worker in {} ms ({mib:.1} MiB) for the others",
+                            started.elapsed().as_millis()
+                        ),
+                    });
+                    shared = Some(region);
+                }
+                Err(why) => loader.notes.push(format!(
+                    "gpu: knn \"{name}\": index not shared ({why}); this worker loads a copy \
+                     of its own"
+                )),
+            }
         }
-        stream.synchronize().map_err(alloc)?;
-        let (rows32, rows) = match rows16 {
-            Some(_) => (None, addr16),
-            None => (Some(rows32), addr32),
+        let base = match &shared {
+            Some(region) => region.ptr(),
+            None => {
+                let alloc = |e| GpuError::from_driver(e, "loading a knn index");
+                let mem = stream.alloc_zeros::<u8>(layout.bytes).map_err(alloc)?;
+                let base = mem.device_ptr(&stream).0;
+                fill_stored(&stream, &prep, index, &layout, base)?;
+                own = Some(mem);
+                base
+            }
         };
         let raw = no_panic("opening cuBLAS", || {
             cudarc::cublas::result::create_handle()
@@ -262,15 +388,14 @@ impl DeviceIndex {
             d,
             metric: index.metric,
             precision: index.precision,
-            rows,
-            norms: norms_at,
+            rows: base,
+            norms: layout.norms.map_or(0, |off| base + off as u64),
             prep,
             select_tile,
             select_list,
             tile_bytes: TILE_BYTES,
-            _rows32: rows32,
-            _rows16: rows16,
-            _norms: norms,
+            _own: own,
+            _shared: shared,
             ctx,
         })
     }

@@ -109,7 +109,7 @@ impl Bench {
         let Loader::Device(mut l) = self.gpu.loader(&self.compiled) else {
             unreachable!()
         };
-        DeviceIndex::load(&mut l, index).unwrap()
+        DeviceIndex::load(&mut l, index, None).unwrap()
     }
 
     /// Runs one search; returns (rows, scores).
@@ -520,4 +520,112 @@ fn small_searches_cover_every_path() {
         let hits = b.search(&dev, &queries, nq, k);
         check(&case, &idx, &queries, &hits, tolerance(precision));
     }
+}
+
+#[test]
+fn stored_layout_and_content_keys() {
+    let mut rng = Rng::fresh();
+    let (n, d) = (4097, 33);
+    let rows = uniform(&mut rng, n * d);
+    let of = |metric, precision| Stored::of(&index(rows.clone(), n, d, metric, precision));
+    assert_eq!(
+        of(Metric::Ip, Precision::Fp32),
+        Stored {
+            bytes: n * d * 4,
+            norms: None
+        }
+    );
+    assert_eq!(
+        of(Metric::Cosine, Precision::Fp16),
+        Stored {
+            bytes: n * d * 2,
+            norms: None
+        }
+    );
+    let l2 = of(Metric::L2, Precision::Fp16);
+    let at = l2.norms.unwrap();
+    assert!(
+        at >= n * d * 2 && at % 256 == 0 && at < n * d * 2 + 256,
+        "{l2:?}"
+    );
+    assert_eq!(l2.bytes, at + n * 4);
+    // The digest is blake3 of the float32 rows' little-endian bytes (computed here apart).
+    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let digest = index_digest(&rows);
+    assert_eq!(digest, *blake3::hash(&bytes).as_bytes());
+    let mut flipped = rows.clone();
+    flipped[n * d - 1] = f32::from_bits(flipped[n * d - 1].to_bits() ^ 1);
+    assert_ne!(index_digest(&flipped), digest);
+    // The content key changes with whatever changes what is stored, and only then.
+    let key = |metric, precision, n: usize, digest: &[u8; 32]| {
+        content_key(
+            &index(rows[..n * d].to_vec(), n, d, metric, precision),
+            digest,
+        )
+    };
+    let base = key(Metric::Ip, Precision::Fp32, n, &digest);
+    assert_eq!(base, key(Metric::Ip, Precision::Fp32, n, &digest));
+    for other in [
+        key(Metric::L2, Precision::Fp32, n, &digest),
+        key(Metric::Ip, Precision::Fp16, n, &digest),
+        key(Metric::Ip, Precision::Tf32, n, &digest),
+        key(Metric::Ip, Precision::Fp32, n - 1, &digest),
+        key(Metric::Ip, Precision::Fp32, n, &index_digest(&flipped)),
+    ] {
+        assert_ne!(other, base);
+    }
+}
+
+#[test]
+fn a_shared_index_is_made_once_imported_after_and_searches_as_a_copy_of_its_own() {
+    let Some(b) = device() else { return };
+    let dir = std::env::temp_dir().join(format!("ngx-gpu-share-test.{}", std::process::id()));
+    crate::gpu::shared::set_dir(dir.clone());
+    let mut rng = Rng::fresh();
+    for (metric, precision) in [
+        (Metric::Ip, Precision::Fp32),
+        (Metric::L2, Precision::Fp16),
+        (Metric::Cosine, Precision::Tf32),
+        (Metric::L2, Precision::Fp32),
+    ] {
+        let (n, d, nq, k) = (9000, 37, 5, 17);
+        let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
+        // A digest of this test's own making, so that runs never meet an earlier one.
+        let mut digest = index_digest(&idx.rows);
+        digest[..8].copy_from_slice(&rng.next().to_le_bytes());
+        let load = |share: Option<(&str, &[u8; 32])>| {
+            let Loader::Device(mut l) = b.gpu.loader(&b.compiled) else {
+                unreachable!()
+            };
+            let dev = DeviceIndex::load(&mut l, &idx, share).unwrap();
+            (dev, l.notes.clone())
+        };
+        let (own, notes) = load(None);
+        assert!(notes.is_empty(), "{notes:?}");
+        let (first, notes) = load(Some(("m", &digest)));
+        assert!(
+            notes.len() == 1 && notes[0].contains("uploaded by this worker"),
+            "{notes:?}"
+        );
+        let (second, notes) = load(Some(("m", &digest)));
+        assert!(
+            notes.len() == 1 && notes[0].contains("imported from another worker"),
+            "{notes:?}"
+        );
+        let queries = uniform(&mut rng, nq * d);
+        let want = b.search(&own, &queries, nq, k);
+        assert_eq!(
+            b.search(&first, &queries, nq, k),
+            want,
+            "{metric:?} {precision:?}"
+        );
+        // The first holder goes: the memory stays with the second.
+        drop(first);
+        assert_eq!(
+            b.search(&second, &queries, nq, k),
+            want,
+            "{metric:?} {precision:?}"
+        );
+    }
+    crate::gpu::rendezvous::remove_dir(&dir);
 }

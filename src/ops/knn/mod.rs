@@ -42,6 +42,9 @@ pub struct KnnModel {
     pub default_k: usize,
     /// `batch_rows=`: the most query rows in one batch (and in one request).
     pub batch_rows: usize,
+    /// The digest of the index's rows, taken once at configuration time (in the master):
+    /// workers share one device copy per content (`gpu::shared`).
+    pub digest: [u8; 32],
 }
 
 /// `gpu_model <name> knn <index.npy> [metric=] [precision=] [ids=] [k=] [batch_rows=]`.
@@ -84,11 +87,13 @@ pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, S
         }
     });
     let index = Index::load(path, metric, precision, ids.as_deref())?;
+    let digest = gpu::index_digest(&index.rows);
     Ok(Arc::new(KnnModel {
         name: Arc::from(name),
         index,
         default_k,
         batch_rows,
+        digest,
     }))
 }
 
@@ -96,11 +101,13 @@ impl KnnModel {
     /// A model made in tests (no file).
     #[cfg(test)]
     pub fn for_tests(name: &str, index: Index, default_k: usize, batch_rows: usize) -> KnnModel {
+        let digest = gpu::index_digest(&index.rows);
         KnnModel {
             name: Arc::from(name),
             index,
             default_k,
             batch_rows,
+            digest,
         }
     }
 }
@@ -348,7 +355,11 @@ impl Op for Knn {
     fn load(&self, loader: &mut Loader) -> Result<Option<Box<dyn OpOnDevice>>, GpuError> {
         let device = match loader {
             Loader::Host => None,
-            Loader::Device(d) => match gpu::DeviceIndex::load(d, &self.model.index) {
+            Loader::Device(d) => match gpu::DeviceIndex::load(
+                d,
+                &self.model.index,
+                Some((&self.model.name, &self.model.digest)),
+            ) {
                 Ok(dev) => Some(dev),
                 // No device search in this build: the CPU path serves.
                 Err(GpuError::Unavailable(_)) => return Ok(None),

@@ -395,12 +395,12 @@ fn model_parameters_are_checked() {
 fn test_model(n: usize, d: usize, metric: Metric, rng: &mut Rng) -> (Arc<KnnModel>, Vec<f32>) {
     let raw = random_rows(rng, n * d);
     let ids = Some((0..n as i64).map(|i| i * 10 + 7).collect());
-    let model = Arc::new(KnnModel {
-        name: Arc::from("vectors"),
-        index: index(raw.clone(), n, d, metric, ids),
-        default_k: 4,
-        batch_rows: 8,
-    });
+    let model = Arc::new(KnnModel::for_tests(
+        "vectors",
+        index(raw.clone(), n, d, metric, ids),
+        4,
+        8,
+    ));
     (model, raw)
 }
 
