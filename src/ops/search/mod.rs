@@ -302,7 +302,10 @@ impl Op for Search {
                     Err(GpuError::Unavailable(_)) => return Ok(None),
                     Err(e) => return Err(e),
                 };
-                let index = match DeviceIndex::load(d, &models.knn().index) {
+                let knn = models.knn();
+                // The same index as the knn model's own op: one copy per GPU for both.
+                let share = Some((crate::ops::model::Model::name(knn), &knn.digest));
+                let index = match DeviceIndex::load(d, &knn.index, share) {
                     Ok(i) => i,
                     Err(GpuError::Unavailable(_)) => return Ok(None),
                     Err(e) => return Err(e),
