@@ -279,7 +279,7 @@ fn header_len(params: &Params) -> Option<u64> {
 
 /// One request's hits as result bytes: `rows * k` row numbers (i64), then their scores
 /// (f32), cut from a batch searched with `batch_k >= k` hits per row.
-fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u8> {
+pub fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u8> {
     let n = rows.len() / batch_k;
     let mut out = Vec::with_capacity(n * k * 12);
     for r in 0..n {
@@ -293,6 +293,48 @@ fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u
         }
     }
     out
+}
+
+/// Writes a batch's hits (`nq` queries, `hits.k` each) in the device search's output
+/// layout: every row number (i64), then every score (f32). For the test device.
+pub fn write_batch_hits(out: &mut [u8], hits: &index::Hits) {
+    let n = hits.rows.len();
+    let (rows, scores) = out[..n * 12].split_at_mut(n * 8);
+    for (dst, v) in rows.chunks_exact_mut(8).zip(&hits.rows) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
+    for (dst, v) in scores.chunks_exact_mut(4).zip(&hits.scores) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// One request's result bytes (`result_bytes`' layout, `p.out_cap` hits per row) from a
+/// batch's output of `nq` queries and `k` hits each in the device search's layout; the
+/// request's rows start at row `p.out_off`, `p.len` of them. A row number outside the
+/// index (`index_rows`) is the device's error.
+pub fn cut_batch_hits(
+    out: &[u8],
+    nq: usize,
+    k: usize,
+    p: &Placed,
+    index_rows: usize,
+) -> Result<Vec<u8>, JobError> {
+    let (r0, rows, want) = (p.out_off as usize, p.len as usize, p.out_cap as usize);
+    let ids: Vec<i64> = out[r0 * k * 8..(r0 + rows) * k * 8]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+        .collect();
+    let at = nq * k * 8;
+    let scores: Vec<f32> = out[at + r0 * k * 4..at + (r0 + rows) * k * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+        .collect();
+    if ids.iter().any(|&r| r < 0 || r as usize >= index_rows) {
+        return Err(JobError::Internal(
+            "the device search returned a row number out of range".into(),
+        ));
+    }
+    Ok(result_bytes(&ids, &scores, k, want))
 }
 
 impl Op for Knn {
@@ -460,14 +502,7 @@ impl OpOnDevice for OnDevice {
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
                     .collect();
-                let hits = cpu::search(&self.model.index, &queries, k);
-                let (rows, scores) = out[..nq * k * 12].split_at_mut(nq * k * 8);
-                for (dst, v) in rows.chunks_exact_mut(8).zip(&hits.rows) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
-                for (dst, v) in scores.chunks_exact_mut(4).zip(&hits.scores) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
+                write_batch_hits(out, &cpu::search(&self.model.index, &queries, k));
                 Ok(())
             }
         }
@@ -480,26 +515,7 @@ impl OpOnDevice for OnDevice {
         out: &'o [u8],
     ) -> Result<Cow<'o, [u8]>, JobError> {
         let (nq, k) = (batch_rows(layout), batch_k(layout));
-        let p = &layout.items[i];
-        let (r0, rows, want) = (p.out_off as usize, p.len as usize, p.out_cap as usize);
-        let ids: Vec<i64> = out[r0 * k * 8..(r0 + rows) * k * 8]
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-            .collect();
-        let at = nq * k * 8;
-        let scores: Vec<f32> = out[at + r0 * k * 4..at + (r0 + rows) * k * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-            .collect();
-        if ids
-            .iter()
-            .any(|&r| r < 0 || r as usize >= self.model.index.n)
-        {
-            return Err(JobError::Internal(
-                "the device search returned a row number out of range".into(),
-            ));
-        }
-        Ok(Cow::Owned(result_bytes(&ids, &scores, k, want)))
+        cut_batch_hits(out, nq, k, &layout.items[i], self.model.index.n).map(Cow::Owned)
     }
 }
 

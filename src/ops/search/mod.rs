@@ -129,7 +129,7 @@ impl Search {
         })
     }
 
-    /// The answer from a request's result bytes (`result_bytes`' layout).
+    /// The answer from a request's result bytes (`knn::result_bytes`' layout).
     fn encode(&self, req: &Request, result: &[u8]) -> Output {
         let m = self.models();
         let n = req.texts.len() * req.k;
@@ -174,24 +174,6 @@ fn find(declared: &Declared, name: &str, kind: &str) -> Result<Arc<dyn Model>, S
             ))
         }
     }
-}
-
-/// One request's hits as result bytes: `texts * k` row numbers (i64), then their scores
-/// (f32), cut from a batch searched with `batch_k >= k` hits per text.
-fn result_bytes(rows: &[i64], scores: &[f32], batch_k: usize, k: usize) -> Vec<u8> {
-    let n = rows.len() / batch_k;
-    let mut out = Vec::with_capacity(n * k * 12);
-    for r in 0..n {
-        for &x in &rows[r * batch_k..r * batch_k + k] {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-    }
-    for r in 0..n {
-        for &x in &scores[r * batch_k..r * batch_k + k] {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-    }
-    out
 }
 
 /// Embeds and searches texts on the CPU: row numbers and scores, `k` per text.
@@ -284,7 +266,10 @@ impl Op for Search {
         };
         let texts: Vec<&Encoded> = req.texts.iter().collect();
         let hits = cpu_search(self.models(), &texts, req.k);
-        Ok(self.encode(req, &result_bytes(&hits.rows, &hits.scores, hits.k, req.k)))
+        Ok(self.encode(
+            req,
+            &knn::result_bytes(&hits.rows, &hits.scores, hits.k, req.k),
+        ))
     }
 
     fn finish(&self, result: &[u8], decoded: Option<&Decoded>) -> Output {
@@ -478,13 +463,7 @@ impl OpOnDevice for OnDevice {
                     at += 1 + 2 * len;
                 }
                 let hits = cpu_search(&self.models, &texts.iter().collect::<Vec<_>>(), k);
-                let (rows, scores) = out[..n * k * 12].split_at_mut(n * k * 8);
-                for (dst, v) in rows.chunks_exact_mut(8).zip(&hits.rows) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
-                for (dst, v) in scores.chunks_exact_mut(4).zip(&hits.scores) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
+                knn::write_batch_hits(out, &hits);
                 Ok(())
             }
         }
@@ -497,23 +476,7 @@ impl OpOnDevice for OnDevice {
         out: &'o [u8],
     ) -> Result<Cow<'o, [u8]>, JobError> {
         let (n, k) = (batch_texts(layout), batch_k(layout));
-        let p = &layout.items[i];
-        let (r0, rows, want) = (p.out_off as usize, p.len as usize, p.out_cap as usize);
-        let ids: Vec<i64> = out[r0 * k * 8..(r0 + rows) * k * 8]
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-            .collect();
-        let at = n * k * 8;
-        let scores: Vec<f32> = out[at + r0 * k * 4..at + (r0 + rows) * k * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-            .collect();
         let index_rows = self.models.knn().index.n;
-        if ids.iter().any(|&r| r < 0 || r as usize >= index_rows) {
-            return Err(JobError::Internal(
-                "the device search returned a row number out of range".into(),
-            ));
-        }
-        Ok(Cow::Owned(result_bytes(&ids, &scores, k, want)))
+        knn::cut_batch_hits(out, n, k, &layout.items[i], index_rows).map(Cow::Owned)
     }
 }
