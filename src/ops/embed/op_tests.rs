@@ -15,7 +15,7 @@ use crate::engine::job::{Batching, Body, Device as Ran, Fallback, Job, JobError,
 use crate::engine::thread::{Config, GpuThread, Kernels};
 use crate::ops::model::Model;
 use crate::ops::{Declared, Op, Params, Value};
-use crate::testing::{wait_done, Rng};
+use crate::testing::{collect, log_lines, wait_done, Rng};
 
 fn model(name: &str, params: &[&str]) -> Arc<EmbedModel> {
     let dir = std::env::temp_dir().join(format!("ngx-gpu-embed-op-{}-{name}", std::process::id()));
@@ -287,6 +287,13 @@ fn through_the_thread(kernels: Kernels, ran: Ran, floor: f64, params: &[&str]) {
         1 << 30,
     );
     let t = GpuThread::spawn(config, kernels).unwrap();
+    // Requests that arrive while the device opens take the CPU path (gpu_fallback cpu):
+    // wait for it, so that every batch runs where this test expects.
+    if ran != Ran::Cpu {
+        let opened =
+            |e: &[crate::engine::job::Event]| log_lines(e).iter().any(|m| m.contains("gpu: using"));
+        assert!(opened(&collect(&t, Duration::from_secs(30), opened)));
+    }
     let total = 48u64;
     let mut want = Vec::new();
     for id in 0..total {
