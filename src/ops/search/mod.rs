@@ -281,17 +281,9 @@ impl Op for Search {
         let device = match loader {
             Loader::Host => None,
             Loader::Device(d) => {
-                let encoder = match DeviceEncoder::load(d, models.embed()) {
-                    Ok(e) => e,
-                    // No device encoder in this build (no cuBLAS): the CPU path serves.
-                    Err(GpuError::Unavailable(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                let index = match DeviceIndex::load(d, &models.knn().index) {
-                    Ok(i) => i,
-                    Err(GpuError::Unavailable(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
+                // Unavailable (no cuBLAS): the thread says so, and the CPU path serves.
+                let encoder = DeviceEncoder::load(d, models.embed())?;
+                let index = DeviceIndex::load(d, &models.knn().index)?;
                 Some(OnDev { encoder, index })
             }
         };
