@@ -236,7 +236,9 @@ fn embeddings_in_both_formats_from_strings_and_lists() {
         ],
         br#"{"input":"a","model":"tiny"}"#,
     );
-    assert_eq!(vectors(&r, "tiny").0[0], float[1]);
+    // The same text in another batch: equal on the CPU path; on the device, other batch
+    // shapes pick other GEMM tilings, so within float rounding.
+    assert!(cosine(&vectors(&r, "tiny").0[0], &float[1]) >= 0.999_999);
     ngx.assert_healthy();
 }
 
@@ -357,7 +359,7 @@ fn every_error_has_openais_shape_and_the_worker_keeps_serving() {
         openai_error(&r, 503, "GPU", None);
         assert_eq!(r.header("Retry-After"), Some("1"));
     } else {
-        assert!(is_gpu(expected_device()), "{}", r.text());
+        assert!(gpu_required(), "{}", r.text());
         vectors(&r, "tiny");
     }
     // The worker still serves.
@@ -573,11 +575,9 @@ fn kserve_serves_embed_models_with_bytes_inputs() {
 #[test]
 fn minilm_answers_like_sentence_transformers() {
     let Some(model) = minilm() else { return };
-    let golden: Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("t/embed/golden.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(source_path("t/embed/golden.json")).unwrap())
+            .unwrap();
     let texts: Vec<&str> = golden["texts"]
         .as_array()
         .unwrap()
@@ -663,9 +663,8 @@ fn openai_client() {
         eprintln!("SKIPPED: openai client: run t/openai/test.sh (make check does)");
         return;
     };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (dir, name, golden) = match minilm() {
-        Some(m) => (m, "all-MiniLM-L6-v2", root.join("t/embed/golden.json")),
+        Some(m) => (m, "all-MiniLM-L6-v2", source_path("t/embed/golden.json")),
         None => (tiny_dir("openai"), "tiny", PathBuf::from("-")),
     };
     let ngx = Nginx::start(&config(&format!(
@@ -677,7 +676,7 @@ fn openai_client() {
         dir.display()
     )));
     let out = std::process::Command::new(python)
-        .arg(root.join("t/openai/client.py"))
+        .arg(source_path("t/openai/client.py"))
         .arg(ngx.addr())
         .arg(name)
         .arg(&golden)

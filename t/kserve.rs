@@ -683,7 +683,7 @@ fn tritonclient() {
             dir.join("tiny").display()
         ),
     ));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("t/tritonclient/client.py");
+    let script = source_path("t/tritonclient/client.py");
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(ngx.addr())

@@ -548,8 +548,23 @@ impl State {
             {
                 let mut loader = device.loader(&compiled);
                 for (key, op) in ops.iter().enumerate() {
-                    if let Some(state) = op.load(&mut loader)? {
-                        states.insert(key, state);
+                    match op.load(&mut loader) {
+                        Ok(Some(state)) => {
+                            states.insert(key, state);
+                        }
+                        Ok(None) => {}
+                        // This op cannot run here (no cuBLAS, a shape beyond its kernels):
+                        // the others still use the device, and the operator learns why
+                        // this one's requests take the CPU path.
+                        Err(GpuError::Unavailable(why)) => out.log(
+                            Level::Warn,
+                            format!(
+                                "gpu: {} does not run on the GPU: {why}; its requests \
+                                 take the CPU path (gpu_fallback)",
+                                op.name()
+                            ),
+                        ),
+                        Err(e) => return Err(e),
                     }
                 }
                 if let Loader::Device(d) = &mut loader {

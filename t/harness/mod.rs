@@ -102,6 +102,18 @@ pub fn conf_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx-conf")
 }
 
+/// `rel` in the source tree: beside NGX_GPU_CONF_DIR's parent on a run away from the build
+/// tree (the GPU machine, where the build path does not exist), else the crate's own.
+pub fn source_path(rel: &str) -> PathBuf {
+    match std::env::var_os("NGX_GPU_CONF_DIR") {
+        Some(conf) => Path::new(&conf)
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            .join(rel),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(rel),
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -359,12 +359,8 @@ impl Op for Embed {
         let model = self.model.get().expect("resolved").clone();
         let device = match loader {
             Loader::Host => None,
-            Loader::Device(d) => match DeviceEncoder::load(d, self.model()) {
-                Ok(enc) => Some(enc),
-                // No device encoder in this build (no cuBLAS): the CPU path serves.
-                Err(GpuError::Unavailable(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            },
+            // Unavailable (no cuBLAS): the thread says so, and the CPU path serves.
+            Loader::Device(d) => Some(DeviceEncoder::load(d, self.model())?),
         };
         Ok(Some(Box::new(OnDevice { model, device })))
     }

@@ -289,10 +289,14 @@ fn through_the_thread(kernels: Kernels, ran: Ran, floor: f64, params: &[&str]) {
     let t = GpuThread::spawn(config, kernels).unwrap();
     // Requests that arrive while the device opens take the CPU path (gpu_fallback cpu):
     // wait for it, so that every batch runs where this test expects.
+    // The opening's log (why an op takes the CPU path, if one does), for the asserts.
+    let mut log: Vec<String> = Vec::new();
     if ran != Ran::Cpu {
         let opened =
             |e: &[crate::engine::job::Event]| log_lines(e).iter().any(|m| m.contains("gpu: using"));
-        assert!(opened(&collect(&t, Duration::from_secs(30), opened)));
+        let events = collect(&t, Duration::from_secs(30), opened);
+        log = log_lines(&events).iter().map(|l| l.to_string()).collect();
+        assert!(opened(&events), "{log:?}");
     }
     let total = 48u64;
     let mut want = Vec::new();
@@ -321,7 +325,7 @@ fn through_the_thread(kernels: Kernels, ran: Ran, floor: f64, params: &[&str]) {
     assert_eq!(done.len(), total as usize);
     assert!(done.iter().any(|c| c.batch_size > 1), "no batch formed");
     for c in &done {
-        assert_eq!(c.device, ran, "job {}", c.id);
+        assert_eq!(c.device, ran, "job {}: {log:?}", c.id);
         let texts = &want[c.id as usize];
         let enc: Vec<Encoded> = texts.iter().map(|s| m.tokenize(s).unwrap()).collect();
         let reference = m.cpu_embed(&enc.iter().collect::<Vec<_>>());

@@ -397,16 +397,12 @@ impl Op for Knn {
     fn load(&self, loader: &mut Loader) -> Result<Option<Box<dyn OpOnDevice>>, GpuError> {
         let device = match loader {
             Loader::Host => None,
-            Loader::Device(d) => match gpu::DeviceIndex::load(
+            // Unavailable (no cuBLAS): the thread says so, and the CPU path serves.
+            Loader::Device(d) => Some(gpu::DeviceIndex::load(
                 d,
                 &self.model.index,
                 Some((&self.model.name, &self.model.digest)),
-            ) {
-                Ok(dev) => Some(dev),
-                // No device search in this build: the CPU path serves.
-                Err(GpuError::Unavailable(_)) => return Ok(None),
-                Err(e) => return Err(e),
-            },
+            )?),
         };
         Ok(Some(Box::new(OnDevice {
             model: self.model.clone(),

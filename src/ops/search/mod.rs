@@ -281,20 +281,12 @@ impl Op for Search {
         let device = match loader {
             Loader::Host => None,
             Loader::Device(d) => {
-                let encoder = match DeviceEncoder::load(d, models.embed()) {
-                    Ok(e) => e,
-                    // No device encoder in this build (no cuBLAS): the CPU path serves.
-                    Err(GpuError::Unavailable(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
+                // Unavailable (no cuBLAS): the thread says so, and the CPU path serves.
+                let encoder = DeviceEncoder::load(d, models.embed())?;
                 let knn = models.knn();
                 // The same index as the knn model's own op: one copy per GPU for both.
                 let share = Some((crate::ops::model::Model::name(knn), &knn.digest));
-                let index = match DeviceIndex::load(d, &knn.index, share) {
-                    Ok(i) => i,
-                    Err(GpuError::Unavailable(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
+                let index = DeviceIndex::load(d, &knn.index, share)?;
                 Some(OnDev { encoder, index })
             }
         };

@@ -452,10 +452,14 @@ pub fn through_the_thread(f: &Fixture, kernels: Kernels, ran: Ran, tol: f64) {
     let mut rng = Rng::fresh();
     let config = Config::new(vec![f.op.clone()], 1 << 20, Duration::ZERO, 1 << 30);
     let t = GpuThread::spawn(config, kernels).unwrap();
+    // The opening's log (why an op takes the CPU path, if one does), for the asserts.
+    let mut log: Vec<String> = Vec::new();
     if ran != Ran::Cpu {
         let opened =
             |e: &[crate::engine::job::Event]| log_lines(e).iter().any(|m| m.contains("gpu: using"));
-        assert!(opened(&collect(&t, Duration::from_secs(30), opened)));
+        let events = collect(&t, Duration::from_secs(30), opened);
+        log = log_lines(&events).iter().map(|l| l.to_string()).collect();
+        assert!(opened(&events), "{log:?}");
     }
     let n = f.ids.len();
     let total = 60;
@@ -487,7 +491,7 @@ pub fn through_the_thread(f: &Fixture, kernels: Kernels, ran: Ran, tol: f64) {
             );
             continue;
         }
-        assert_eq!(c.device, ran);
+        assert_eq!(c.device, ran, "job {}: {log:?}", c.id);
         let (texts, k) = &want[c.id as usize];
         let (hits, _, _) = parse_answer(c.result.as_ref().unwrap());
         assert_eq!(hits.len(), texts.len());
