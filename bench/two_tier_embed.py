@@ -57,7 +57,8 @@ def make_embed(model_dir):
     def embed(texts):
         features = model.tokenize(texts)
         tokens = int(features["attention_mask"].sum())
-        features = {k: v.to("cuda") for k, v in features.items()}
+        # sentence-transformers 6 adds non-tensor entries (the texts) beside the tensors.
+        features = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in features.items()}
         with torch.inference_mode():
             v = model(features)["sentence_embedding"].float().cpu().numpy()
         return v.tolist(), tokens
