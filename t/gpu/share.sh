@@ -7,8 +7,9 @@
 #    worker by more than one worker's context + scratch (measured: the 1-worker figure
 #    minus the index), i.e. where an index is copied per worker.
 # 2. Under load (wrk, 4 workers, single-query KServe requests): SIGKILL of a worker, then
-#    `nginx -s reload`. Fails on any non-2xx answer, or when the respawned worker and the
-#    reload's workers do not import the index from a live holder (the log's lines).
+#    `nginx -s reload`. Fails on any non-2xx answer, or when the respawned worker does not
+#    import the index from a live holder, or the reload's workers hold more than one copy
+#    (they import from the old generation, or, where it has exited first, one uploads).
 # Prints the tables last; the logs go to one file, $OUT/share-logs.txt.
 #
 #   bash t/gpu/share.sh        (as root the workers run as nobody, as the image runs them)
@@ -178,7 +179,7 @@ under_load() {
         "http://127.0.0.1:$PORT/v2/models/vec/infer")
     [ "$code" = 200 ] && pass "$mode: a search answers 200: $(head -c 160 "$L/answer-$mode.json")" \
         || bad "$mode: a search answers $code: $(head -c 300 "$L/answer-$mode.json")"
-    "$G/bin/wrk" -t2 -c32 -d16s -s bench/post.lua "http://127.0.0.1:$PORT/v2/models/vec/infer" -- "$W/query.json" \
+    "$G/bin/wrk" -t2 -c32 -d16s --timeout 10s -s bench/post.lua "http://127.0.0.1:$PORT/v2/models/vec/infer" -- "$W/query.json" \
         >"$L/wrk-$mode.log" 2>&1 &
     local wrk=$!
     sleep 4
@@ -194,13 +195,18 @@ under_load() {
     local after=$(( $(used_mib) - idle ))
     cp "$W/error.log" "$L/error-load-$mode.log"
     local log=$L/wrk-$mode.log
-    local requests non2xx sockerr respawn reload
+    local requests non2xx sockerr respawn reload reload_up
     requests=$(awk '/requests in/ { print $1 }' "$log")
     non2xx=$(awk '/Non-2xx/ { print $NF }' "$log"); non2xx=${non2xx:-0}
-    sockerr=$(awk -F'[ ,]+' '/Socket errors/ { print $4+$6+$8+$10 }' "$log"); sockerr=${sockerr:-0}
+    # "  Socket errors: connect 0, read 1, write 0, timeout 15" (the leading blanks make $1 empty)
+    sockerr=$(awk -F'[ ,]+' '/Socket errors/ { print $5+$7+$9+$11 }' "$log"); sockerr=${sockerr:-0}
     # Load lines after the first 4: the respawned worker's (5th), the reload's (6th-9th).
     respawn=$(grep 'gpu: knn "vec": index ' "$W/error.log" | sed -n 5p | grep -c 'imported')
     reload=$(grep 'gpu: knn "vec": index ' "$W/error.log" | sed -n '6,9p' | grep -c 'imported')
+    # Under keepalive load the old generation closes its idle connections and exits within
+    # a second of the reload, before the new workers have opened the device: then one of
+    # them uploads the index and the other three import it (still one copy).
+    reload_up=$(grep 'gpu: knn "vec": index ' "$W/error.log" | sed -n '6,9p' | grep -c 'uploaded by this worker')
     load_rows+=("$(printf '%-8s %-10s %-8s %-14s %-9s %-9s %s' "$mode" "${requests:-?}" "$non2xx" "$sockerr" "$respawn/1" "$reload/4" "$after")")
     grep 'Socket errors\|Non-2xx\|Requests/sec\|requests in' "$log"
     stop_nginx
@@ -209,8 +215,14 @@ under_load() {
         || bad "$mode: ${requests:-no} requests, $non2xx non-2xx"
     [ "$respawn" = 1 ] && pass "$mode: the respawned worker imported the index" \
         || bad "$mode: the respawned worker did not import the index"
-    [ "$reload" = 4 ] && pass "$mode: the reload's 4 workers imported the index" \
-        || bad "$mode: $reload of the reload's 4 workers imported the index"
+    if [ "$reload" = 4 ]; then
+        pass "$mode: the reload's 4 workers imported the index from the old generation"
+    elif [ "$reload" = 3 ] && [ "$reload_up" = 1 ]; then
+        pass "$mode: the reload's 4 workers share one copy (the old generation had exited: one uploaded, 3 imported)"
+    else
+        bad "$mode: the reload's workers: $reload imported, $reload_up uploaded (one copy wanted)"
+    fi
+    [ "$sockerr" = 0 ] || echo "note: $mode: $sockerr socket errors (wrk: a killed worker's connections read-fail; timeouts are answers slower than wrk's --timeout)"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader

@@ -472,7 +472,16 @@ pub fn through_the_thread(f: &Fixture, kernels: Kernels, ran: Ran, tol: f64) {
                 _ => f.corpus[rng.below(n as u64) as usize].clone(),
             })
             .collect();
-        let k = [None, Some(1), Some(3), Some(n), Some(n + 5)][rng.below(5) as usize];
+        // Every row, and more than the index has; both within what a request may ask
+        // (an index of more than MAX_K rows gets MAX_K, and MAX_K + 1 elsewhere is refused).
+        let max_k = crate::ops::knn::gpu::MAX_K;
+        let k = [
+            None,
+            Some(1),
+            Some(3),
+            Some(n.min(max_k)),
+            Some((n + 5).min(max_k)),
+        ][rng.below(5) as usize];
         t.submit(job(id, &f.op, body(json!(texts), k))).unwrap();
         want.push((texts, k.unwrap_or(4).min(n)));
     }
