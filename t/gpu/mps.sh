@@ -54,21 +54,9 @@ EOF
 export CUDA_CACHE_PATH=$W/cuda
 head -c 1024 /dev/urandom >"$W/body-1k"
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "ok: $*"; }
-bad() { failed=$((failed + 1)); echo "FAILED: $*"; }
-master=
+. t/gpu/checks.sh
 rows=()
 
-stop_nginx() {
-    [ -n "$master" ] || return 0
-    kill -QUIT "$master" 2>/dev/null
-    for _ in $(seq 150); do kill -0 "$master" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$master" 2>/dev/null && { bad "nginx did not stop within 15 s"; kill -KILL "$master"; }
-    wait "$master" 2>/dev/null
-    master=
-}
 finish() {
     stop_nginx
     ngx_mps_stop

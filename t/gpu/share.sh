@@ -39,11 +39,7 @@ mkdir -p "$W/body" "$W/cuda" "$W/no-mps" "$L"
 chmod 777 "$W/body" "$W/cuda" "$W/no-mps"
 export CUDA_CACHE_PATH=$W/cuda
 
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); echo "ok: $*"; }
-bad() { failed=$((failed + 1)); echo "FAILED: $*"; }
-master=
+. t/gpu/checks.sh
 mem_rows=()
 load_rows=()
 
@@ -104,16 +100,8 @@ wait_loaded() {
     done
     return 1
 }
-stop_nginx() {
-    [ -n "$master" ] || return 0
-    kill -QUIT "$master" 2>/dev/null
-    for _ in $(seq 300); do kill -0 "$master" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$master" 2>/dev/null && { bad "nginx did not stop within 30 s"; kill -KILL "$master"; }
-    wait "$master" 2>/dev/null
-    master=
-}
 finish() {
-    stop_nginx
+    stop_nginx 30
     ngx_mps_stop
     echo
     echo "GPU memory used by nginx (MiB, whole device less the idle figure), $INDEX_MIB MiB index:"
@@ -141,7 +129,7 @@ memory() {
         start_nginx
         if ! wait_loaded "$n"; then
             bad "$mode, $n workers: $(loaded) of $n workers loaded the index"
-            stop_nginx
+            stop_nginx 30
             continue
         fi
         sleep 1
@@ -152,7 +140,7 @@ memory() {
         grep 'gpu: knn\|gpu: using' "$W/error.log" | sed 's/^.*\] [0-9#]*: //' | sort | uniq -c
         [ "$n" = 4 ] && nvidia-smi --query-compute-apps=pid,used_memory --format=csv >"$L/apps-$mode-4.csv" 2>&1
         cp "$W/error.log" "$L/error-$mode-$n.log"
-        stop_nginx
+        stop_nginx 30
         [ -z "$one" ] && one=$used
         # One worker's context + scratch: its figure less the index (at least 64 MiB).
         local ctx=$(( one - INDEX_MIB )); [ "$ctx" -lt 64 ] && ctx=64
@@ -173,7 +161,7 @@ under_load() {
     idle=$(used_mib)
     conf 4
     start_nginx
-    wait_loaded 4 || { bad "$mode: the 4 workers did not load the index"; stop_nginx; return; }
+    wait_loaded 4 || { bad "$mode: the 4 workers did not load the index"; stop_nginx 30; return; }
     local code
     code=$(curl -sS -o "$L/answer-$mode.json" -w '%{http_code}' --data-binary @"$W/query.json" \
         "http://127.0.0.1:$PORT/v2/models/vec/infer")
@@ -209,7 +197,7 @@ under_load() {
     reload_up=$(grep 'gpu: knn "vec": index ' "$W/error.log" | sed -n '6,9p' | grep -c 'uploaded by this worker')
     load_rows+=("$(printf '%-8s %-10s %-8s %-14s %-9s %-9s %s' "$mode" "${requests:-?}" "$non2xx" "$sockerr" "$respawn/1" "$reload/4" "$after")")
     grep 'Socket errors\|Non-2xx\|Requests/sec\|requests in' "$log"
-    stop_nginx
+    stop_nginx 30
     [ -n "$requests" ] && [ "$requests" -gt 0 ] && [ "$non2xx" = 0 ] \
         && pass "$mode: ${requests} requests under a worker's SIGKILL and a reload, none non-2xx" \
         || bad "$mode: ${requests:-no} requests, $non2xx non-2xx"
