@@ -8,6 +8,7 @@
 //! - `cpu.rs`: the forward pass in float32 on the CPU (fallback and reference);
 //! - `gpu.rs` + `embed.cu`: the forward pass on the device (cuBLAS GEMMs, NVRTC kernels);
 //! - `op.rs`: the ops that serve it (`gpu_process embeddings`, KServe), batched by tokens;
+//! - `host_tokens.rs`: their (and `search`'s) staged tokens on the test device;
 //! - `openai.rs`: the OpenAI embeddings API's request, answer and error JSON.
 
 pub mod cpu;
@@ -15,6 +16,7 @@ pub mod files;
 pub mod gpu;
 #[cfg(test)]
 mod gpu_tests;
+pub mod host_tokens;
 pub mod op;
 #[cfg(test)]
 mod op_tests;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::openai::{self, Format};
-use super::{DeviceEncoder, EmbedModel, Encoded};
+use super::{host_tokens, DeviceEncoder, EmbedModel, Encoded};
 use crate::engine::job::{Body, JobError};
 use crate::gpu::{GpuError, Loader, Program};
 use crate::http::kserve::decode;
@@ -436,7 +436,7 @@ impl OpOnDevice for OnDevice {
                 l.scratch = vec![plan.scratch_bytes.max(4)];
             }
             None => {
-                l.data_len = texts(items).iter().map(|e| 4 + 8 * cut(e)).sum();
+                l.data_len = host_tokens::bytes(&texts(items), m.max_tokens);
             }
         }
         l
@@ -457,18 +457,8 @@ impl OpOnDevice for OnDevice {
             }
             None => {
                 let max = self.model().max_tokens;
-                let mut at = 0;
-                let mut put = |v: u32| {
-                    data[at..at + 4].copy_from_slice(&v.to_le_bytes());
-                    at += 4;
-                };
-                for e in all {
-                    let k = e.ids.len().min(max);
-                    put(k as u32);
-                    e.ids[..k].iter().for_each(|&v| put(v));
-                    (0..k).for_each(|i| put(e.type_ids.get(i).copied().unwrap_or(0)));
-                }
-                debug_assert_eq!(at, layout.data_len);
+                debug_assert_eq!(host_tokens::bytes(&all, max), layout.data_len);
+                host_tokens::pack(&all, max, data);
             }
         }
         Vec::new()
@@ -484,19 +474,7 @@ impl OpOnDevice for OnDevice {
                 enc.embed(l.stream, &plan, l.data, scratch, l.out)
             }
             Target::Host { data, out, .. } => {
-                let word =
-                    |i: usize| u32::from_le_bytes(data[4 * i..4 * i + 4].try_into().expect("4"));
-                let mut batch = Vec::with_capacity(n);
-                let mut w = 0;
-                for _ in 0..n {
-                    let k = word(w) as usize;
-                    batch.push(Encoded {
-                        ids: (0..k).map(|i| word(w + 1 + i)).collect(),
-                        type_ids: (0..k).map(|i| word(w + 1 + k + i)).collect(),
-                        truncated: false,
-                    });
-                    w += 1 + 2 * k;
-                }
+                let batch = host_tokens::unpack(data, n);
                 let v = self.model().cpu_embed(&batch.iter().collect::<Vec<_>>());
                 let bytes = to_bytes(&v);
                 out[..bytes.len()].copy_from_slice(&bytes);

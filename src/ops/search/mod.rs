@@ -339,11 +339,6 @@ fn texts_of<'a>(items: &'a [Item]) -> Vec<&'a Encoded> {
         .collect()
 }
 
-fn put_u32(data: &mut [u8], at: &mut usize, v: u32) {
-    data[*at..*at + 4].copy_from_slice(&v.to_le_bytes());
-    *at += 4;
-}
-
 impl OnDevice {
     fn plan(&self) -> std::sync::MutexGuard<'_, Option<embed::Plan>> {
         self.plan.lock().unwrap_or_else(|p| p.into_inner())
@@ -354,6 +349,7 @@ impl OpOnDevice for OnDevice {
     fn layout(&self, items: &[Item]) -> Layout {
         let mut l = Layout::default();
         let (mut row, mut at) = (0usize, 0usize);
+        let max = self.models.embed().max_tokens;
         for it in items {
             let req = Search::request(it.decoded);
             l.items.push(Placed {
@@ -363,7 +359,8 @@ impl OpOnDevice for OnDevice {
                 out_cap: req.k as u64,
             });
             row += req.texts.len();
-            at += req.texts.iter().map(|e| 4 + 8 * e.ids.len()).sum::<usize>();
+            let texts: Vec<&Encoded> = req.texts.iter().collect();
+            at += embed::host_tokens::bytes(&texts, max);
         }
         let k = batch_k(&l);
         l.out_len = row * k * 12;
@@ -398,13 +395,7 @@ impl OpOnDevice for OnDevice {
                 }
             }
             None => {
-                let mut at = 0;
-                for e in texts_of(items) {
-                    put_u32(data, &mut at, e.ids.len() as u32);
-                    for &v in e.ids.iter().chain(&e.type_ids) {
-                        put_u32(data, &mut at, v);
-                    }
-                }
+                embed::host_tokens::pack(&texts_of(items), self.models.embed().max_tokens, data)
             }
         }
         Vec::new()
@@ -439,21 +430,7 @@ impl OpOnDevice for OnDevice {
                 )
             }
             Target::Host { data, out, .. } => {
-                let word =
-                    |i: usize| u32::from_le_bytes(data[4 * i..4 * i + 4].try_into().expect("4"));
-                let mut texts = Vec::with_capacity(n);
-                let mut at = 0;
-                for _ in 0..n {
-                    let len = word(at) as usize;
-                    let ids = (0..len).map(|j| word(at + 1 + j)).collect();
-                    let type_ids = (0..len).map(|j| word(at + 1 + len + j)).collect();
-                    texts.push(Encoded {
-                        ids,
-                        type_ids,
-                        truncated: false,
-                    });
-                    at += 1 + 2 * len;
-                }
+                let texts = embed::host_tokens::unpack(data, n);
                 let hits = cpu_search(&self.models, &texts.iter().collect::<Vec<_>>(), k);
                 knn::write_batch_hits(out, &hits);
                 Ok(())
