@@ -14,7 +14,7 @@ build="make build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib
 # curl: the integration tests' h2c client checks; python3 and pip: the GPU bundle's artifact
 # lister, and t/nvrtc.sh (NVRTC from its PyPI wheel, for compiling kernels without CUDA);
 # chromium: t/metrics.rs renders the gpu_status page headless.
-# python3-venv: t/tritonclient/test.sh (Triton's client from PyPI), t/openai/test.sh (the
+# python3-venv: t/pyvenv.sh for t/tritonclient/test.sh (Triton's client from PyPI), t/openai/test.sh (the
 # official OpenAI client) and t/ops-venv.sh (the
 # Kubernetes and monitoring checks' packages), each in a venv of its own, and
 # t/embed/golden.py's sentence-transformers, when the golden vectors are made again;
