@@ -27,7 +27,7 @@
 # One table, ratios against the peers of the same run, in $OUT/embed-<date>.md (raw wrk output,
 # server logs and the peers' output beside it; $OUT defaults to bench/out).
 #
-# Knobs: BENCH_SECS (4), BENCH_WORKERS (4), EMBED_CONNS ("64 512"), BATCH_CONNS (64),
+# Knobs: BENCH_SECS (4), BENCH_WORKERS (4), EMBED_CONNS ("64 512"), BATCH_CONNS (64), EMBED_SWEEP (below),
 # SEARCH_CONNS (256), MPS_RUNS ("on off"; MPS needs root), EMBED_MODEL (.gpu-bench/all-MiniLM-L6-v2),
 # INDEX_ROWS (1000000), BENCH_SERVER_CPUS / BENCH_CLIENT_CPUS (0-7 / 8-15); EMBED_OP and
 # SEARCH_OP replace the ops' gpu_process arguments (e.g. `echo`, to try the module's side of
@@ -286,6 +286,59 @@ gpu_mem() { # name when: GPU memory of each of its nginx's workers, from nvidia-
     raw "gpu_mem_all $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')"
     say "GPU memory per worker ($1, $2): ${line:-not reported}"
 }
+
+# EMBED_SWEEP="WORKERS:SERVER_CPUS:CLIENT_CPUS:POLL ...": instead of the whole benchmark, the
+# module alone (MPS on where it can start) with single-sentence requests at EMBED_CONNS for each
+# setup (e.g. "4:0-7:8-15:default 8:0-11:12-15:0"; POLL is a gpu_poll value or "default"), to
+# find where the host side runs out; one table in $OUT/embed-sweep-<date>.md, the workers'
+# per-batch counters (pack, launch calls, GPU, finish) in embed-servers.log.
+if [ -n "${EMBED_SWEEP:-}" ]; then
+    SWEEP=$OUTDIR/embed-sweep-$DATE.md
+    mps=off
+    if [ "$DRY" = 0 ] && [ "$(id -u)" = 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+        mkdir -p "$W/mps/pipe" "$W/mps/log"
+        export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
+        nvidia-cuda-mps-control -d && mps=on && sleep 0.5
+    fi
+    {
+        echo "# Embedding sweep, all-MiniLM-L6-v2 fp16, $DATE ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)), MPS $mps"
+        echo
+        echo "One sentence a request (mean $TOK_MEAN tokens), wrk ${SECS} s a row, OpenAI float answers."
+        echo
+        echo "| workers | nginx cpus | wrk cpus | gpu_poll | conns | req/s | p50 ms | p99 ms | errors | sentences/batch |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+    } >"$SWEEP"
+    sweep_n=0
+    for setup in $EMBED_SWEEP; do
+        IFS=: read -r WORKERS SRV_CPUS CLI_CPUS poll <<<"$setup"
+        SRV=(taskset -c "$SRV_CPUS")
+        CLI=(taskset -c "$CLI_CPUS")
+        [ "$DRY" = 1 ] && SRV=() && CLI=()
+        extra=${EMBED_EXTRA:-}
+        [ "$poll" != default ] && extra="$extra gpu_poll $poll;"
+        name=sweep-$sweep_n
+        sweep_n=$((sweep_n + 1))
+        EMBED_EXTRA=$extra start_nginx "$name" 8401 "gpu_model minilm embed $MODEL precision=fp16;" \
+            "location = /v1/embeddings { gpu_process embeddings minilm; gpu_batch_size 256; }" \
+            || { note "sweep $setup: nginx did not start"; continue; }
+        if ! wait_ready 8401 /v1/embeddings "$([ "$DRY" = 1 ] && echo cpu || echo gpu)"; then
+            note "sweep $setup: not ready from the device"
+            stop_nginx
+            continue
+        fi
+        for c in $CONNS; do
+            measure "sweep $setup" single 8401 /v1/embeddings "$c"
+            read -r _ _ _ _ _ _ rps p50 p99 bad spb <<<"$(tail -n1 "$RAW")"
+            printf '| %s | %s | %s | %s | %s | %.0f | %s | %s | %s | %s |\n' "$WORKERS" "$SRV_CPUS" "$CLI_CPUS" \
+                "$poll" "$c" "$rps" "$p50" "$p99" "$bad" "$spb" >>"$SWEEP"
+        done
+        stop_nginx
+    done
+    [ "$mps" = on ] && mps_quit
+    for x in "${NOTES[@]}"; do echo "- $x"; done >>"$SWEEP"
+    cat "$SWEEP"
+    exit 0
+fi
 
 # 2. The module (and the two-tier peer behind the same nginx, in the first MPS run).
 EMBED_MODELS="gpu_model minilm embed $MODEL precision=fp16;"
