@@ -34,6 +34,17 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// A batch's token rows are padded to a multiple of this: the products then see a few
+/// hundred shapes instead of one per token count (cuBLAS looks its kernel up per shape),
+/// and tensor-core tiles stay whole. The padding rows hold token 0 at position 0 and are
+/// read by no text.
+pub const ROW_ROUND: usize = 32;
+
+/// `tokens` rounded up to `ROW_ROUND`.
+pub fn padded_rows(tokens: usize) -> usize {
+    tokens.div_ceil(ROW_ROUND) * ROW_ROUND
+}
+
 /// Where one batch's data goes. Input (u32s): token ids, token types, positions (each `T`),
 /// then each text's first token and token count (each `n`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,6 +52,8 @@ pub struct Plan {
     /// Texts, and tokens in all.
     pub n: usize,
     pub tokens: usize,
+    /// Token rows the device computes: `tokens` padded (`padded_rows`).
+    pub rows: usize,
     /// The longest text's tokens.
     pub longest: usize,
     /// Bytes of the packed input, of the device scratch, of the output (`n * dim` f32).
@@ -497,64 +510,18 @@ impl DeviceEncoder {
     /// longest of `longest`: what `plan` gives for such a batch (the op makes it again at
     /// launch from these three numbers).
     pub fn plan_of(&self, n: usize, tokens: usize, longest: usize) -> Plan {
-        let (h, nb) = (self.hidden, self.narrow_bytes());
-        let mut off = 0;
-        let mut region = |bytes: usize| {
-            let at = off;
-            off += align(bytes);
-            at
-        };
-        let (ids, types, pos) = (region(4 * tokens), region(4 * tokens), region(4 * tokens));
-        let (start, len) = (region(4 * n), region(4 * n));
-        let input_bytes = off;
-        off = 0;
-        let mut region = |bytes: usize| {
-            let at = off;
-            off += align(bytes);
-            at
-        };
-        let x = region(tokens * h * 4);
-        let xh = region(tokens * h * nb);
-        let wide = region(tokens * (3 * h).max(self.intermediate) * 4);
-        let wide_h = region(tokens * h.max(self.intermediate) * nb);
-        let y = region(tokens * h * 4);
-        Plan {
+        plan_for(
+            (self.hidden, self.intermediate, self.narrow_bytes()),
             n,
             tokens,
             longest,
-            input_bytes,
-            scratch_bytes: off,
-            out_bytes: n * h * 4,
-            ids,
-            types,
-            pos,
-            start,
-            len,
-            x,
-            xh,
-            wide,
-            wide_h,
-            y,
-        }
+        )
     }
 
     /// Writes the batch's tokens into `input` (`plan.input_bytes`, host memory that is
     /// copied to the device address `embed` is given).
     pub fn pack(&self, plan: &Plan, batch: &[&Encoded], input: &mut [u8]) {
-        let mut put = |at: usize, i: usize, v: u32| {
-            input[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_le_bytes())
-        };
-        let mut t = 0;
-        for (s, e) in batch.iter().enumerate() {
-            put(plan.start, s, t as u32);
-            put(plan.len, s, self.len(e) as u32);
-            for (k, &id) in e.ids[..self.len(e)].iter().enumerate() {
-                put(plan.ids, t, id);
-                put(plan.types, t, e.type_ids.get(k).copied().unwrap_or(0));
-                put(plan.pos, t, (self.position_offset + k) as u32);
-                t += 1;
-            }
-        }
+        pack_tokens(plan, batch, self.max_tokens, self.position_offset, input);
     }
 
     /// Queues the batch on `stream`: `input` is the device copy of what `pack` wrote,
@@ -597,7 +564,9 @@ impl DeviceEncoder {
             }
         };
         // `handles` stays locked until every product is queued.
-        let (h, t) = (self.hidden, plan.tokens);
+        // Every row-wise step runs over the padded rows; attention and pooling read only
+        // the texts' own (start, len).
+        let (h, t) = (self.hidden, plan.rows);
         let at = |base: u64, off: usize| base + off as u64;
         let (ids, types, pos) = (
             at(input, plan.ids),
@@ -808,5 +777,147 @@ impl DeviceEncoder {
         let flat = stream.clone_dtoh(&out).map_err(d)?;
         stream.synchronize().map_err(d)?;
         Ok(flat.chunks(self.hidden).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// The plan of a batch for an encoder of `(hidden, intermediate, bytes of the products'
+/// inputs)`: `n` texts, `tokens` in all, the longest of `longest`.
+fn plan_for(
+    (h, intermediate, nb): (usize, usize, usize),
+    n: usize,
+    tokens: usize,
+    longest: usize,
+) -> Plan {
+    let rows = padded_rows(tokens);
+    let mut off = 0;
+    let mut region = |bytes: usize| {
+        let at = off;
+        off += align(bytes);
+        at
+    };
+    let (ids, types, pos) = (region(4 * rows), region(4 * rows), region(4 * rows));
+    let (start, len) = (region(4 * n), region(4 * n));
+    let input_bytes = off;
+    off = 0;
+    let mut region = |bytes: usize| {
+        let at = off;
+        off += align(bytes);
+        at
+    };
+    let x = region(rows * h * 4);
+    let xh = region(rows * h * nb);
+    let wide = region(rows * (3 * h).max(intermediate) * 4);
+    let wide_h = region(rows * h.max(intermediate) * nb);
+    let y = region(rows * h * 4);
+    Plan {
+        n,
+        tokens,
+        rows,
+        longest,
+        input_bytes,
+        scratch_bytes: off,
+        out_bytes: n * h * 4,
+        ids,
+        types,
+        pos,
+        start,
+        len,
+        x,
+        xh,
+        wide,
+        wide_h,
+        y,
+    }
+}
+
+/// `DeviceEncoder::pack` for texts cut at `max_tokens` whose positions start at
+/// `position_offset`.
+fn pack_tokens(
+    plan: &Plan,
+    batch: &[&Encoded],
+    max_tokens: usize,
+    position_offset: usize,
+    input: &mut [u8],
+) {
+    let len = |e: &Encoded| e.ids.len().min(max_tokens);
+    let mut put = |at: usize, i: usize, v: u32| {
+        input[at + 4 * i..at + 4 * i + 4].copy_from_slice(&v.to_le_bytes())
+    };
+    let mut t = 0;
+    for (s, e) in batch.iter().enumerate() {
+        put(plan.start, s, t as u32);
+        put(plan.len, s, len(e) as u32);
+        for (k, &id) in e.ids[..len(e)].iter().enumerate() {
+            put(plan.ids, t, id);
+            put(plan.types, t, e.type_ids.get(k).copied().unwrap_or(0));
+            put(plan.pos, t, (position_offset + k) as u32);
+            t += 1;
+        }
+    }
+    // The padding rows: token 0, type 0, position 0 (the staging buffer is reused, so
+    // whatever a larger batch left there would otherwise be read as ids).
+    for r in t..plan.rows {
+        put(plan.ids, r, 0);
+        put(plan.types, r, 0);
+        put(plan.pos, r, 0);
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::testing::Rng;
+
+    /// Random batches (empty texts, texts over max_tokens, token counts just under, at and
+    /// over a multiple of ROW_ROUND): the rows are the tokens rounded up to ROW_ROUND, every
+    /// region fits its input, each text's tokens land where start/len say with positions from
+    /// the offset, and the padding rows are token 0 / type 0 / position 0 even over a buffer
+    /// left full of other bytes.
+    #[test]
+    fn batches_are_padded_to_whole_row_blocks() {
+        let mut rng = Rng::fresh();
+        let word = |b: &[u8], at: usize, i: usize| {
+            u32::from_le_bytes(b[at + 4 * i..at + 4 * i + 4].try_into().unwrap())
+        };
+        for case in 0..60 {
+            let max = [1usize, 5, 31, 32, 33, 512][case % 6];
+            let n = 1 + rng.below(9) as usize;
+            let batch: Vec<Encoded> = (0..n)
+                .map(|_| {
+                    let k = rng.below(2 * max as u64 + 2) as usize;
+                    Encoded {
+                        ids: (0..k).map(|_| 1 + rng.below(30000) as u32).collect(),
+                        type_ids: (0..k).map(|_| rng.below(2) as u32).collect(),
+                        truncated: false,
+                    }
+                })
+                .collect();
+            let refs: Vec<&Encoded> = batch.iter().collect();
+            let tokens: usize = batch.iter().map(|e| e.ids.len().min(max)).sum();
+            let longest = batch.iter().map(|e| e.ids.len().min(max)).max().unwrap();
+            let plan = plan_for((384, 1536, 2), n, tokens, longest);
+            assert_eq!(plan.rows % ROW_ROUND, 0);
+            assert!(plan.rows >= tokens && plan.rows < tokens + ROW_ROUND);
+            assert!(plan.pos + 4 * plan.rows <= plan.input_bytes);
+            assert!(plan.y + 4 * 384 * plan.rows <= plan.scratch_bytes);
+            let mut input = vec![0xffu8; plan.input_bytes];
+            pack_tokens(&plan, &refs, max, 2, &mut input);
+            let mut t = 0;
+            for (s, e) in batch.iter().enumerate() {
+                let k = e.ids.len().min(max);
+                assert_eq!(word(&input, plan.start, s) as usize, t);
+                assert_eq!(word(&input, plan.len, s) as usize, k);
+                for j in 0..k {
+                    assert_eq!(word(&input, plan.ids, t + j), e.ids[j]);
+                    assert_eq!(word(&input, plan.types, t + j), e.type_ids[j]);
+                    assert_eq!(word(&input, plan.pos, t + j) as usize, 2 + j);
+                }
+                t += k;
+            }
+            for r in tokens..plan.rows {
+                let row = [plan.ids, plan.types, plan.pos].map(|at| word(&input, at, r));
+                assert_eq!(row, [0, 0, 0], "padding row {r} of {}", plan.rows);
+            }
+        }
     }
 }

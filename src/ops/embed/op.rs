@@ -281,8 +281,8 @@ impl Op for Embed {
         vec![super::program()]
     }
 
-    /// Tokens (ids, types, positions: 12 bytes each) and a start and length per text in
-    /// the staged input; `dim` float32 per text out. A batch holds at most
+    /// Tokens (ids, types, positions: 12 bytes each, padded to `ROW_ROUND` rows) and a
+    /// start and length per text in the staged input; `dim` float32 per text out. A batch holds at most
     /// `max(gpu_batch_tokens, max_inputs * max_tokens)` tokens (one request over
     /// `gpu_batch_tokens` goes alone) and at most `max(gpu_batch_tokens, max_inputs)`
     /// texts (a text takes at least one row).
@@ -291,7 +291,10 @@ impl Op for Embed {
         let bt = self.batch_tokens.load(Ordering::Relaxed);
         let tokens = bt.max(self.max_inputs * m.max_tokens);
         let texts = bt.max(self.max_inputs);
-        (12 * tokens + 8 * texts + 5 * 256, texts * m.dim() * 4)
+        (
+            12 * super::gpu::padded_rows(tokens) + 8 * texts + 5 * 256,
+            texts * m.dim() * 4,
+        )
     }
 
     fn admit(&self, body_len: u64, _values: &[Vec<u8>]) -> Result<Params, JobError> {

@@ -230,7 +230,10 @@ impl Op for Search {
         let rows = m.knn().batch_rows;
         let tokens = rows * m.embed().max_tokens;
         let k = knn::gpu::MAX_K.min(m.knn().index.n);
-        (tokens * 12 + rows * 8 + 5 * 256, rows * k * 12)
+        (
+            embed::gpu::padded_rows(tokens) * 12 + rows * 8 + 5 * 256,
+            rows * k * 12,
+        )
     }
 
     fn decode(&self, body: &Body, _params: &Params) -> Result<Option<Decoded>, JobError> {
