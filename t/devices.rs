@@ -334,7 +334,9 @@ fn metrics_count_each_workers_requests_under_its_device() {
         .unwrap();
     let mut total = 0;
     for (dev, (n, bytes)) in &sent {
-        let get = |name: &str| series(&m, name, &echo(dev)).unwrap_or_else(|| panic!("{name} {dev}: {m}"));
+        let get = |name: &str| {
+            series(&m, name, &echo(dev)).unwrap_or_else(|| panic!("{name} {dev}: {m}"))
+        };
         assert_eq!(get("nv_inference_request_success"), *n, "{dev}: {m}");
         assert_eq!(get("nv_inference_count"), *n, "{dev}");
         assert_eq!(get("ngx_gpu_request_bytes_total"), *bytes, "{dev}");

@@ -47,11 +47,7 @@ pub unsafe fn workers_now() -> usize {
 }
 
 /// FNV-1a over the layout's inputs (`listed`: the `gpu_devices` list, None for `all`).
-pub fn layout_key(
-    workers: usize,
-    locations: &[(String, String)],
-    listed: Option<&[usize]>,
-) -> u64 {
+pub fn layout_key(workers: usize, locations: &[(String, String)], listed: Option<&[usize]>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes.iter().chain(&[0xff]) {

@@ -103,12 +103,7 @@ pub fn pending(zone: &Zone, locations: &[usize], live: Live<'_>) -> i64 {
 
 /// The same over the running workers that count under device block `block` now (None:
 /// every worker).
-pub fn pending_in(
-    zone: &Zone,
-    locations: &[usize],
-    block: Option<usize>,
-    live: Live<'_>,
-) -> i64 {
+pub fn pending_in(zone: &Zone, locations: &[usize], block: Option<usize>, live: Live<'_>) -> i64 {
     let mut n = 0;
     for w in live_slots(zone, live) {
         let here = zone

@@ -345,12 +345,22 @@ mod tests {
         has(&format!("nv_inference_request_success{{{e}}} 5"));
         has("nv_inference_request_failure{model=\"kernel \\\"q\\\"\",location=\"/k\",device=\"cpu\",reason=\"timeout\"} 1");
         has(&format!("nv_inference_pending_request_count{{{e}}} 5"));
-        has(&format!("ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.00005\"}} 1"));
-        has(&format!("ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.0001\"}} 3"));
-        has(&format!("ngx_gpu_request_duration_seconds_bucket{{{e},le=\"30\"}} 4"));
-        has(&format!("ngx_gpu_request_duration_seconds_bucket{{{e},le=\"+Inf\"}} 5"));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.00005\"}} 1"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.0001\"}} 3"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"30\"}} 4"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"+Inf\"}} 5"
+        ));
         has(&format!("ngx_gpu_request_duration_seconds_count{{{e}}} 5"));
-        has(&format!("ngx_gpu_request_duration_seconds_sum{{{e}}} 90.00316"));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_sum{{{e}}} 90.00316"
+        ));
         has("ngx_gpu_worker_ready{worker=\"1\"} 1");
         assert_eq!(
             text.matches("# TYPE nv_inference_request_success counter")
