@@ -86,7 +86,7 @@ impl<'a> Series<'a> {
     }
 }
 
-fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
+fn per_location(out: &mut String, zone: &Zone, series: &[Series], live: Live) {
     type Get = fn(&super::zone::LocStats) -> u64;
     let counters: [(&str, &str, Get); 9] = [
         (
@@ -136,7 +136,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
             continue;
         }
         head(out, name, "counter", help);
-        for g in groups {
+        for g in series {
             let v: u64 = g.stats(zone).map(get).sum();
             let _ = writeln!(out, "{name}{{{}}} {v}", g.labels);
         }
@@ -147,7 +147,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
                 "counter",
                 "Number of failed requests, by reason",
             );
-            for g in groups {
+            for g in series {
                 for o in Outcome::FAILURES {
                     let v: u64 = g.stats(zone).map(|s| s.count(o).load(Relaxed)).sum();
                     let _ = writeln!(
@@ -166,7 +166,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
         "gauge",
         "Requests queued or in a batch now",
     );
-    for g in groups {
+    for g in series {
         let v = status::pending_in(zone, &g.group.indexes, Some(g.block), live);
         let _ = writeln!(
             out,
@@ -193,7 +193,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
     ];
     for (name, help, get) in hists {
         head(out, name, "histogram", help);
-        for g in groups {
+        for g in series {
             let bounds: Vec<String> = DURATION_BOUNDS_US
                 .iter()
                 .map(|b| num(*b as f64 / 1e6))
@@ -208,7 +208,7 @@ fn per_location(out: &mut String, zone: &Zone, groups: &[Series], live: Live) {
         "histogram",
         "Requests (pieces of bodies) per batch",
     );
-    for g in groups {
+    for g in series {
         let bounds: Vec<String> = BATCH_BOUNDS.iter().map(|b| b.to_string()).collect();
         let (cum, sum) = sum_hist(g.stats(zone).map(|s| &s.batch_size));
         histogram(
