@@ -67,15 +67,16 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     conf::serve_models(mcf);
     if (mcf.used || mcf.endpoints) && ngx_process != NGX_PROCESS_SIGNALLER as ngx_uint_t {
         let labels = mcf.metric_labels();
-        let zone = metrics::shm::add(cf, &labels);
+        let listed = match &mcf.devices {
+            Some(engine::devices::DeviceList::Ids(ids)) => Some(ids.clone()),
+            _ => None,
+        };
+        let (zone, layout) = metrics::shm::add(cf, &labels, listed.as_deref());
         if zone.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
         mcf.metrics_zone = zone;
-        mcf.metrics_layout = Some(metrics::zone::Layout::new(
-            labels.len(),
-            metrics::shm::worker_slots(cf),
-        ));
+        mcf.metrics_layout = Some(layout);
     }
     if mcf.used && add_log_handler(cf).is_none() {
         return NGX_ERROR as ngx_int_t;

@@ -256,3 +256,114 @@ fn one_device_with_all_or_0_is_what_it_was() {
         ngx.assert_healthy();
     }
 }
+
+/// The value of series `name` with exactly these `labels` (in the order served); None if
+/// absent.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let want = format!("{name}{{{}}} ", want.join(","));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map(|v| v.parse::<f64>().unwrap() as u64)
+}
+
+#[test]
+fn metrics_count_each_workers_requests_under_its_device() {
+    // 3 workers over "gpu_devices 1,0,5" on 2 devices: worker 0 on gpu1, worker 1 on gpu0,
+    // worker 2 given gpu5, which is missing: it answers on the CPU path, counted as cpu.
+    let conf = conf(3, Some("1,0,5")).replace(
+        "location /off",
+        "location = /metrics { gpu_metrics; }\n location = /status { gpu_status; }\n \
+         location /off",
+    );
+    let ngx = Nginx::start_module(
+        &conf,
+        &[("NGX_GPU_FAULTS", "fake,fake-devices:2")],
+        &fault_module_path(),
+    );
+    wait_started(&ngx, 3, &[]);
+    let addr = ngx.addr();
+    fn echo(dev: &str) -> [(&str, &str); 3] {
+        [("model", "echo"), ("location", "/echo"), ("device", dev)]
+    }
+    // Before any request every device a worker counts under has its series, at 0;
+    // gpu5, which no worker has open, has none.
+    let m = request(&addr, "GET", "/metrics", Send::None).text();
+    for dev in ["gpu1", "gpu0", "cpu"] {
+        assert_eq!(
+            series(&m, "nv_inference_request_success", &echo(dev)),
+            Some(0),
+            "{dev}: {m}"
+        );
+    }
+    assert!(!m.contains("device=\"gpu5\""), "{m}");
+
+    // Requests on fresh connections until each device answered a few, each answer checked
+    // and counted by where it says it ran ($gpu_device).
+    let mut rng = Rng::fresh();
+    let mut sent: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(sent.len() == 3 && sent.values().all(|(n, _)| *n >= 5)) {
+        assert!(Instant::now() < deadline, "answers so far: {sent:?}");
+        let n = match rng.next() % 4 {
+            0 => 0,
+            1 => 1,
+            _ => 1 + 2 * (rng.next() % 1500) as usize,
+        };
+        let data = rng.bytes(n);
+        let r = post(&addr, "/echo", &data);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.body == data, "wrong echo");
+        let dev = r.header("X-Dev").expect("X-Dev").to_string();
+        let e = sent.entry(dev).or_default();
+        e.0 += 1;
+        e.1 += n as u64;
+    }
+    assert_eq!(
+        sent.keys().cloned().collect::<Vec<_>>(),
+        ["cpu", "gpu0", "gpu1"]
+    );
+    let m = request(&addr, "GET", "/metrics", Send::None).text();
+    let status: serde_json::Value =
+        serde_json::from_str(&request(&addr, "GET", "/status", Send::None).text()).unwrap();
+    let loc = status["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["location"] == "/echo")
+        .unwrap();
+    let mut total = 0;
+    for (dev, (n, bytes)) in &sent {
+        let get = |name: &str| {
+            series(&m, name, &echo(dev)).unwrap_or_else(|| panic!("{name} {dev}: {m}"))
+        };
+        assert_eq!(get("nv_inference_request_success"), *n, "{dev}: {m}");
+        assert_eq!(get("nv_inference_count"), *n, "{dev}");
+        assert_eq!(get("ngx_gpu_request_bytes_total"), *bytes, "{dev}");
+        assert_eq!(get("ngx_gpu_response_bytes_total"), *bytes, "{dev}");
+        assert_eq!(get("ngx_gpu_request_duration_seconds_count"), *n, "{dev}");
+        assert_eq!(get("ngx_gpu_compute_duration_seconds_count"), *n, "{dev}");
+        // Every body fits one piece: the batch sizes add up to the requests.
+        assert_eq!(get("ngx_gpu_batch_size_sum"), *n, "{dev}");
+        let inf = series(
+            &m,
+            "ngx_gpu_request_duration_seconds_bucket",
+            &[echo(dev).as_slice(), &[("le", "+Inf")]].concat(),
+        );
+        assert_eq!(inf, Some(*n), "{dev}");
+        assert_eq!(get("nv_inference_pending_request_count"), 0, "{dev}");
+        assert_eq!(loc["devices"][dev]["success"], *n, "{dev}: {loc}");
+        total += n;
+    }
+    assert_eq!(loc["success"], total, "{loc}");
+    assert!(!m.contains("device=\"gpu5\""), "{m}");
+    // Each worker says which device it counts under.
+    let by_worker: Vec<&str> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["metrics_device"].as_str().unwrap())
+        .collect();
+    assert_eq!(by_worker, ["gpu1", "gpu0", "cpu"], "{status}");
+    ngx.assert_healthy();
+}

@@ -452,12 +452,16 @@ fn concurrent_requests_share_batches_over_http1_and_http2() {
     }
     // The counters of /batched: 24 requests in fewer batches.
     let m = get_text(&a, "/metrics");
+    // Summed over the devices (`device` label) the workers count under.
     let series = |name: &str| -> u64 {
-        m.lines()
-            .find(|l| l.starts_with(name) && l.contains("location=\"/batched\""))
-            .and_then(|l| l.rsplit(' ').next())
+        let values: Vec<u64> = m
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains("location=\"/batched\""))
+            .filter_map(|l| l.rsplit(' ').next())
             .map(|v| v.parse::<f64>().unwrap() as u64)
-            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+            .collect();
+        assert!(!values.is_empty(), "{name} missing:\n{m}");
+        values.iter().sum()
     };
     let (requests, batches) = (
         series("nv_inference_count"),

@@ -636,30 +636,23 @@ fn the_example_config_serves_its_model() {
     let r = post(&a, "/v2/models/example/infer", br#"{"inputs": []}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     let m = get(&a, "/metrics").text();
-    let series = |name: &str| -> Option<String> {
-        m.lines()
-            .find(|l| l.starts_with(name))
-            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+    // Each value summed over the devices (`device` label) the workers count under.
+    let series = |name: &str, more: &str| -> Option<u64> {
+        let prefix = format!("{name}{{model=\"example\",location=\"/v2\",device=");
+        let values: Vec<u64> = m
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(more))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
     };
-    let labels = r#"{model="example",location="/v2""#;
+    assert_eq!(series("nv_inference_request_success", ""), Some(1), "{m}");
     assert_eq!(
-        series(&format!("nv_inference_request_success{labels}}}")).as_deref(),
-        Some("1"),
+        series("nv_inference_request_failure", "reason=\"bad_request\""),
+        Some(1),
         "{m}"
     );
-    assert_eq!(
-        series(&format!(
-            "nv_inference_request_failure{labels},reason=\"bad_request\"}}"
-        ))
-        .as_deref(),
-        Some("1"),
-        "{m}"
-    );
-    assert_eq!(
-        series(&format!("nv_inference_exec_count{labels}}}")).as_deref(),
-        Some("1"),
-        "{m}"
-    );
+    assert_eq!(series("nv_inference_exec_count", ""), Some(1), "{m}");
     ngx.assert_healthy();
 }
 

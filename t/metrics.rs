@@ -34,10 +34,11 @@ fn metrics(addr: &str) -> String {
     body
 }
 
-/// The value of series `name` whose labels include every one of `labels`; None if absent.
-/// Panics if two series match (the text would be ambiguous).
+/// The value of series `name` whose labels include every one of `labels`, summed over the
+/// devices (`device` label) unless `labels` names one; None if absent. Panics if series
+/// that differ in more than their device match (the text would be ambiguous).
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
+    let mut found: Option<(String, f64)> = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (series, v) = line.rsplit_once(' ').unwrap();
         let (n, l) = series.split_once('{').unwrap_or((series, ""));
@@ -48,48 +49,74 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .iter()
             .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         {
-            assert!(found.is_none(), "{name} {labels:?} matches twice");
-            found = Some(v.parse::<f64>().unwrap());
+            let rest = without_device(l);
+            let v = v.parse::<f64>().unwrap();
+            found = Some(match found {
+                None => (rest, v),
+                Some((other, sum)) => {
+                    assert_eq!(other, rest, "{name} {labels:?} matches twice");
+                    (rest, sum + v)
+                }
+            });
         }
     }
-    found
+    found.map(|(_, v)| v)
+}
+
+/// A series' labels without its `device` label.
+fn without_device(labels: &str) -> String {
+    labels
+        .split(',')
+        .filter(|kv| !kv.starts_with("device="))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn v(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     value(text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}")) as u64
 }
 
-/// Checks a histogram of one location: buckets cumulative, +Inf equal to `_count`, and
-/// `_count` as expected.
+/// Checks a histogram of one location: per device, buckets cumulative and +Inf equal to
+/// `_count`; summed over the devices, `_count` as expected.
 fn check_histogram(text: &str, name: &str, location: &str, count: u64) {
-    let mut last = 0;
+    let mut last = std::collections::BTreeMap::<String, u64>::new();
     let mut buckets = 0;
     for line in text.lines() {
         if line.starts_with(&format!("{name}_bucket{{"))
             && line.contains(&format!("location=\"{location}\""))
         {
+            let device = line
+                .split("device=\"")
+                .nth(1)
+                .and_then(|d| d.split('"').next())
+                .unwrap_or_else(|| panic!("no device label: {line}"))
+                .to_string();
             let n: u64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
-            assert!(n >= last, "{name} buckets not cumulative at {line}");
-            last = n;
+            let prev = last.entry(device.clone()).or_default();
+            assert!(n >= *prev, "{name} buckets not cumulative at {line}");
+            *prev = n;
             buckets += 1;
         }
     }
     assert!(buckets > 2, "{name} of {location} has {buckets} buckets");
-    let l = [("location", location)];
+    for (device, inf) in &last {
+        let l = [("location", location), ("device", device.as_str())];
+        assert_eq!(
+            v(
+                text,
+                &format!("{name}_bucket"),
+                &[("location", location), ("device", device), ("le", "+Inf")]
+            ),
+            *inf
+        );
+        assert_eq!(v(text, &format!("{name}_count"), &l), *inf, "{device}");
+    }
     assert_eq!(
-        v(
-            text,
-            &format!("{name}_bucket"),
-            &[("location", location), ("le", "+Inf")]
-        ),
-        last
-    );
-    assert_eq!(
-        v(text, &format!("{name}_count"), &l),
+        v(text, &format!("{name}_count"), &[("location", location)]),
         count,
         "{name}_count of {location}"
     );
-    assert_eq!(last, count);
+    assert_eq!(last.values().sum::<u64>(), count);
 }
 
 fn status_json(addr: &str) -> serde_json::Value {

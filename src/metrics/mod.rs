@@ -2,10 +2,11 @@
 //! the module's own (`zone.rs`: its layout; `shm.rs`: the zone in nginx; `nvml.rs`: device
 //! samples; `text.rs`: the Prometheus text; `status.rs`: readiness and the status JSON).
 //!
-//! This file is the process's side: the zone it attached to, its worker slot, and what the
-//! request path, the event loop and the GPU thread record. Every write is an atomic on
-//! plain memory (no lock, no nginx API), so any thread of a worker may record; a process
-//! without a zone (unit tests, a configuration without metrics) records nothing.
+//! This file is the process's side: the zone it attached to, its worker slot, the device
+//! block it writes into (that of the device its GPU thread has open, `cpu` while none),
+//! and what the request path, the event loop and the GPU thread record. Every write is an
+//! atomic on plain memory (no lock, no nginx API), so any thread of a worker may record; a
+//! process without a zone (unit tests, a configuration without metrics) records nothing.
 
 pub mod nvml;
 pub mod shm;
@@ -13,12 +14,12 @@ pub mod status;
 pub mod text;
 pub mod zone;
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 pub use zone::{DeviceState, OpState, Outcome, Zone};
-use zone::{BATCH_BOUNDS, DURATION_BOUNDS_US, MPS_OFF, MPS_ON, MPS_UNKNOWN};
+use zone::{LocStats, BATCH_BOUNDS, CPU_BLOCK, DURATION_BOUNDS_US, MPS_OFF, MPS_ON, MPS_UNKNOWN};
 
 /// What this process attached to in init_process.
 struct Attached {
@@ -30,6 +31,15 @@ struct Attached {
 }
 
 static ATTACHED: OnceLock<Attached> = OnceLock::new();
+
+/// The device block this process writes its locations' counters into: its open device's,
+/// `CPU_BLOCK` while it has none (set by the GPU thread, read by every thread).
+static BLOCK: AtomicUsize = AtomicUsize::new(CPU_BLOCK);
+
+/// Location `loc`'s counters in this process's device block now.
+fn stats(loc: usize) -> Option<&'static LocStats> {
+    ATTACHED.get()?.zone.loc(loc, BLOCK.load(Relaxed))
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -85,8 +95,7 @@ fn us(d: Duration) -> u64 {
 /// A request of location `loc` was answered with `outcome`, `took` after its handler
 /// started, with `bytes_out` body bytes (0 for errors).
 pub fn answered(loc: usize, outcome: Outcome, took: Duration, bytes_out: u64) {
-    let Some(a) = ATTACHED.get() else { return };
-    if let Some(s) = a.zone.loc(loc) {
+    if let Some(s) = stats(loc) {
         s.count(outcome).fetch_add(1, Relaxed);
         s.request.observe(&DURATION_BOUNDS_US, us(took));
         if outcome == Outcome::Success {
@@ -106,14 +115,14 @@ pub fn answered(loc: usize, outcome: Outcome, took: Duration, bytes_out: u64) {
 
 /// A request body of `n` bytes was read for location `loc`.
 pub fn request_bytes(loc: usize, n: u64) {
-    if let Some(s) = zone().as_ref().and_then(|z| z.loc(loc)) {
+    if let Some(s) = stats(loc) {
         s.request_bytes.fetch_add(n, Relaxed);
     }
 }
 
 /// A request of location `loc` ran (GPU or CPU path): its queue and compute time.
 pub fn ran(loc: usize, queue: Duration, compute: Duration) {
-    if let Some(s) = zone().as_ref().and_then(|z| z.loc(loc)) {
+    if let Some(s) = stats(loc) {
         s.inferences.fetch_add(1, Relaxed);
         s.queue.observe(&DURATION_BOUNDS_US, us(queue));
         s.compute.observe(&DURATION_BOUNDS_US, us(compute));
@@ -171,7 +180,7 @@ pub fn thread_up(up: bool) {
 
 /// A batch of `n` requests (pieces) of location `loc` ran.
 pub fn batch(loc: usize, n: usize) {
-    if let Some(s) = zone().as_ref().and_then(|z| z.loc(loc)) {
+    if let Some(s) = stats(loc) {
         s.batches.fetch_add(1, Relaxed);
         s.batch_size.observe(&BATCH_BOUNDS, n as u64);
     }
@@ -182,14 +191,29 @@ pub fn batch(loc: usize, n: usize) {
     }
 }
 
-/// The worker's device: its state, and once open its CUDA ordinal.
+/// The worker's device: its state, and once open its CUDA ordinal. From now on the
+/// worker counts under that device's block, or `cpu` while it has none open.
 pub fn device(state: DeviceState, ordinal: Option<usize>) {
+    let Some(a) = ATTACHED.get() else { return };
+    let block = block_for(&a.zone.layout, state, ordinal);
+    BLOCK.store(block, Relaxed);
     let Some((a, w)) = mine() else { return };
     let Some(s) = a.zone.slot(w) else { return };
     if let Some(ordinal) = ordinal {
         s.device_ordinal.store(ordinal as u32, Relaxed);
     }
     s.device_state.store(state as u32, Relaxed);
+    s.block.store(block as u64, Relaxed);
+}
+
+/// The block of a worker whose device is in `state` (`ordinal` once open). The layout has
+/// a block for every device a worker is placed on (`Layout::new`); a device it has none
+/// for (a worker count that changed without the zone) counts under `cpu`.
+fn block_for(layout: &zone::Layout, state: DeviceState, ordinal: Option<usize>) -> usize {
+    match (state, ordinal) {
+        (DeviceState::Open, Some(o)) => layout.block_of(o).unwrap_or(CPU_BLOCK),
+        _ => CPU_BLOCK,
+    }
 }
 
 /* the event loop, from the GPU thread's log lines */
@@ -228,6 +252,24 @@ pub fn op_state(loc: usize, state: OpState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_counts_under_its_open_device_else_cpu() {
+        let l = zone::Layout::new(1, 4, Some(&[2, 5]));
+        assert_eq!(block_for(&l, DeviceState::Open, Some(2)), 1);
+        assert_eq!(block_for(&l, DeviceState::Open, Some(5)), 2);
+        assert_eq!(l.label(block_for(&l, DeviceState::Open, Some(5))), "gpu5");
+        for st in [
+            DeviceState::Starting,
+            DeviceState::Opening,
+            DeviceState::Retrying,
+            DeviceState::Unavailable,
+        ] {
+            assert_eq!(block_for(&l, st, None), CPU_BLOCK);
+        }
+        // Not a device of this layout.
+        assert_eq!(block_for(&l, DeviceState::Open, Some(3)), CPU_BLOCK);
+    }
 
     #[test]
     fn the_start_line_gives_the_device_name_and_mps() {

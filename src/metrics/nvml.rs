@@ -106,7 +106,7 @@ mod tests {
     /// libnvidia-ml is installed this checks the other way round.)
     #[test]
     fn without_nvml_nothing_is_sampled_and_the_reason_is_kept() {
-        let layout = Layout::new(1, 1);
+        let layout = Layout::new(1, 1, None);
         let mut buf = vec![0u64; layout.size / 8 + 16];
         let p = buf.as_mut_ptr() as *mut u8;
         // SAFETY: the buffer is large enough and outlives the zone.

@@ -2,7 +2,7 @@
 //! `gpu_process` locations is known then), laid out by nginx's shared memory init.
 //!
 //! The zone's name is keyed on its layout (`ngx_gpu_metrics_<hash>` of the locations, their
-//! ops and the worker count): a reload with the same locations reuses the zone and its
+//! ops, the worker count and the `gpu_devices` list): a reload with the same locations reuses the zone and its
 //! counters; one with other locations gets a fresh zone, while the old workers keep
 //! writing into the old one, which stays mapped in them until they exit.
 
@@ -46,8 +46,8 @@ pub unsafe fn workers_now() -> usize {
     (*ccf).worker_processes.max(1) as usize
 }
 
-/// FNV-1a over the layout's inputs.
-pub fn layout_key(workers: usize, locations: &[(String, String)]) -> u64 {
+/// FNV-1a over the layout's inputs (`listed`: the `gpu_devices` list, None for `all`).
+pub fn layout_key(workers: usize, locations: &[(String, String)], listed: Option<&[usize]>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes.iter().chain(&[0xff]) {
@@ -57,6 +57,14 @@ pub fn layout_key(workers: usize, locations: &[(String, String)]) -> u64 {
     };
     eat(&LAYOUT_VERSION.to_le_bytes());
     eat(&(workers as u64).to_le_bytes());
+    match listed {
+        None => eat(b"all"),
+        Some(ids) => {
+            for id in ids {
+                eat(&(*id as u64).to_le_bytes());
+            }
+        }
+    }
     for (model, location) in locations {
         eat(model.as_bytes());
         eat(location.as_bytes());
@@ -64,12 +72,21 @@ pub fn layout_key(workers: usize, locations: &[(String, String)]) -> u64 {
     h
 }
 
-/// Adds the zone for `locations` (model, location) to the configuration; null after an
-/// `[emerg]`.
-pub unsafe fn add(cf: *mut ngx_conf_t, locations: &[(String, String)]) -> *mut ngx_shm_zone_t {
+/// Adds the zone for `locations` (model, location) over the devices `listed` (None:
+/// `all`) to the configuration; null after an `[emerg]`. Its layout is returned beside.
+pub unsafe fn add(
+    cf: *mut ngx_conf_t,
+    locations: &[(String, String)],
+    listed: Option<&[usize]>,
+) -> (*mut ngx_shm_zone_t, Layout) {
     let workers = worker_slots(cf);
-    let layout = Layout::new(locations.len(), workers);
-    let name = format!("ngx_gpu_metrics_{:016x}", layout_key(workers, locations));
+    let layout = Layout::new(locations.len(), workers, listed);
+    let key = layout_key(workers, locations, listed);
+    (add_layout(cf, layout, key), layout)
+}
+
+unsafe fn add_layout(cf: *mut ngx_conf_t, layout: Layout, key: u64) -> *mut ngx_shm_zone_t {
+    let name = format!("ngx_gpu_metrics_{key:016x}");
     let pool = (*cf).pool;
     let data = ngx_pnalloc(pool, name.len()) as *mut u8;
     let kept = ngx_palloc(pool, size_of::<Layout>()) as *mut Layout;
@@ -146,18 +163,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_layout_key_changes_with_any_location_op_or_worker_count() {
+    fn the_layout_key_changes_with_any_location_op_worker_count_or_device_list() {
         let a = vec![("echo".to_string(), "/e".to_string())];
         let b = vec![("echo".to_string(), "/f".to_string())];
         let c = vec![("blake3".to_string(), "/e".to_string())];
-        let k = layout_key(2, &a);
-        assert_eq!(k, layout_key(2, &a.clone()));
-        assert_ne!(k, layout_key(3, &a));
-        assert_ne!(k, layout_key(2, &b));
-        assert_ne!(k, layout_key(2, &c));
+        let k = layout_key(2, &a, None);
+        assert_eq!(k, layout_key(2, &a.clone(), None));
+        assert_ne!(k, layout_key(3, &a, None));
+        assert_ne!(k, layout_key(2, &b, None));
+        assert_ne!(k, layout_key(2, &c, None));
+        // The devices: the same count in another order labels the blocks otherwise.
+        let l01 = layout_key(2, &a, Some(&[0, 1]));
+        assert_ne!(k, l01);
+        assert_ne!(l01, layout_key(2, &a, Some(&[1, 0])));
+        assert_ne!(l01, layout_key(2, &a, Some(&[0])));
+        assert_eq!(l01, layout_key(2, &a, Some(&[0, 1])));
         // No ambiguity from where one name ends.
         let d = vec![("ab".to_string(), "c".to_string())];
         let e = vec![("a".to_string(), "bc".to_string())];
-        assert_ne!(layout_key(1, &d), layout_key(1, &e));
+        assert_ne!(layout_key(1, &d, None), layout_key(1, &e, None));
     }
 }

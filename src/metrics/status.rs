@@ -1,12 +1,13 @@
-//! Readiness, and the status JSON of `gpu_status` (per worker, per location, per device),
-//! read from the zone.
+//! Readiness, and the status JSON of `gpu_status` (per worker, per location and its
+//! devices, per device), read from the zone.
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde_json::{json, Value};
 
 use super::zone::{
-    DeviceState, LocStats, OpState, Outcome, Zone, MPS_OFF, MPS_ON, NVML_OK, NVML_UNAVAILABLE,
+    DeviceState, LocStats, OpState, Outcome, Zone, CPU_BLOCK, MPS_OFF, MPS_ON, NVML_OK,
+    NVML_UNAVAILABLE,
 };
 
 /// Whether a process id is running (workers that died leave their slot behind).
@@ -20,9 +21,46 @@ pub struct Group {
 }
 
 impl Group {
+    /// The counters of every device block: summed, the group's totals.
     pub fn stats<'a>(&'a self, zone: &'a Zone) -> impl Iterator<Item = &'a LocStats> + 'a {
-        self.indexes.iter().filter_map(move |&l| zone.loc(l))
+        self.indexes.iter().flat_map(move |&l| zone.loc_all(l))
     }
+
+    /// The counters of device block `b`.
+    pub fn stats_at<'a>(
+        &'a self,
+        zone: &'a Zone,
+        b: usize,
+    ) -> impl Iterator<Item = &'a LocStats> + 'a {
+        self.indexes.iter().filter_map(move |&l| zone.loc(l, b))
+    }
+
+    /// The device blocks that have series: every block a running worker counts under now
+    /// (so a device's series are there, at 0, from its workers' start) and every block
+    /// with counts; `cpu` at least, so that a location always has its series.
+    pub fn blocks(&self, zone: &Zone, live: Live<'_>) -> Vec<usize> {
+        let used: Vec<usize> = live_slots(zone, live)
+            .iter()
+            .filter_map(|&w| zone.slot(w))
+            .map(|s| s.block.load(Relaxed) as usize)
+            .collect();
+        let out: Vec<usize> = (0..zone.layout.blocks())
+            .filter(|&b| used.contains(&b) || self.stats_at(zone, b).any(counted))
+            .collect();
+        if out.is_empty() {
+            vec![CPU_BLOCK]
+        } else {
+            out
+        }
+    }
+}
+
+/// Whether any request was read, answered or run in these counters.
+fn counted(s: &LocStats) -> bool {
+    s.outcomes.iter().any(|n| n.load(Relaxed) != 0)
+        || s.inferences.load(Relaxed) != 0
+        || s.batches.load(Relaxed) != 0
+        || s.request_bytes.load(Relaxed) != 0
 }
 
 pub type Groups = Vec<Group>;
@@ -30,7 +68,7 @@ pub type Groups = Vec<Group>;
 pub fn groups(zone: &Zone, locations: &[(String, String)]) -> Groups {
     let mut out: Groups = Vec::new();
     for (i, (model, location)) in locations.iter().enumerate() {
-        if zone.loc(i).is_none() {
+        if zone.loc(i, CPU_BLOCK).is_none() {
             continue;
         }
         match out
@@ -60,8 +98,20 @@ fn live_slots(zone: &Zone, live: Live<'_>) -> Vec<usize> {
 
 /// Requests of these locations queued or in a batch now, over the running workers.
 pub fn pending(zone: &Zone, locations: &[usize], live: Live<'_>) -> i64 {
+    pending_in(zone, locations, None, live)
+}
+
+/// The same over the running workers that count under device block `block` now (None:
+/// every worker).
+pub fn pending_in(zone: &Zone, locations: &[usize], block: Option<usize>, live: Live<'_>) -> i64 {
     let mut n = 0;
     for w in live_slots(zone, live) {
+        let here = zone
+            .slot(w)
+            .is_some_and(|s| block.is_none_or(|b| s.block.load(Relaxed) as usize == b));
+        if !here {
+            continue;
+        }
         for &l in locations {
             n += zone.pending(w, l).map_or(0, |p| p.load(Relaxed).max(0));
         }
@@ -173,6 +223,36 @@ fn nvml_state(zone: &Zone) -> String {
     }
 }
 
+/// A location's requests per device block (`{"gpu0": {...}, "cpu": {...}}`).
+fn by_device(zone: &Zone, g: &Group, live: Live<'_>) -> Value {
+    let mut out = serde_json::Map::new();
+    for b in g.blocks(zone, live) {
+        let sum = |f: &dyn Fn(&LocStats) -> u64| -> u64 { g.stats_at(zone, b).map(f).sum() };
+        let success = sum(&|s| s.count(Outcome::Success).load(Relaxed));
+        let failed = sum(&|s| {
+            Outcome::FAILURES
+                .iter()
+                .map(|&o| s.count(o).load(Relaxed))
+                .sum()
+        });
+        out.insert(
+            zone.layout.label(b),
+            json!({
+                "requests": success + failed,
+                "success": success,
+                "inferences": sum(&|s| s.inferences.load(Relaxed)),
+                "batches": sum(&|s| s.batches.load(Relaxed)),
+                "batch_size_sum": sum(&|s| s.batch_size.sum.load(Relaxed)),
+                "request_us": sum(&|s| s.request.sum.load(Relaxed)),
+                "queue_us": sum(&|s| s.queue.sum.load(Relaxed)),
+                "compute_us": sum(&|s| s.compute.sum.load(Relaxed)),
+                "pending": pending_in(zone, &g.indexes, Some(b), live),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
 /// The status JSON: readiness, each worker, each location's totals, each device.
 pub fn json(
     zone: &Zone,
@@ -210,6 +290,7 @@ pub fn json(
                 "device_state": state.name(),
                 "device": device,
                 "device_name": s.device_name.get(),
+                "metrics_device": zone.layout.label(s.block.load(Relaxed) as usize),
                 "mps": match s.mps.load(Relaxed) { MPS_ON => "on", MPS_OFF => "off", _ => "unknown" },
                 "queue_depth": s.queue_depth.load(Relaxed),
                 "batches": s.batches.load(Relaxed),
@@ -247,6 +328,7 @@ pub fn json(
                 "request_bytes": sum(&|s| s.request_bytes.load(Relaxed)),
                 "response_bytes": sum(&|s| s.response_bytes.load(Relaxed)),
                 "pending": pending(zone, &g.indexes, live),
+                "devices": by_device(zone, g, live),
             })
         })
         .collect();
@@ -284,7 +366,7 @@ mod tests {
 
     #[test]
     fn readiness_names_each_worker_that_cannot_serve_and_why() {
-        let layout = Layout::new(2, 3);
+        let layout = Layout::new(2, 3, None);
         let mut buf = vec![0u64; layout.size / 8 + 16];
         let p = buf.as_mut_ptr() as *mut u8;
         // SAFETY: the buffer is large enough and outlives the zone.

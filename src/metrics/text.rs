@@ -1,10 +1,11 @@
-//! The Prometheus text format (0.0.4) of the zone: per location and op, per device, per
+//! The Prometheus text format (0.0.4) of the zone: per location, op and device (the
+//! `device` label, `gpuN` as `$gpu_device` names it, or `cpu`), per NVML device, per
 //! worker; summed over every worker. Names after Triton's where one fits.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::status::{self, Groups, Live};
+use super::status::{self, Live};
 use super::zone::{Hist, Outcome, Zone, BATCH_BOUNDS, DURATION_BOUNDS_US};
 
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
@@ -41,8 +42,23 @@ fn num(v: f64) -> String {
 /// the running configuration's worker count.
 pub fn render(zone: &Zone, locations: &[(String, String)], workers: usize, live: Live) -> String {
     let groups = status::groups(zone, locations);
-    let mut out = String::with_capacity(4096 + groups.len() * 4096);
-    per_location(&mut out, zone, &groups, live);
+    let series: Vec<Series> = groups
+        .iter()
+        .flat_map(|g| {
+            g.blocks(zone, live).into_iter().map(move |b| Series {
+                group: g,
+                block: b,
+                labels: format!(
+                    "model=\"{}\",location=\"{}\",device=\"{}\"",
+                    escape(&g.model),
+                    escape(&g.location),
+                    escape(&zone.layout.label(b))
+                ),
+            })
+        })
+        .collect();
+    let mut out = String::with_capacity(4096 + series.len() * 4096);
+    per_location(&mut out, zone, &series, live);
     per_device(&mut out, zone);
     let ready = status::readiness(zone, locations, workers, live);
     head(
@@ -57,15 +73,20 @@ pub fn render(zone: &Zone, locations: &[(String, String)], workers: usize, live:
     out
 }
 
-fn labels(g: &status::Group) -> String {
-    format!(
-        "model=\"{}\",location=\"{}\"",
-        escape(&g.model),
-        escape(&g.location)
-    )
+/// One label set of the per-location series: a group of locations on one device block.
+struct Series<'a> {
+    group: &'a status::Group,
+    block: usize,
+    labels: String,
 }
 
-fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
+impl<'a> Series<'a> {
+    fn stats(&self, zone: &'a Zone) -> impl Iterator<Item = &'a super::zone::LocStats> + 'a {
+        self.group.stats_at(zone, self.block)
+    }
+}
+
+fn per_location(out: &mut String, zone: &Zone, series: &[Series], live: Live) {
     type Get = fn(&super::zone::LocStats) -> u64;
     let counters: [(&str, &str, Get); 9] = [
         (
@@ -115,9 +136,9 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
             continue;
         }
         head(out, name, "counter", help);
-        for g in groups {
+        for g in series {
             let v: u64 = g.stats(zone).map(get).sum();
-            let _ = writeln!(out, "{name}{{{}}} {v}", labels(g));
+            let _ = writeln!(out, "{name}{{{}}} {v}", g.labels);
         }
         if i == 0 {
             head(
@@ -126,13 +147,13 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
                 "counter",
                 "Number of failed requests, by reason",
             );
-            for g in groups {
+            for g in series {
                 for o in Outcome::FAILURES {
                     let v: u64 = g.stats(zone).map(|s| s.count(o).load(Relaxed)).sum();
                     let _ = writeln!(
                         out,
                         "nv_inference_request_failure{{{},reason=\"{}\"}} {v}",
-                        labels(g),
+                        g.labels,
                         o.reason()
                     );
                 }
@@ -145,12 +166,12 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
         "gauge",
         "Requests queued or in a batch now",
     );
-    for g in groups {
-        let v = status::pending(zone, &g.indexes, live);
+    for g in series {
+        let v = status::pending_in(zone, &g.group.indexes, Some(g.block), live);
         let _ = writeln!(
             out,
             "nv_inference_pending_request_count{{{}}} {v}",
-            labels(g)
+            g.labels
         );
     }
     let hists: [(&str, &str, HistOf); 3] = [
@@ -172,13 +193,13 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
     ];
     for (name, help, get) in hists {
         head(out, name, "histogram", help);
-        for g in groups {
+        for g in series {
             let bounds: Vec<String> = DURATION_BOUNDS_US
                 .iter()
                 .map(|b| num(*b as f64 / 1e6))
                 .collect();
             let (cum, sum) = sum_hist(g.stats(zone).map(get));
-            histogram(out, name, &labels(g), &bounds, &cum, &num(sum as f64 / 1e6));
+            histogram(out, name, &g.labels, &bounds, &cum, &num(sum as f64 / 1e6));
         }
     }
     head(
@@ -187,13 +208,13 @@ fn per_location(out: &mut String, zone: &Zone, groups: &Groups, live: Live) {
         "histogram",
         "Requests (pieces of bodies) per batch",
     );
-    for g in groups {
+    for g in series {
         let bounds: Vec<String> = BATCH_BOUNDS.iter().map(|b| b.to_string()).collect();
         let (cum, sum) = sum_hist(g.stats(zone).map(|s| &s.batch_size));
         histogram(
             out,
             "ngx_gpu_batch_size",
-            &labels(g),
+            &g.labels,
             &bounds,
             &cum,
             &sum.to_string(),
@@ -274,7 +295,7 @@ fn per_device(out: &mut String, zone: &Zone) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::zone::{Layout, OpState};
+    use crate::metrics::zone::{Layout, OpState, CPU_BLOCK};
 
     fn zone(buf: &mut [u64], layout: Layout) -> Zone {
         let p = buf.as_mut_ptr() as *mut u8;
@@ -289,7 +310,7 @@ mod tests {
 
     #[test]
     fn sums_locations_with_the_same_labels_and_keeps_histograms_cumulative() {
-        let layout = Layout::new(3, 2);
+        let layout = Layout::new(3, 2, None);
         let mut buf = vec![0u64; layout.size / 8 + 16];
         let z = zone(&mut buf, layout);
         z.init_fresh(0);
@@ -298,13 +319,14 @@ mod tests {
             ("kernel \"q\"".to_string(), "/k".to_string()),
             ("echo".to_string(), "/e".to_string()),
         ];
-        // Two requests on location 0, three on location 2 (same labels), one failure.
+        // Two requests on location 0, three on location 2 (same labels), one failure;
+        // every worker without a device (block cpu).
         for (l, us) in [(0, 40u64), (0, 3_000), (2, 60), (2, 60), (2, 90_000_000)] {
-            let s = z.loc(l).unwrap();
+            let s = z.loc(l, CPU_BLOCK).unwrap();
             s.count(Outcome::Success).fetch_add(1, Relaxed);
             s.request.observe(&DURATION_BOUNDS_US, us);
         }
-        z.loc(1)
+        z.loc(1, CPU_BLOCK)
             .unwrap()
             .count(Outcome::Timeout)
             .fetch_add(1, Relaxed);
@@ -319,23 +341,34 @@ mod tests {
         z.pending(1, 2).unwrap().store(3, Relaxed);
         let text = render(&z, &locs, 2, &|_| true);
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
-        has("nv_inference_request_success{model=\"echo\",location=\"/e\"} 5");
-        has("nv_inference_request_failure{model=\"kernel \\\"q\\\"\",location=\"/k\",reason=\"timeout\"} 1");
-        has("nv_inference_pending_request_count{model=\"echo\",location=\"/e\"} 5");
-        has("ngx_gpu_request_duration_seconds_bucket{model=\"echo\",location=\"/e\",le=\"0.00005\"} 1");
-        has("ngx_gpu_request_duration_seconds_bucket{model=\"echo\",location=\"/e\",le=\"0.0001\"} 3");
-        has("ngx_gpu_request_duration_seconds_bucket{model=\"echo\",location=\"/e\",le=\"30\"} 4");
-        has(
-            "ngx_gpu_request_duration_seconds_bucket{model=\"echo\",location=\"/e\",le=\"+Inf\"} 5",
-        );
-        has("ngx_gpu_request_duration_seconds_count{model=\"echo\",location=\"/e\"} 5");
-        has("ngx_gpu_request_duration_seconds_sum{model=\"echo\",location=\"/e\"} 90.00316");
+        let e = "model=\"echo\",location=\"/e\",device=\"cpu\"";
+        has(&format!("nv_inference_request_success{{{e}}} 5"));
+        has("nv_inference_request_failure{model=\"kernel \\\"q\\\"\",location=\"/k\",device=\"cpu\",reason=\"timeout\"} 1");
+        has(&format!("nv_inference_pending_request_count{{{e}}} 5"));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.00005\"}} 1"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"0.0001\"}} 3"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"30\"}} 4"
+        ));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_bucket{{{e},le=\"+Inf\"}} 5"
+        ));
+        has(&format!("ngx_gpu_request_duration_seconds_count{{{e}}} 5"));
+        has(&format!(
+            "ngx_gpu_request_duration_seconds_sum{{{e}}} 90.00316"
+        ));
         has("ngx_gpu_worker_ready{worker=\"1\"} 1");
         assert_eq!(
             text.matches("# TYPE nv_inference_request_success counter")
                 .count(),
             1
         );
+        // No worker on a device and nothing counted there: no device's series.
+        assert!(!text.contains("device=\"gpu"), "{text}");
         // Without NVML samples, no device series.
         assert!(!text.contains("nv_gpu_"), "{text}");
         // Every sample line is `name{labels} value`.
@@ -343,5 +376,125 @@ mod tests {
             let (_, v) = l.rsplit_once(' ').unwrap();
             assert!(v.parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    /// The lines of series `name` whose labels contain `has`, as (labels, value).
+    fn lines_of<'t>(text: &'t str, name: &str, has: &str) -> Vec<(&'t str, u64)> {
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+                let (labels, v) = rest.rsplit_once("} ")?;
+                labels.contains(has).then(|| (labels, v.parse().unwrap()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_device_has_its_own_label_set_and_they_sum_to_the_location() {
+        // 4 workers over "gpu_devices 3,1": workers 0 and 2 on gpu3, 1 and 3 on gpu1;
+        // worker 3 has not opened its device yet (cpu).
+        let layout = Layout::new(1, 4, Some(&[3, 1]));
+        let mut buf = vec![0u64; layout.size / 8 + 16];
+        let z = zone(&mut buf, layout);
+        z.init_fresh(0);
+        let locs = vec![("echo".to_string(), "/e".to_string())];
+        let (gpu3, gpu1) = (layout.block_of(3).unwrap(), layout.block_of(1).unwrap());
+        for (w, b) in [(0, gpu3), (1, gpu1), (2, gpu3), (3, CPU_BLOCK)] {
+            z.take_slot(w, 1, 100 + w as u64, 0);
+            z.slot(w).unwrap().block.store(b as u64, Relaxed);
+            z.pending(w, 0).unwrap().store(w as i64 + 1, Relaxed);
+        }
+        // Fresh random requests per block: (block, request us, batch size).
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut want = std::collections::HashMap::<usize, (u64, Vec<u64>, u64)>::new();
+        for _ in 0..(50 + next() % 50) {
+            let b = [gpu3, gpu1, CPU_BLOCK][(next() % 3) as usize];
+            let us = next() % 40_000_000;
+            let s = z.loc(0, b).unwrap();
+            s.count(Outcome::Success).fetch_add(1, Relaxed);
+            s.request.observe(&DURATION_BOUNDS_US, us);
+            let n = 1 + next() % 300;
+            s.batches.fetch_add(1, Relaxed);
+            s.batch_size.observe(&BATCH_BOUNDS, n);
+            let e = want.entry(b).or_default();
+            e.0 += 1;
+            e.1.push(us);
+            e.2 += n;
+        }
+        let text = render(&z, &locs, 4, &|_| true);
+        let success = lines_of(&text, "nv_inference_request_success", "location=\"/e\"");
+        assert_eq!(success.len(), 3, "{text}");
+        let mut total = 0;
+        for (b, label) in [(gpu3, "gpu3"), (gpu1, "gpu1"), (CPU_BLOCK, "cpu")] {
+            let (n, times, batch) = want.get(&b).cloned().unwrap_or_default();
+            let dev = format!("device=\"{label}\"");
+            let got = lines_of(&text, "nv_inference_request_success", &dev);
+            assert_eq!(got.len(), 1, "{label}: {text}");
+            assert_eq!(got[0].1, n, "{label}");
+            total += got[0].1;
+            // Pending: the workers counting under it now (1 + 3 on gpu3, 2 on gpu1, 4 cpu).
+            let pending = lines_of(&text, "nv_inference_pending_request_count", &dev);
+            let p = [(gpu3, 4), (gpu1, 2), (CPU_BLOCK, 4)]
+                .iter()
+                .find(|(x, _)| *x == b)
+                .unwrap()
+                .1;
+            assert_eq!(pending[0].1, p, "{label}");
+            // Request time buckets: cumulative, each equal to the count of times at or
+            // under its bound (float64 bounds from the text), +Inf the count.
+            let buckets = lines_of(&text, "ngx_gpu_request_duration_seconds_bucket", &dev);
+            assert_eq!(buckets.len(), DURATION_BOUNDS_US.len() + 1);
+            let mut last = 0;
+            for (labels, c) in &buckets {
+                assert!(*c >= last, "{label}: not cumulative at {labels}");
+                last = *c;
+                let le = labels.rsplit_once("le=\"").unwrap().1.trim_end_matches('"');
+                let want_c = match le {
+                    "+Inf" => times.len(),
+                    le => {
+                        let bound: f64 = le.parse().unwrap();
+                        times.iter().filter(|&&t| t as f64 / 1e6 <= bound).count()
+                    }
+                };
+                assert_eq!(*c, want_c as u64, "{label} le={le}");
+            }
+            let count = lines_of(&text, "ngx_gpu_request_duration_seconds_count", &dev);
+            assert_eq!(count[0].1, n);
+            let bsum = lines_of(&text, "ngx_gpu_batch_size_sum", &dev);
+            assert_eq!(bsum[0].1, batch, "{label}");
+        }
+        assert_eq!(total, want.values().map(|w| w.0).sum::<u64>());
+        // The status JSON has the same split, and the location's totals.
+        let j = status::json(&z, &locs, 4, &|_| true, 0);
+        let loc = &j["locations"][0];
+        let by = &loc["devices"];
+        let n = |b: usize| want.get(&b).map_or(0, |w| w.0);
+        assert_eq!(by["gpu3"]["success"], n(gpu3), "{j}");
+        assert_eq!(by["gpu1"]["success"], n(gpu1), "{j}");
+        assert_eq!(by["cpu"]["pending"], 4, "{j}");
+        assert_eq!(loc["success"], total, "{j}");
+        assert_eq!(loc["pending"], 10, "{j}");
+        assert_eq!(j["workers"][1]["metrics_device"], "gpu1", "{j}");
+        // A device nobody counts under and with nothing counted has no series: with
+        // worker 3 on gpu1 and nothing on cpu, the cpu series go.
+        z.slot(3).unwrap().block.store(gpu1 as u64, Relaxed);
+        z.loc(0, CPU_BLOCK)
+            .unwrap()
+            .count(Outcome::Success)
+            .store(0, Relaxed);
+        z.loc(0, CPU_BLOCK).unwrap().batches.store(0, Relaxed);
+        let text = render(&z, &locs, 4, &|_| true);
+        assert!(!text.contains("device=\"cpu\""), "{text}");
+        assert_eq!(
+            lines_of(&text, "nv_inference_request_success", "").len(),
+            2,
+            "{text}"
+        );
     }
 }

@@ -1,19 +1,29 @@
 //! The metrics zone's layout: one block of shared memory, laid out once the configuration
-//! is read, holding per location the counters and histograms, per worker a status block,
-//! and per device the NVML samples. Everything in it is an atomic: writers never lock.
+//! is read, holding per location and device the counters and histograms, per worker a
+//! status block, and per device the NVML samples. Everything in it is an atomic: writers
+//! never lock.
 //!
 //! ```text
-//! Header | LocStats x L | WorkerSlot x W | pending [W][L] i64 | op state [W][L] u8 | Device x D
+//! Header | LocStats [L][1 + B] | WorkerSlot x W | pending [W][L] i64 | op state [W][L] u8
+//!        | DeviceSample x 16
 //! ```
+//!
+//! A location has one block of counters per device a worker can be placed on (B of them,
+//! from `gpu_devices` and the worker count, see `Layout::new`) after block 0, `cpu`: what
+//! workers answer while they have no device open.
 
 use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
 /// Written first into a fresh zone; a reused zone must carry it (same layout version).
 pub const MAGIC: u64 = 0x6e67_785f_6770_7531; // "ngx_gpu1"
 /// Bumped whenever a struct below changes (it is part of the zone's name too).
-pub const LAYOUT_VERSION: u64 = 2;
+pub const LAYOUT_VERSION: u64 = 3;
 /// Devices NVML samples, at most.
 pub const MAX_DEVICES: usize = 16;
+/// Device blocks per location, at most: one per device `gpu_devices` can name (0..=255).
+pub const MAX_DEVICE_BLOCKS: usize = 256;
+/// The block a worker writes into while it has no device open.
+pub const CPU_BLOCK: usize = 0;
 
 /// Upper bounds (microseconds) of the duration histograms' buckets; +Inf follows.
 pub const DURATION_BOUNDS_US: [u64; 18] = [
@@ -99,7 +109,8 @@ impl Outcome {
     }
 }
 
-/// One `gpu_process` location's counters, summed over every worker.
+/// One `gpu_process` location's counters on one device (or `cpu`), summed over the
+/// workers placed there.
 #[repr(C)]
 pub struct LocStats {
     /// By `Outcome` (success first).
@@ -291,6 +302,8 @@ pub struct WorkerSlot {
     /// Requests answered by this worker (every outcome).
     pub requests: AtomicU64,
     pub last_error_ms: AtomicU64,
+    /// The device block (`Layout::block_of`) the worker writes its counters into now.
+    pub block: AtomicU64,
     pub device_name: Text<8>,
     pub last_error: Text<32>,
 }
@@ -322,6 +335,8 @@ pub struct Header {
     pub generation: AtomicU64,
     pub locations: AtomicU64,
     pub workers: AtomicU64,
+    /// Device blocks per location, `cpu` not counted.
+    pub device_blocks: AtomicU64,
     /// Unix time (ms) the zone was laid out.
     pub created_ms: AtomicU64,
     pub nvml: AtomicU32,
@@ -329,11 +344,15 @@ pub struct Header {
     pub nvml_error: Text<16>,
 }
 
-/// Offsets of the parts of a zone of `locations` x `workers`.
+/// Offsets of the parts of a zone of `locations` x `workers`, and its device blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub locations: usize,
     pub workers: usize,
+    /// Device blocks per location after `cpu` (B).
+    pub device_blocks: usize,
+    /// The CUDA ordinal of each device block (block `b` is `ordinals[b - 1]`).
+    ordinals: [u8; MAX_DEVICE_BLOCKS],
     locs: usize,
     slots: usize,
     pending: usize,
@@ -347,9 +366,31 @@ const fn align(n: usize, a: usize) -> usize {
 }
 
 impl Layout {
-    pub fn new(locations: usize, workers: usize) -> Layout {
+    /// `listed`: the devices of `gpu_devices` (None: `all`). Workers take them
+    /// round-robin by worker number, so `workers` workers reach only the first
+    /// `min(n, workers)` of a list of n. With `all`, worker w gets device w mod (the count
+    /// CUDA shows), which the master cannot ask: any ordinal below `workers` (and 256).
+    pub fn new(locations: usize, workers: usize, listed: Option<&[usize]>) -> Layout {
+        let mut ordinals = [0u8; MAX_DEVICE_BLOCKS];
+        let device_blocks = match listed {
+            Some(ids) => {
+                let n = ids.len().min(workers).min(MAX_DEVICE_BLOCKS);
+                for (o, id) in ordinals.iter_mut().zip(&ids[..n]) {
+                    *o = (*id).min(255) as u8;
+                }
+                n
+            }
+            None => {
+                let n = workers.min(MAX_DEVICE_BLOCKS);
+                for (i, o) in ordinals.iter_mut().enumerate().take(n) {
+                    *o = i as u8;
+                }
+                n
+            }
+        };
+        let blocks = locations * (1 + device_blocks);
         let locs = align(size_of::<Header>(), 64);
-        let slots = locs + locations * size_of::<LocStats>();
+        let slots = locs + blocks * size_of::<LocStats>();
         let pending = slots + workers * size_of::<WorkerSlot>();
         let states = pending + workers * locations * 8;
         let devices = align(states + workers * locations, 64);
@@ -357,12 +398,36 @@ impl Layout {
         Layout {
             locations,
             workers,
+            device_blocks,
+            ordinals,
             locs,
             slots,
             pending,
             states,
             devices,
             size,
+        }
+    }
+
+    /// Blocks per location, `cpu` included.
+    pub fn blocks(&self) -> usize {
+        1 + self.device_blocks
+    }
+
+    /// The block of the device with CUDA ordinal `ordinal`; None where the layout has
+    /// none for it (not one the configuration places workers on).
+    pub fn block_of(&self, ordinal: usize) -> Option<usize> {
+        self.ordinals[..self.device_blocks]
+            .iter()
+            .position(|&o| o as usize == ordinal)
+            .map(|i| i + 1)
+    }
+
+    /// The `device` label of block `b`: `cpu`, or `gpuN` as `$gpu_device` names it.
+    pub fn label(&self, b: usize) -> String {
+        match b {
+            CPU_BLOCK => "cpu".into(),
+            b => format!("gpu{}", self.ordinals[(b - 1).min(MAX_DEVICE_BLOCKS - 1)]),
         }
     }
 }
@@ -396,6 +461,8 @@ impl Zone {
         h.version.store(LAYOUT_VERSION, Relaxed);
         h.locations.store(self.layout.locations as u64, Relaxed);
         h.workers.store(self.layout.workers as u64, Relaxed);
+        h.device_blocks
+            .store(self.layout.device_blocks as u64, Relaxed);
         h.created_ms.store(now_ms, Relaxed);
         h.magic.store(MAGIC, Release);
     }
@@ -407,6 +474,7 @@ impl Zone {
             && h.version.load(Relaxed) == LAYOUT_VERSION
             && h.locations.load(Relaxed) == self.layout.locations as u64
             && h.workers.load(Relaxed) == self.layout.workers as u64
+            && h.device_blocks.load(Relaxed) == self.layout.device_blocks as u64
     }
 
     fn part<T>(&self, off: usize, i: usize) -> &T {
@@ -419,8 +487,16 @@ impl Zone {
         self.part(0, 0)
     }
 
-    pub fn loc(&self, l: usize) -> Option<&LocStats> {
-        (l < self.layout.locations).then(|| self.part(self.layout.locs, l))
+    /// Location `l`'s counters in device block `b`.
+    pub fn loc(&self, l: usize, b: usize) -> Option<&LocStats> {
+        let blocks = self.layout.blocks();
+        (l < self.layout.locations && b < blocks)
+            .then(|| self.part(self.layout.locs, l * blocks + b))
+    }
+
+    /// Location `l`'s counters in every block (summed, they are the location's).
+    pub fn loc_all(&self, l: usize) -> impl Iterator<Item = &LocStats> + '_ {
+        (0..self.layout.blocks()).filter_map(move |b| self.loc(l, b))
     }
 
     pub fn slot(&self, w: usize) -> Option<&WorkerSlot> {
@@ -458,6 +534,7 @@ impl Zone {
         s.batches.store(0, Relaxed);
         s.requests.store(0, Relaxed);
         s.last_error_ms.store(0, Relaxed);
+        s.block.store(CPU_BLOCK as u64, Relaxed);
         s.device_name.set("");
         s.last_error.set("");
         for l in 0..self.layout.locations {
@@ -496,16 +573,26 @@ mod tests {
 
     #[test]
     fn parts_do_not_overlap_and_fit() {
-        for (l, w) in [(0, 1), (1, 1), (3, 7), (100, 64)] {
-            let layout = Layout::new(l, w);
+        let list = [3usize, 0, 7];
+        for (l, w, listed) in [
+            (0, 1, None),
+            (1, 1, None),
+            (3, 7, None),
+            (3, 7, Some(&list[..])),
+            (2, 2, Some(&list[..])),
+            (100, 64, None),
+        ] {
+            let layout = Layout::new(l, w, listed);
             let mut buf = buffer(layout);
             let z = zone(&mut buf, layout);
             z.init_fresh(1);
             assert!(z.matches());
-            // Write every counter of the last location and slot, then check the header,
-            // the first location and the devices still read as written.
+            let blocks = layout.blocks();
+            // Write every counter of the last location's last block and of the last slot,
+            // then check the header, the first location and the devices still read as
+            // written.
             if l > 0 {
-                z.loc(l - 1).unwrap().batches.store(7, Relaxed);
+                z.loc(l - 1, blocks - 1).unwrap().batches.store(7, Relaxed);
                 z.pending(w - 1, l - 1).unwrap().store(-1, Relaxed);
                 z.op_state(w - 1, l - 1).unwrap().store(9, Relaxed);
             }
@@ -514,11 +601,73 @@ mod tests {
             assert!(z.matches());
             assert_eq!(z.slot(w - 1).unwrap().last_error.get().len(), 256);
             assert_eq!(z.device(MAX_DEVICES - 1).unwrap().name.get(), "last");
-            if l > 1 {
-                assert_eq!(z.loc(0).unwrap().batches.load(Relaxed), 0);
+            if l > 1 || (l == 1 && blocks > 1) {
+                assert_eq!(z.loc(0, 0).unwrap().batches.load(Relaxed), 0);
             }
-            assert!(z.loc(l).is_none() && z.slot(w).is_none() && z.device(MAX_DEVICES).is_none());
+            if l > 0 {
+                let sum: u64 = z.loc_all(l - 1).map(|s| s.batches.load(Relaxed)).sum();
+                assert_eq!(sum, 7);
+                assert!(z.loc(l - 1, blocks).is_none());
+            }
+            assert!(z.loc(l, 0).is_none() && z.slot(w).is_none());
+            assert!(z.device(MAX_DEVICES).is_none());
         }
+    }
+
+    #[test]
+    fn device_blocks_follow_the_list_and_the_worker_count() {
+        // A list of 3 over 7 workers: every listed device gets workers, in list order.
+        let l = Layout::new(1, 7, Some(&[3, 0, 7]));
+        assert_eq!(l.device_blocks, 3);
+        let labels: Vec<String> = (0..l.blocks()).map(|b| l.label(b)).collect();
+        assert_eq!(labels, ["cpu", "gpu3", "gpu0", "gpu7"]);
+        assert_eq!(
+            (l.block_of(3), l.block_of(0), l.block_of(7), l.block_of(1)),
+            (Some(1), Some(2), Some(3), None)
+        );
+        // 2 workers over that list: gpu7 gets none, so no block.
+        let l = Layout::new(1, 2, Some(&[3, 0, 7]));
+        assert_eq!((l.device_blocks, l.block_of(7)), (2, None));
+        // `all`: ordinals below the worker count, each its own block.
+        let l = Layout::new(1, 5, None);
+        assert_eq!(l.device_blocks, 5);
+        for o in 0..5 {
+            assert_eq!(l.block_of(o), Some(o + 1));
+            assert_eq!(l.label(o + 1), format!("gpu{o}"));
+        }
+        assert_eq!(l.block_of(5), None);
+        assert_eq!(Layout::new(1, 1000, None).device_blocks, 256);
+        assert_eq!(Layout::new(1, 1000, None).label(256), "gpu255");
+        // Whatever the list, every worker's device has its block.
+        for workers in 1..=9usize {
+            for list in [vec![5usize], vec![2, 9, 4], vec![0, 1, 2, 3, 4, 5, 6, 7]] {
+                let l = Layout::new(1, workers, Some(&list));
+                for w in 0..workers {
+                    let dev = list[crate::engine::devices::position(w, list.len())];
+                    assert!(l.block_of(dev).is_some(), "{list:?} x{workers}: worker {w}");
+                }
+            }
+            let l = Layout::new(1, workers, None);
+            for visible in 1..=12usize {
+                for w in 0..workers {
+                    assert!(l.block_of(w % visible).is_some());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zone_of_other_device_blocks_does_not_match() {
+        let a = Layout::new(2, 4, None);
+        let mut buf = buffer(a);
+        let z = zone(&mut buf, a);
+        z.init_fresh(1);
+        assert!(z.matches());
+        let b = Layout::new(2, 4, Some(&[1]));
+        let p = buf.as_mut_ptr() as *mut u8;
+        // SAFETY: as in zone(); b is smaller than a.
+        let zb = unsafe { Zone::at(p.add(p.align_offset(64)), b) };
+        assert!(!zb.matches());
     }
 
     #[test]
@@ -544,7 +693,7 @@ mod tests {
 
     #[test]
     fn a_new_holder_resets_the_slot_and_the_old_one_loses_it() {
-        let layout = Layout::new(2, 2);
+        let layout = Layout::new(2, 2, None);
         let mut buf = buffer(layout);
         let z = zone(&mut buf, layout);
         z.take_slot(1, 1, 100, 0);
@@ -568,15 +717,31 @@ mod sizes {
     #[test]
     fn zone_sizes_as_documented() {
         assert_eq!(size_of::<LocStats>(), 736);
-        assert_eq!(size_of::<WorkerSlot>(), 424);
+        assert_eq!(size_of::<WorkerSlot>(), 432);
         assert_eq!(size_of::<DeviceSample>(), 208);
-        // 256 + 736 L + 424 W + 9 W L, rounded up to 64, + 16 devices x 208.
-        let formula =
-            |l: usize, w: usize| (256 + 736 * l + 424 * w + 9 * w * l).div_ceil(64) * 64 + 3328;
+        assert_eq!(align(size_of::<Header>(), 64), 256);
+        // 256 + 736 L (1 + B) + 432 W + 9 W L, rounded up to 64, + 16 devices x 208.
+        let formula = |l: usize, w: usize, b: usize| {
+            (256 + 736 * l * (1 + b) + 432 * w + 9 * w * l).div_ceil(64) * 64 + 3328
+        };
         for (l, w) in [(0, 1), (1, 1), (10, 16), (1000, 128), (7, 3)] {
-            assert_eq!(Layout::new(l, w).size, formula(l, w), "{l} x {w}");
+            assert_eq!(
+                Layout::new(l, w, None).size,
+                formula(l, w, w.min(256)),
+                "{l} x {w}"
+            );
+            let list = [0, 1, 2, 3, 4, 5, 6, 7];
+            assert_eq!(
+                Layout::new(l, w, Some(&list)).size,
+                formula(l, w, w.min(8)),
+                "{l} x {w} over 8"
+            );
         }
-        assert_eq!(formula(10, 16), 19_200);
-        assert_eq!(formula(1000, 128), 1_945_856);
+        // 10 locations, 16 workers: over 8 listed GPUs, and with `all`.
+        assert_eq!(formula(10, 16, 8), 78_208);
+        assert_eq!(formula(10, 16, 16), 137_088);
+        // 1000 locations, 128 workers: over 8 listed GPUs, and with `all`.
+        assert_eq!(formula(1000, 128, 8), 7_834_880);
+        assert_eq!(formula(1000, 128, 128), 96_154_880);
     }
 }

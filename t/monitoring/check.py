@@ -157,10 +157,11 @@ def main(root):
                 if uid and uid not in uids:
                     problems.append(f"{f}: '{p.get('title')}' uses datasource {uid}, not provisioned")
         count += len(check_dashboard(dash, problems, f))
-        # Self-test: the same dashboard with one series misspelt, one label wrong, one
-        # reason unknown, must each fail.
+        # Self-test: the same dashboard with one series misspelt, one label wrong (the
+        # per-device breakdown's too), one reason unknown, must each fail.
         for old, new in (("nv_inference_request_success", "nv_inference_request_sucess"),
                          ("by (model, location)", "by (model, op)"),
+                         ("sum by (device)", "sum by (gpu)"),
                          ("ngx_gpu_batch_size_bucket", "ngx_gpu_batch_sizes_bucket")):
             bad = json.loads(json.dumps(dash).replace(old, new))
             if bad == dash:
@@ -192,4 +193,4 @@ if __name__ == "__main__":
     if problems:
         sys.exit(1)
     print(f"monitoring: compose profile, Prometheus and Grafana provisioning fit; {n} dashboard, "
-          f"{count} queries, every series and label one gpu_metrics serves (self-test: 4 broken copies rejected)")
+          f"{count} queries, every series and label one gpu_metrics serves (self-test: 5 broken copies rejected)")

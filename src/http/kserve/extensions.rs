@@ -8,7 +8,7 @@
 //!   files, gets 400. `unload` is refused (400): nginx's configuration says what is served,
 //!   and `nginx -s reload` changes it.
 //! - `GET /v2/models[/<name>[/versions/1]]/stats`: the model's counters from the metrics zone
-//!   (summed over every worker): requests that succeeded and failed with their total time,
+//!   (summed over every worker and device): requests that succeeded and failed with their total time,
 //!   queue time, compute time (the device's whole batch: copies in and out are part of
 //!   `compute_infer`, so `compute_input` and `compute_output` report the same count with 0 ns),
 //!   inferences and batches. Triton's per-batch-size statistics are not kept (the batch size
@@ -93,10 +93,16 @@ fn duration(count: u64, us: u64) -> Value {
     json!({"count": count, "ns": us.saturating_mul(1000)})
 }
 
-/// One model's statistics (`stats`: its counters, `None` where there is no metrics zone in
-/// this process: all zero).
-pub fn model_stats(name: &str, stats: Option<&LocStats>) -> Value {
-    let get = |f: fn(&LocStats) -> u64| stats.map_or(0, f);
+/// One model's statistics, summed over `stats`: its counters in every device block (none
+/// where there is no metrics zone in this process: all zero). `last_inference` is the
+/// latest of them.
+pub fn model_stats(name: &str, stats: &[&LocStats]) -> Value {
+    let get = |f: fn(&LocStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+    let last = stats
+        .iter()
+        .map(|s| s.last_success_ms.load(Relaxed))
+        .max()
+        .unwrap_or(0);
     let success = get(|s| s.count(Outcome::Success).load(Relaxed));
     let fail = get(|s| {
         Outcome::FAILURES
@@ -110,7 +116,7 @@ pub fn model_stats(name: &str, stats: Option<&LocStats>) -> Value {
     json!({
         "name": name,
         "version": "1",
-        "last_inference": get(|s| s.last_success_ms.load(Relaxed)),
+        "last_inference": last,
         "inference_count": inferences,
         "execution_count": get(|s| s.batches.load(Relaxed)),
         "inference_stats": {
@@ -199,7 +205,7 @@ mod tests {
             s.queue.observe(&DURATION_BOUNDS_US, q);
             s.compute.observe(&DURATION_BOUNDS_US, c);
         }
-        let v = model_stats("m", Some(&s));
+        let v = model_stats("m", &[&s]);
         assert_eq!(v["name"], "m");
         assert_eq!(v["version"], "1");
         assert_eq!(v["last_inference"], 1_765_000_000_123u64);
@@ -212,8 +218,26 @@ mod tests {
         assert_eq!(st["compute_infer"], json!({"count": 4, "ns": 457_000}));
         assert_eq!(st["compute_input"]["ns"], 0);
         assert_eq!(v["batch_stats"], json!([]));
-        let none = model_stats("m", None);
+        let none = model_stats("m", &[]);
         assert_eq!(none["inference_count"], 0);
         assert_eq!(none["inference_stats"]["success"]["count"], 0);
+        // Two devices' blocks: counts and times add up, the last inference is the latest.
+        // SAFETY: as above.
+        let t: LocStats = unsafe { std::mem::zeroed() };
+        t.count(Outcome::Success).fetch_add(2, Relaxed);
+        t.success_us.fetch_add(500, Relaxed);
+        t.last_success_ms.store(1_765_000_000_000, Relaxed);
+        t.inferences.fetch_add(2, Relaxed);
+        t.batches.fetch_add(1, Relaxed);
+        t.queue.observe(&DURATION_BOUNDS_US, 4);
+        t.queue.observe(&DURATION_BOUNDS_US, 6);
+        let both = model_stats("m", &[&s, &t]);
+        assert_eq!(both["last_inference"], 1_765_000_000_123u64);
+        assert_eq!(both["inference_count"], 6);
+        assert_eq!(both["execution_count"], 3);
+        let st = &both["inference_stats"];
+        assert_eq!(st["success"], json!({"count": 5, "ns": 2_000_000}));
+        assert_eq!(st["fail"], json!({"count": 3, "ns": 70_000}));
+        assert_eq!(st["queue"], json!({"count": 6, "ns": 56_000}));
     }
 }

@@ -201,7 +201,8 @@ pub unsafe fn handle(
         Route::Stats(name) => {
             let zone = crate::metrics::zone();
             let stat = |s: &Served| {
-                extensions::model_stats(s.model.name(), zone.as_ref().and_then(|z| z.loc(s.key)))
+                let blocks: Vec<_> = zone.iter().flat_map(|z| z.loc_all(s.key)).collect();
+                extensions::model_stats(s.model.name(), &blocks)
             };
             let stats: Vec<serde_json::Value> = match name {
                 None => mcf.served.iter().map(stat).collect(),
