@@ -16,7 +16,7 @@
 # every wrk output under $OUT.
 #
 # Knobs: KNN_N (default 1000000), KNN_D (128), KNN_K (10), BENCH_SECS (4), BENCH_WORKERS (4),
-# KNN_CONNS ("1 64 256"), MPS_RUNS ("off on"), BENCH_DRY=1 (no GPU, no torch: a small index,
+# KNN_CONNS ("1 64 256"), MPS_RUNS ("off on"), KNN_SWEEP (below), BENCH_DRY=1 (no GPU, no torch: a small index,
 # the CPU path only, to try the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,7 +126,7 @@ run_wrk() {
     local url=$1 c=$2 pace=${3:-0}
     local t=$((c < 8 ? c : 8))
     local out
-    out=$("$WRK" -t"$t" -c"$c" -d"${SECS}s" --timeout 30s --latency -s "$ROOT/bench/kserve.lua" "$url" \
+    out=$($WRK -t"$t" -c"$c" -d"${SECS}s" --timeout 30s --latency -s "$ROOT/bench/kserve.lua" "$url" \
         -- "$W/req.bin" "$HLEN" "$pace" 2>&1)
     { echo "### $url conns=$c pace=$pace"; echo "$out"; } >>"$LOG"
     python3 - "$out" <<'EOF'
@@ -168,6 +168,58 @@ print(f"recall@{k} {recall:.2f}" + ("" if got == want else f" (order: {got} vs {
 sys.exit(0 if got == want or recall >= 0.8 else 1)
 EOF
 }
+
+# KNN_SWEEP="WORKERS:SERVER_CPUS:CLIENT_CPUS:POLL ...": instead of the whole benchmark, the
+# module alone (MPS on where it starts) with single-query requests to the fp32 and fp16 models
+# at KNN_CONNS for each setup (e.g. "4:0-7:8-15:default 8:0-11:12-15:default"; POLL is a
+# gpu_poll value or "default"): where the host side runs out. One table on stdout and in
+# $OUT/knn-sweep.md; the workers' per-batch counters in knn-servers.log.
+if [ -n "${KNN_SWEEP:-}" ]; then
+    MAIN=""
+    mps=off
+    if [ "$DRY" != 1 ] && [ "$(id -u)" = 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+        export CUDA_MPS_PIPE_DIRECTORY=$W/mps/pipe CUDA_MPS_LOG_DIRECTORY=$W/mps/log
+        mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+        nvidia-cuda-mps-control -d && MPS_STARTED=1 && mps=on && MAIN="user root;"
+    fi
+    SW=$OUTDIR/knn-sweep.md
+    {
+        echo "# knn sweep: N=$N D=$D k=$K, single-query KServe binary requests, wrk ${SECS}s a row, MPS $mps"
+        echo
+        echo "| workers | nginx cpus | wrk cpus | gpu_poll | model | conns | req/s | p50 ms | p99 ms | errors |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+    } >"$SW"
+    sweep_n=0
+    for setup in $KNN_SWEEP; do
+        IFS=: read -r WORKERS scpus ccpus poll <<<"$setup"
+        extra=""
+        [ "$poll" != default ] && extra="gpu_poll $poll;"
+        d=$W/n-sweep-$sweep_n
+        sweep_n=$((sweep_n + 1))
+        conf "$d" 8091 "$extra gpu_model f32 knn $W/index.npy precision=fp32 k=$K batch_rows=1024;
+            gpu_model f16 knn $W/index16.npy precision=fp16 k=$K batch_rows=1024;" "$MAIN"
+        taskset -c "$scpus" "$NGINX" -p "$d" -c conf/nginx.conf || { say "sweep $setup: nginx did not start"; continue; }
+        for _ in $(seq 1 600); do
+            dev=$(curl -s -o /dev/null -D - --max-time 5 -H "Inference-Header-Content-Length: $HLEN" \
+                --data-binary @"$W/req.bin" "http://127.0.0.1:8091/v2/models/f16/infer" | tr -d '\r' \
+                | awk '/^X-Device/{print $2}')
+            case $dev in gpu*) break ;; esac
+            [ "$DRY" = 1 ] && [ -n "$dev" ] && break
+            sleep 0.2
+        done
+        sleep 1 # every worker's device open, not only the one that answered
+        for m in f32 f16; do
+            for c in $CONNS; do
+                read -r rps p50 p99 bad <<<"$(WRK="taskset -c $ccpus $WRK" run_wrk "http://127.0.0.1:8091/v2/models/$m/infer" "$c")"
+                printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s |\n' "$WORKERS" "$scpus" "$ccpus" "$poll" \
+                    "$m" "$c" "$rps" "$p50" "$p99" "$bad" | tee -a "$SW"
+            done
+        done
+        "$NGINX" -p "$d" -s quit
+        for _ in $(seq 1 50); do [ -f "$d/logs/nginx.pid" ] || break; sleep 0.2; done
+    done
+    exit 0
+fi
 
 ROWS=()
 row() { ROWS+=("$(printf '| %s | %s | %s | %s | %s | %s |' "$@")"); }
