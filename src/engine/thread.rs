@@ -866,8 +866,9 @@ impl State {
             return;
         }
         // While the device opens, requests the CPU path cannot serve (gpu_fallback off, or
-        // an op without one) wait for it, within their gpu_timeout.
-        let cpu = job.fallback == Fallback::Cpu && job.op.has_cpu();
+        // an op without one) or should not (an op whose CPU path is far slower) wait for
+        // it, within their gpu_timeout.
+        let cpu = job.fallback == Fallback::Cpu && job.op.has_cpu() && job.op.cpu_while_opening();
         if self.device.is_none() && !cpu && matches!(self.opener, Opener::Opening { .. }) {
             self.held.push(job);
             return;

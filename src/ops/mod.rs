@@ -231,6 +231,15 @@ pub trait Op: Send + Sync + 'static {
         true
     }
 
+    /// Whether its requests take the CPU path while the worker's device is still opening
+    /// (`true`, the default: a byte op's CPU path keeps up). `false` for ops whose CPU path
+    /// is orders of magnitude slower than the device (an encoder's forward pass, a search
+    /// over a large index): their requests wait for the device (1-2 s at a worker's start,
+    /// within their `gpu_timeout`), and take the CPU path only if it does not open.
+    fn cpu_while_opening(&self) -> bool {
+        true
+    }
+
     /// The CPU path over one whole request (the fallback, and the tests' reference);
     /// `JobError::Unavailable` (503) where the op has none. Ops that decode get their
     /// decoded request (and an empty body: they read what they need while decoding).

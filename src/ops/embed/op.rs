@@ -255,6 +255,11 @@ impl Op for Embed {
         &self.name
     }
 
+    /// The CPU forward pass takes tens of milliseconds a sentence: wait for the device.
+    fn cpu_while_opening(&self) -> bool {
+        false
+    }
+
     fn resolve(&self, declared: &Declared) -> Result<(), String> {
         self.max_body.store(declared.max_body, Ordering::Relaxed);
         if self.model.get().is_some() {

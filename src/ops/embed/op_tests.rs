@@ -360,6 +360,73 @@ fn through_the_thread(kernels: Kernels, ran: Ran, floor: f64, params: &[&str]) {
     }
 }
 
+/// A device that takes 400 ms to open: embeddings requests that arrive meanwhile wait for
+/// it (their CPU path is a slow forward pass) and run on the device, while echo's take the
+/// CPU path at once; a device that never opens sends the held requests to the CPU path.
+#[test]
+fn requests_wait_for_an_opening_device_rather_than_a_slow_cpu_path() {
+    let m = model("opening", &[]);
+    let op = openai_op("opening", &[], std::slice::from_ref(&m)).unwrap();
+    assert!(!op.cpu_while_opening());
+    let echo = crate::ops::parse(&["echo"]).unwrap().op;
+    assert!(echo.cpu_while_opening());
+    for (kernels, faults, want) in [
+        (Kernels::Fake, "open-slow:400", Ran::Gpu(0)),
+        (Kernels::Unavailable("test".into()), "", Ran::Cpu),
+    ] {
+        let mut config = Config::new(
+            vec![op.clone(), echo.clone()],
+            1 << 20,
+            Duration::ZERO,
+            1 << 30,
+        );
+        config.faults = crate::faults::Plan::parse(faults).unwrap();
+        let t = GpuThread::spawn(config, kernels).unwrap();
+        let texts = ["a b", "c"];
+        t.submit(job(
+            0,
+            &op,
+            body(json!({"input": texts, "model": "opening"})),
+            Params::default(),
+        ))
+        .unwrap();
+        let mut e = job(1, &op, body(json!("unused")), Params::default());
+        e.op = echo.clone();
+        e.op_key = 1;
+        e.body = Body::default();
+        e.body.push(Segment::Memory(b"echoed".to_vec()));
+        t.submit(e).unwrap();
+        let done = wait_done(&t, 2, Duration::from_secs(30));
+        assert_eq!(done.len(), 2);
+        for c in &done {
+            let out = c.result.as_ref().unwrap();
+            if c.id == 1 {
+                assert_eq!(c.device, Ran::Cpu, "echo while the device opens");
+                assert_eq!(out.body, b"echoed");
+                continue;
+            }
+            assert_eq!(c.device, want, "embeddings ({faults})");
+            let v: Json = serde_json::from_slice(&out.body).unwrap();
+            let enc: Vec<Encoded> = texts.iter().map(|s| m.tokenize(s).unwrap()).collect();
+            let reference = m.cpu_embed(&enc.iter().collect::<Vec<_>>());
+            for (i, r) in reference.iter().enumerate() {
+                let got: Vec<f32> = v["data"][i]["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                assert!(cosine(&got, r) >= 0.999_999, "text {i}");
+            }
+        }
+        if want != Ran::Cpu {
+            // Echo was answered first: it did not wait for the device.
+            let order: Vec<u64> = done.iter().map(|c| c.id).collect();
+            assert_eq!(order, [1, 0]);
+        }
+    }
+}
+
 #[test]
 fn batches_on_the_test_device_answer_like_the_cpu_forward_pass() {
     through_the_thread(Kernels::Fake, Ran::Gpu(0), 0.999_999, &[]);

@@ -342,6 +342,12 @@ impl Op for Knn {
         &self.model.name
     }
 
+    /// An index of 4M values or more (16 MiB of float32: milliseconds a query on a core)
+    /// waits for the device; a small one is served on the CPU meanwhile.
+    fn cpu_while_opening(&self) -> bool {
+        self.model.index.rows.len() < 1 << 22
+    }
+
     fn programs(&self) -> Vec<Arc<Program>> {
         vec![gpu::program()]
     }

@@ -188,6 +188,11 @@ impl Op for Search {
         &self.name
     }
 
+    /// It embeds on the CPU path too (tens of milliseconds a text): wait for the device.
+    fn cpu_while_opening(&self) -> bool {
+        false
+    }
+
     /// Errors in OpenAI's shape, as the embeddings op answers them (the same clients).
     fn error_body(&self, status: u16, message: &str) -> Option<Vec<u8>> {
         Some(super::embed::openai::error(status, message))
