@@ -223,32 +223,55 @@ fn nvml_state(zone: &Zone) -> String {
     }
 }
 
+/// Request counters summed over `stats` (some locations' blocks): requests, outcomes,
+/// batches, the time and byte sums.
+fn counters(stats: &[&LocStats]) -> serde_json::Map<String, Value> {
+    let sum = |f: &dyn Fn(&LocStats) -> u64| -> u64 { stats.iter().map(|s| f(s)).sum() };
+    let success = sum(&|s| s.count(Outcome::Success).load(Relaxed));
+    let mut failures = serde_json::Map::new();
+    let mut failed = 0;
+    for o in Outcome::FAILURES {
+        let n = sum(&|s| s.count(o).load(Relaxed));
+        failed += n;
+        failures.insert(o.reason().into(), n.into());
+    }
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        m.insert(k.into(), v);
+    };
+    put("requests", (success + failed).into());
+    put("success", success.into());
+    put("failures", Value::Object(failures));
+    put("inferences", sum(&|s| s.inferences.load(Relaxed)).into());
+    put("batches", sum(&|s| s.batches.load(Relaxed)).into());
+    put(
+        "batch_size_sum",
+        sum(&|s| s.batch_size.sum.load(Relaxed)).into(),
+    );
+    put("request_us", sum(&|s| s.request.sum.load(Relaxed)).into());
+    put("queue_us", sum(&|s| s.queue.sum.load(Relaxed)).into());
+    put("compute_us", sum(&|s| s.compute.sum.load(Relaxed)).into());
+    put(
+        "request_bytes",
+        sum(&|s| s.request_bytes.load(Relaxed)).into(),
+    );
+    put(
+        "response_bytes",
+        sum(&|s| s.response_bytes.load(Relaxed)).into(),
+    );
+    m
+}
+
 /// A location's requests per device block (`{"gpu0": {...}, "cpu": {...}}`).
 fn by_device(zone: &Zone, g: &Group, live: Live<'_>) -> Value {
     let mut out = serde_json::Map::new();
     for b in g.blocks(zone, live) {
-        let sum = |f: &dyn Fn(&LocStats) -> u64| -> u64 { g.stats_at(zone, b).map(f).sum() };
-        let success = sum(&|s| s.count(Outcome::Success).load(Relaxed));
-        let failed = sum(&|s| {
-            Outcome::FAILURES
-                .iter()
-                .map(|&o| s.count(o).load(Relaxed))
-                .sum()
-        });
-        out.insert(
-            zone.layout.label(b),
-            json!({
-                "requests": success + failed,
-                "success": success,
-                "inferences": sum(&|s| s.inferences.load(Relaxed)),
-                "batches": sum(&|s| s.batches.load(Relaxed)),
-                "batch_size_sum": sum(&|s| s.batch_size.sum.load(Relaxed)),
-                "request_us": sum(&|s| s.request.sum.load(Relaxed)),
-                "queue_us": sum(&|s| s.queue.sum.load(Relaxed)),
-                "compute_us": sum(&|s| s.compute.sum.load(Relaxed)),
-                "pending": pending_in(zone, &g.indexes, Some(b), live),
-            }),
+        let mut m = counters(&g.stats_at(zone, b).collect::<Vec<_>>());
+        m.insert(
+            "pending".into(),
+            pending_in(zone, &g.indexes, Some(b), live).into(),
         );
+        out.insert(zone.layout.label(b), Value::Object(m));
     }
     Value::Object(out)
 }
@@ -304,32 +327,13 @@ pub fn json(
     let locs: Vec<Value> = groups(zone, locations)
         .iter()
         .map(|g| {
-            let sum = |f: &dyn Fn(&LocStats) -> u64| -> u64 { g.stats(zone).map(f).sum() };
-            let success = sum(&|s| s.count(Outcome::Success).load(Relaxed));
-            let mut failures = serde_json::Map::new();
-            let mut failed = 0;
-            for o in Outcome::FAILURES {
-                let n = sum(&|s| s.count(o).load(Relaxed));
-                failed += n;
-                failures.insert(o.reason().into(), n.into());
-            }
-            json!({
-                "model": g.model,
-                "location": g.location,
-                "requests": success + failed,
-                "success": success,
-                "failures": failures,
-                "inferences": sum(&|s| s.inferences.load(Relaxed)),
-                "batches": sum(&|s| s.batches.load(Relaxed)),
-                "batch_size_sum": sum(&|s| s.batch_size.sum.load(Relaxed)),
-                "request_us": sum(&|s| s.request.sum.load(Relaxed)),
-                "queue_us": sum(&|s| s.queue.sum.load(Relaxed)),
-                "compute_us": sum(&|s| s.compute.sum.load(Relaxed)),
-                "request_bytes": sum(&|s| s.request_bytes.load(Relaxed)),
-                "response_bytes": sum(&|s| s.response_bytes.load(Relaxed)),
-                "pending": pending(zone, &g.indexes, live),
-                "devices": by_device(zone, g, live),
-            })
+            let mut m = serde_json::Map::new();
+            m.insert("model".into(), g.model.clone().into());
+            m.insert("location".into(), g.location.clone().into());
+            m.extend(counters(&g.stats(zone).collect::<Vec<_>>()));
+            m.insert("pending".into(), pending(zone, &g.indexes, live).into());
+            m.insert("devices".into(), by_device(zone, g, live));
+            Value::Object(m)
         })
         .collect();
     let devs: Vec<Value> = devices(zone)
