@@ -1,5 +1,15 @@
-# Sourced by the GPU machine's scripts (t/gpu/mps.sh, t/gpu/share.sh): pass/fail counting and
-# stopping the nginx they started ($master, its pid).
+# Sourced by the GPU machine's scripts (t/gpu/mps.sh, t/gpu/share.sh), from the repository
+# root: the bundle's paths (use_bundle), pass/fail counting and stopping the nginx they
+# started ($master, its pid).
+# use_bundle OUT_DEFAULT: ROOT, G (.gpu/, from make gpu-bundle), OUT (made), LD_LIBRARY_PATH.
+use_bundle() {
+    ROOT=$PWD
+    G=$ROOT/.gpu
+    OUT=${OUT:-$1}
+    mkdir -p "$OUT"
+    [ -x "$G/bin/nginx" ] || { echo "no $G/bin/nginx: run make gpu-bundle where it is built"; exit 1; }
+    export LD_LIBRARY_PATH="$G/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
 passed=0
 failed=0
 pass() { passed=$((passed + 1)); echo "ok: $*"; }

@@ -12,12 +12,8 @@
 #                             image runs them as nginx; as another user, as that user)
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-ROOT=$PWD
-G=$ROOT/.gpu
-OUT=${OUT:-/tmp/gpu-mps-out}
-mkdir -p "$OUT"
-[ -x "$G/bin/nginx" ] || { echo "no $G/bin/nginx: run make gpu-bundle where it is built"; exit 1; }
-export LD_LIBRARY_PATH="$G/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. t/gpu/checks.sh
+use_bundle /tmp/gpu-mps-out
 WORKERS=4
 
 # The image's MPS start and stop, not a copy of them.
@@ -54,7 +50,6 @@ EOF
 export CUDA_CACHE_PATH=$W/cuda
 head -c 1024 /dev/urandom >"$W/body-1k"
 
-. t/gpu/checks.sh
 rows=()
 
 finish() {

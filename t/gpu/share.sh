@@ -15,12 +15,8 @@
 #   bash t/gpu/share.sh        (as root the workers run as nobody, as the image runs them)
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-ROOT=$PWD
-G=$ROOT/.gpu
-OUT=${OUT:-/tmp/gpu-share-out}
-mkdir -p "$OUT"
-[ -x "$G/bin/nginx" ] || { echo "no $G/bin/nginx: run make gpu-bundle where it is built"; exit 1; }
-export LD_LIBRARY_PATH="$G/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. t/gpu/checks.sh
+use_bundle /tmp/gpu-share-out
 ROWS=${NGX_GPU_SHARE_ROWS:-2097152}
 DIM=128
 COUNTS=${NGX_GPU_SHARE_WORKERS:-"1 2 4 8"}
@@ -39,7 +35,6 @@ mkdir -p "$W/body" "$W/cuda" "$W/no-mps" "$L"
 chmod 777 "$W/body" "$W/cuda" "$W/no-mps"
 export CUDA_CACHE_PATH=$W/cuda
 
-. t/gpu/checks.sh
 mem_rows=()
 load_rows=()
 
