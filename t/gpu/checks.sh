@@ -15,6 +15,32 @@ failed=0
 pass() { passed=$((passed + 1)); echo "ok: $*"; }
 bad() { failed=$((failed + 1)); echo "FAILED: $*"; }
 master=
+# write_conf WORKERS HTTP_LINES LOCATIONS: $W/nginx.conf, nginx in the foreground as
+# $user:$group on 127.0.0.1:$PORT, logs and temp files under $W, the CUDA variables kept.
+write_conf() {
+    cat >"$W/nginx.conf" <<EOF
+load_module $G/ngx_http_gpu_module.so;
+daemon off;
+error_log $W/error.log notice;
+pid $W/nginx.pid;
+user $user $group;
+worker_processes $1;
+env CUDA_VISIBLE_DEVICES;
+env CUDA_CACHE_PATH;
+env CUDA_MPS_PIPE_DIRECTORY;
+env CUDA_MPS_LOG_DIRECTORY;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $W/body;
+    $2
+    server {
+        listen 127.0.0.1:$PORT;
+        $3
+    }
+}
+EOF
+}
 # stop_nginx [SECONDS]: QUIT the master, KILL it (and count a failure) after SECONDS (15).
 stop_nginx() {
     [ -n "$master" ] || return 0

@@ -26,27 +26,7 @@ export NGX_GPU_MPS_DIR=$W/mps NGX_GPU_MPS_USER=$user NGX_GPU_MPS=on
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p "$W/body" "$W/cuda"
 chmod 777 "$W/body" "$W/cuda"
-cat >"$W/nginx.conf" <<EOF
-load_module $G/ngx_http_gpu_module.so;
-daemon off;
-error_log $W/error.log notice;
-pid $W/nginx.pid;
-user $user $group;
-worker_processes $WORKERS;
-env CUDA_VISIBLE_DEVICES;
-env CUDA_CACHE_PATH;
-env CUDA_MPS_PIPE_DIRECTORY;
-env CUDA_MPS_LOG_DIRECTORY;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $W/body;
-    server {
-        listen 127.0.0.1:$PORT;
-        location = /echo { gpu_process echo; }
-    }
-}
-EOF
+write_conf "$WORKERS" "" "location = /echo { gpu_process echo; }"
 export CUDA_CACHE_PATH=$W/cuda
 head -c 1024 /dev/urandom >"$W/body-1k"
 

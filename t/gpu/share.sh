@@ -54,28 +54,8 @@ INDEX_MIB=$(( $(stat -c %s "$W/index.npy") / 1048576 ))
 echo "index: $ROWS x $DIM float32, $INDEX_MIB MiB"
 
 conf() {
-    cat >"$W/nginx.conf" <<EOF
-load_module $G/ngx_http_gpu_module.so;
-daemon off;
-error_log $W/error.log notice;
-pid $W/nginx.pid;
-user $user $group;
-worker_processes $1;
-env CUDA_VISIBLE_DEVICES;
-env CUDA_CACHE_PATH;
-env CUDA_MPS_PIPE_DIRECTORY;
-env CUDA_MPS_LOG_DIRECTORY;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $W/body;
-    gpu_model vec knn $W/index.npy k=10;
-    server {
-        listen 127.0.0.1:$PORT;
-        location /v2 { gpu_process kserve; gpu_batch_size 64; }
-    }
-}
-EOF
+    write_conf "$1" "gpu_model vec knn $W/index.npy k=10;" \
+        "location /v2 { gpu_process kserve; gpu_batch_size 64; }"
 }
 
 used_mib() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n1 | tr -d ' '; }
