@@ -815,6 +815,11 @@ fn the_status_page_in_headless_chromium_charts_the_load_just_sent() {
         dom.contains("<span id=\"state\" class=\"ok\">ready</span>"),
         "{dom}"
     );
+    // And per device: here every request was counted under "cpu" (no GPU where chromium is).
+    assert!(
+        dom.contains("<td class=\"l\">/echo</td><td>cpu</td><td>64</td><td>64</td>"),
+        "{dom}"
+    );
 
     let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/status-page.png");
     let _ = std::fs::remove_file(&png);
