@@ -138,8 +138,8 @@ fn make_corpus(name: &str, rng: &mut Rng, count: usize) -> Corpus {
     }
 }
 
-fn write_index(dir: &Path, vectors: &[Vec<f32>]) {
-    let d = vectors[0].len();
+/// `dir/index.npy`: `vectors` as a float32 [n, d] array.
+fn write_rows(dir: &Path, vectors: &[Vec<f32>]) {
     let rows: Vec<u8> = vectors
         .iter()
         .flatten()
@@ -149,9 +149,13 @@ fn write_index(dir: &Path, vectors: &[Vec<f32>]) {
         &dir.join("index.npy"),
         "<f4",
         false,
-        &[vectors.len(), d],
+        &[vectors.len(), vectors[0].len()],
         &rows,
     );
+}
+
+fn write_index(dir: &Path, vectors: &[Vec<f32>]) {
+    write_rows(dir, vectors);
     let ids: Vec<u8> = (0..vectors.len())
         .flat_map(|r| id_of(r).to_le_bytes())
         .collect();
@@ -496,19 +500,7 @@ fn the_example_config_serves_search_over_its_corpus() {
     let embedder = Embedder::start(&model_dir, "precision=fp32", &dir.join("eye"));
     let vectors = embedder.embed(&corpus);
     drop(embedder);
-    let d = vectors[0].len();
-    let rows: Vec<u8> = vectors
-        .iter()
-        .flatten()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
-    write_npy(
-        &dir.join("index.npy"),
-        "<f4",
-        false,
-        &[vectors.len(), d],
-        &rows,
-    );
+    write_rows(&dir, &vectors);
     // ids.npy as the script writes it: the line numbers, from 1.
     let ids: Vec<u8> = (1..=vectors.len() as i64)
         .flat_map(|i| i.to_le_bytes())
