@@ -172,8 +172,10 @@ EOF
 # KNN_SWEEP="WORKERS:SERVER_CPUS:CLIENT_CPUS:POLL ...": instead of the whole benchmark, the
 # module alone (MPS on where it starts) with single-query requests to the fp32 and fp16 models
 # at KNN_CONNS for each setup (e.g. "4:0-7:8-15:default 8:0-11:12-15:default"; POLL is a
-# gpu_poll value or "default"): where the host side runs out. One table on stdout and in
-# $OUT/knn-sweep.md; the workers' per-batch counters in knn-servers.log.
+# gpu_poll value, "default", or delay=TIME for gpu_batch_delay TIME): where the host side
+# runs out. One table on stdout and in
+# $OUT/knn-sweep.md; the workers' per-batch counters in knn-servers.log. KNN_SWEEP_MODELS
+# picks the models ("f32 f16"; t32 is the float32 index searched with TF32).
 if [ -n "${KNN_SWEEP:-}" ]; then
     MAIN=""
     mps=off
@@ -192,12 +194,14 @@ if [ -n "${KNN_SWEEP:-}" ]; then
     sweep_n=0
     for setup in $KNN_SWEEP; do
         IFS=: read -r WORKERS scpus ccpus poll <<<"$setup"
-        extra=""
-        [ "$poll" != default ] && extra="gpu_poll $poll;"
+        case $poll in
+        default) extra="" ;;
+        delay=*) extra="gpu_batch_delay ${poll#delay=};" ;;
+        *) extra="gpu_poll $poll;" ;;
+        esac
         d=$W/n-sweep-$sweep_n
         sweep_n=$((sweep_n + 1))
-        conf "$d" 8091 "$extra gpu_model f32 knn $W/index.npy precision=fp32 k=$K batch_rows=1024;
-            gpu_model f16 knn $W/index16.npy precision=fp16 k=$K batch_rows=1024;" "$MAIN"
+        conf "$d" 8091 "$extra $MODELS" "$MAIN"
         taskset -c "$scpus" "$NGINX" -p "$d" -c conf/nginx.conf || { say "sweep $setup: nginx did not start"; continue; }
         for _ in $(seq 1 600); do
             dev=$(curl -s -o /dev/null -D - --max-time 5 -H "Inference-Header-Content-Length: $HLEN" \
@@ -208,7 +212,7 @@ if [ -n "${KNN_SWEEP:-}" ]; then
             sleep 0.2
         done
         sleep 1 # every worker's device open, not only the one that answered
-        for m in f32 f16; do
+        for m in ${KNN_SWEEP_MODELS:-f32 f16}; do
             for c in $CONNS; do
                 read -r rps p50 p99 bad <<<"$(WRK="taskset -c $ccpus $WRK" run_wrk "http://127.0.0.1:8091/v2/models/$m/infer" "$c")"
                 printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s |\n' "$WORKERS" "$scpus" "$ccpus" "$poll" \
@@ -222,7 +226,7 @@ if [ -n "${KNN_SWEEP:-}" ]; then
 fi
 
 ROWS=()
-row() { ROWS+=("$(printf '| %s | %s | %s | %s | %s | %s |' "$@")"); }
+row() { ROWS+=("$(printf '| %s | %s | %s | %s | %s | %s |' "$@")"); say "${ROWS[-1]}"; }
 
 for mps in $MPS_RUNS; do
     MAIN=""

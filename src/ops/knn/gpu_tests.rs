@@ -404,56 +404,108 @@ fn k_out_of_range_is_refused() {
 /// The kernel-level benchmark: N = 1M, d = 128, k = 10, inner product; queries/s of
 /// `search` alone (device data, no HTTP) per precision and batch size.
 /// `cargo test --release --lib knn_kernel_benchmark -- --ignored --nocapture`
+/// Knobs (environment): KNN_BENCH_N (rows), KNN_BENCH_BATCHES ("1 16 128 1024"),
+/// KNN_BENCH_PRECISIONS ("fp32 tf32 fp16"), KNN_BENCH_TILE_MIB (the product block's
+/// budget, default TILE_BYTES), KNN_BENCH_STREAMS (searches queued round-robin on this many
+/// streams at once, each with its own scratch: what several workers' batches do to the GPU
+/// under MPS; default 1), KNN_BENCH_SECS (per cell, default 0.5; 0: one warm-up search and
+/// one search, for a profiler).
 #[test]
 #[ignore]
 fn knn_kernel_benchmark() {
     let Some(b) = device() else { return };
     let mut rng = Rng::fresh();
     let (d, k) = (128, 10);
-    let n = std::env::var("KNN_BENCH_N").map_or(1_000_000, |v| v.parse().unwrap());
-    let rows = uniform(&mut rng, n * d);
-    let batches = [1usize, 16, 128, 1024];
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.to_string());
+    let n: usize = env("KNN_BENCH_N", "1000000").parse().unwrap();
+    let batches: Vec<usize> = env("KNN_BENCH_BATCHES", "1 16 128 1024")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let precisions: Vec<Precision> = env("KNN_BENCH_PRECISIONS", "fp32 tf32 fp16")
+        .split_whitespace()
+        .map(|v| Precision::parse(v).unwrap())
+        .collect();
+    let tile_mib: usize = env("KNN_BENCH_TILE_MIB", &(TILE_BYTES >> 20).to_string())
+        .parse()
+        .unwrap();
+    let streams: usize = env("KNN_BENCH_STREAMS", "1").parse().unwrap();
+    let secs: f64 = env("KNN_BENCH_SECS", "0.5").parse().unwrap();
+    let streams: Vec<Arc<CudaStream>> = (0..streams.max(1))
+        .map(|i| {
+            if i == 0 {
+                b.stream.clone()
+            } else {
+                b.stream.context().new_stream().unwrap()
+            }
+        })
+        .collect();
     let mut table = Vec::new();
-    for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
-        let idx = index(rows.clone(), n, d, Metric::Ip, precision);
+    for &precision in &precisions {
+        let idx = index(uniform(&mut rng, n * d), n, d, Metric::Ip, precision);
         let t = Instant::now();
-        let dev = b.load(&idx);
+        let mut dev = b.load(&idx);
+        dev.set_tile_bytes(tile_mib << 20);
         let load = t.elapsed().as_secs_f64();
         let mut line = format!("| {precision:?} | {load:.2} s |");
         for &nq in &batches {
-            let s = &b.stream;
-            let q: CudaSlice<f32> = s.clone_htod(&uniform(&mut rng, nq * d)).unwrap();
-            let out_rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
-            let out_scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
-            let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap();
+            let s0 = &b.stream;
+            let q: CudaSlice<f32> = s0.clone_htod(&uniform(&mut rng, nq * d)).unwrap();
+            // Per stream: results and scratch of its own.
+            let bufs: Vec<(CudaSlice<i64>, CudaSlice<f32>, CudaSlice<u8>)> = streams
+                .iter()
+                .map(|_| {
+                    (
+                        s0.alloc_zeros(nq * k).unwrap(),
+                        s0.alloc_zeros(nq * k).unwrap(),
+                        s0.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap(),
+                    )
+                })
+                .collect();
+            s0.synchronize().unwrap();
             let run = |times: usize| {
                 let t = Instant::now();
-                for _ in 0..times {
+                for i in 0..times {
+                    let j = i % streams.len();
+                    let (s, (r, sc, scratch)) = (&streams[j], &bufs[j]);
                     dev.search(
                         s,
                         q.device_ptr(s).0,
                         nq,
                         k,
                         scratch.device_ptr(s).0,
-                        out_rows.device_ptr(s).0,
-                        out_scores.device_ptr(s).0,
+                        r.device_ptr(s).0,
+                        sc.device_ptr(s).0,
                     )
                     .unwrap();
                 }
-                s.synchronize().unwrap();
+                for s in &streams {
+                    s.synchronize().unwrap();
+                }
                 t.elapsed().as_secs_f64()
             };
-            run(3);
-            let once = run(1).max(1e-6);
-            let times = ((0.5 / once) as usize).clamp(3, 2000);
-            let secs = run(times);
-            let qps = (nq * times) as f64 / secs;
+            run(streams.len());
+            if secs <= 0.0 {
+                run(1);
+                line += " - |";
+                continue;
+            }
+            let once = run(streams.len()).max(1e-6) / streams.len() as f64;
+            let times = ((secs / once) as usize).clamp(3 * streams.len(), 20000);
+            let took = run(times);
+            let qps = (nq * times) as f64 / took;
             eprintln!(
-                "{precision:?} batch {nq}: {:.1} us per search, {qps:.0} queries/s, scratch {} MiB",
-                secs / times as f64 * 1e6,
+                "{precision:?} batch {nq} x {} streams, tile {tile_mib} MiB: {:.1} us per \
+                 search, {qps:.0} queries/s, scratch {} MiB",
+                streams.len(),
+                took / times as f64 * 1e6,
                 dev.scratch_bytes(nq, k) >> 20
             );
             line += &format!(" {qps:.0} |");
+        }
+        if secs <= 0.0 {
+            table.push(line);
+            continue;
         }
         // Accuracy at this size: 8 queries against float64.
         let queries = uniform(&mut rng, 8 * d);
@@ -473,14 +525,14 @@ fn knn_kernel_benchmark() {
         table.push(line);
     }
     println!(
-        "\nknn search alone, N = {n}, d = {d}, k = {k}, inner product ({})",
+        "\nknn search alone, N = {n}, d = {d}, k = {k}, inner product, {} stream(s), tile \
+         {tile_mib} MiB ({})",
+        streams.len(),
         b.gpu.info
     );
-    println!(
-        "| precision | index load | batch 1 | batch 16 | batch 128 | batch 1024 | recall@{k} \
-         | score error / (|q| rms|x|) |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let heads: String = batches.iter().map(|nq| format!(" batch {nq} |")).collect();
+    println!("| precision | index load |{heads} recall@{k} | score error / (|q| rms|x|) |");
+    println!("|---|---|{}---|---|", "---|".repeat(batches.len()));
     for l in table {
         println!("{l}");
     }
