@@ -123,6 +123,91 @@ impl Plan {
     }
 }
 
+/// Searches kept as CUDA graphs at most (a pipeline slot's searches come in
+/// `graph_rows` sizes: about 20 sizes up to a chunk, times the slots and k values in use).
+const GRAPHS: usize = 64;
+
+/// What one captured search was captured for: a graph replays these exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SearchArgs {
+    stream: usize,
+    queries: u64,
+    nq: usize,
+    k: usize,
+    scratch: u64,
+    rows_out: u64,
+    scores_out: u64,
+}
+
+/// A captured search. CUDA graphs may be used from any one thread at a time; the index's
+/// mutex serializes them.
+struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: a CudaGraph holds driver handles that are not tied to a thread; every use goes
+// through DeviceIndex::graphs' mutex, so one thread at a time.
+unsafe impl Send for Graph {}
+
+/// The captured searches, oldest first; `enabled` false once a capture failed.
+struct Graphs {
+    enabled: bool,
+    kept: std::collections::VecDeque<(SearchArgs, Graph)>,
+}
+
+impl Default for Graphs {
+    fn default() -> Graphs {
+        Graphs {
+            enabled: true,
+            kept: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl Graphs {
+    fn get(&self, args: &SearchArgs) -> Option<&cudarc::driver::CudaGraph> {
+        self.kept.iter().find(|(a, _)| a == args).map(|(_, g)| &g.0)
+    }
+
+    /// Keeps a new graph, dropping the oldest past `GRAPHS` (a graph dropped while its
+    /// launch runs is freed by the driver when that launch is done).
+    fn insert(&mut self, args: SearchArgs, graph: cudarc::driver::CudaGraph) {
+        if self.kept.len() >= GRAPHS {
+            self.kept.pop_front();
+        }
+        self.kept.push_back((args, Graph(graph)));
+    }
+
+    #[cfg(test)]
+    fn clear(&mut self) {
+        self.kept.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.kept.len()
+    }
+}
+
+/// The number of queries a batch of `nq` is searched as: rounded up to one of about 20
+/// sizes (steps of at most half, then of 512 past 2048), so that a slot's searches replay
+/// a few CUDA graphs rather than capture one per batch size. The extra queries are zeros
+/// and their hits are never read; at most a third of the search is spent on them.
+pub fn graph_rows(nq: usize) -> usize {
+    if nq <= 4 {
+        return nq;
+    }
+    if nq > QUERY_CHUNK {
+        return nq.div_ceil(512) * 512;
+    }
+    // 4, 6, 8, 12, 16, 24, 32, 48, ...: powers of two and the midpoints between them.
+    let p = nq.next_power_of_two();
+    let mid = p / 2 + p / 4;
+    if nq <= mid {
+        mid
+    } else {
+        p
+    }
+}
+
 /// An index on one device: its rows in the index's precision, row norms for L2, the
 /// kernels and a cuBLAS handle.
 pub struct DeviceIndex {
@@ -139,6 +224,8 @@ pub struct DeviceIndex {
     select_tile: CudaFunction,
     select_list: CudaFunction,
     tile_bytes: usize,
+    /// Searches captured as CUDA graphs (see `search`).
+    graphs: std::sync::Mutex<Graphs>,
     /// The memory of the rows and norms (`Stored`): this worker's own, or shared.
     _own: Option<CudaSlice<u8>>,
     _shared: Option<SharedRegion>,
@@ -394,6 +481,7 @@ impl DeviceIndex {
             select_tile,
             select_list,
             tile_bytes: TILE_BYTES,
+            graphs: std::sync::Mutex::new(Graphs::default()),
             _own: own,
             _shared: shared,
             ctx,
@@ -409,6 +497,7 @@ impl DeviceIndex {
     #[cfg(test)]
     fn set_tile_bytes(&mut self, bytes: usize) {
         self.tile_bytes = bytes;
+        self.graphs.get_mut().unwrap().clear();
     }
 
     fn plan(&self, nq: usize, k: usize) -> Plan {
@@ -423,6 +512,12 @@ impl DeviceIndex {
     /// Queues the search of nq f32 queries (row-major nq*d at device address `queries`, not
     /// normalized) on `stream`; writes row numbers (i64, nq*k) at `rows_out` and scores
     /// (f32, nq*k) at `scores_out`, best first. Never synchronizes.
+    ///
+    /// A search is some 3 launches per tile (tens of driver calls, ~10 us each under MPS),
+    /// so it is queued as a CUDA graph: captured the first time these arguments come
+    /// (stream, nq, k and the addresses: a pipeline slot's buffers are reused, and the knn
+    /// op rounds nq up with `graph_rows`), replayed after with one launch. Where capture
+    /// fails the search is queued call by call, and so are all of this index's after.
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
@@ -442,6 +537,58 @@ impl DeviceIndex {
         if nq == 0 {
             return Ok(());
         }
+        let args = SearchArgs {
+            stream: stream.cu_stream() as usize,
+            queries,
+            nq,
+            k,
+            scratch,
+            rows_out,
+            scores_out,
+        };
+        let mut graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
+        if !graphs.enabled {
+            drop(graphs);
+            return self.queue_search(stream, &args);
+        }
+        if let Some(g) = graphs.get(&args) {
+            return g
+                .launch()
+                .map_err(|e| GpuError::from_driver(e, "launching a knn search graph"));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        if stream.begin_capture(mode).is_ok() {
+            let queued = self.queue_search(stream, &args);
+            let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+            // A launch that failed to queue under capture fails the same way uncaptured (a
+            // bad k is checked above): it says so below, where the search goes call by call.
+            if let (Ok(()), Ok(Some(graph))) = (queued, stream.end_capture(flags)) {
+                graph
+                    .launch()
+                    .map_err(|e| GpuError::from_driver(e, "launching a knn search graph"))?;
+                graphs.insert(args, graph);
+                return Ok(());
+            }
+        }
+        graphs.enabled = false;
+        drop(graphs);
+        self.queue_search(stream, &args)
+    }
+
+    /// Queues the search's launches, GEMMs and memsets on `stream` (see `search`).
+    fn queue_search(&self, stream: &Arc<CudaStream>, a: &SearchArgs) -> Result<(), GpuError> {
+        let SearchArgs {
+            queries,
+            nq,
+            k,
+            scratch,
+            rows_out,
+            scores_out,
+            ..
+        } = *a;
         let plan = self.plan(nq, k);
         let (offs, _) = plan.regions(self.d);
         let at = |i: usize| scratch + offs[i] as u64;

@@ -359,7 +359,7 @@ fn exact_ties_go_to_the_lower_row() {
     let mut rng = Rng::fresh();
     // Small integers: every product and sum is exact in every precision, so duplicated
     // rows tie exactly and the order must be the reference's to the row.
-    let (n, d, nq, k) = (9000, 16, 5, 300);
+    let (n, d, nq) = (9000, 16, 5);
     let distinct: Vec<Vec<f32>> = (0..40)
         .map(|_| (0..d).map(|_| rng.below(7) as f32 - 3.0).collect())
         .collect();
@@ -367,7 +367,14 @@ fn exact_ties_go_to_the_lower_row() {
         .flat_map(|_| distinct[rng.below(40) as usize].clone())
         .collect();
     let queries: Vec<f32> = (0..nq * d).map(|_| rng.below(7) as f32 - 3.0).collect();
-    for metric in [Metric::Ip, Metric::L2] {
+    // k = 10 and 256 take the selection's prefilter (k <= its 256 threads), 300 does not.
+    for (metric, k) in [
+        (Metric::Ip, 10),
+        (Metric::L2, 10),
+        (Metric::L2, 256),
+        (Metric::Ip, 300),
+        (Metric::L2, 300),
+    ] {
         for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
             for small in [false, true] {
                 let idx = index(rows.clone(), n, d, metric, precision);
@@ -384,6 +391,107 @@ fn exact_ties_go_to_the_lower_row() {
                     assert_eq!(got, &want_rows[..], "{metric:?} {precision:?} query {qi}");
                     let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
                     assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn graph_rows_are_few_sizes_never_less_and_at_most_half_more() {
+    let mut sizes = HashSet::new();
+    let mut last = 0;
+    for nq in 1..=3 * QUERY_CHUNK {
+        let g = graph_rows(nq);
+        assert!(g >= nq && g >= last, "{nq} -> {g}");
+        // At most half as many again (exact up to 4), so at most a third of a search pads.
+        assert!(nq <= 4 && g == nq || 2 * g <= 3 * nq, "{nq} -> {g}");
+        if nq <= QUERY_CHUNK {
+            sizes.insert(g);
+        }
+        last = g;
+    }
+    assert!(sizes.len() <= 24, "{} sizes up to a chunk", sizes.len());
+}
+
+/// A search captured as a graph, replayed with new queries in the same buffers, answers
+/// what the same search queued call by call answers; one graph for the two.
+#[test]
+fn a_replayed_search_graph_reads_the_current_queries() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    let (n, d, nq, k) = (2 * SEG + 333, 19, 7, 12);
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let idx = index(uniform(&mut rng, n * d), n, d, Metric::L2, precision);
+        let mut dev = b.load(&idx);
+        dev.set_tile_bytes(1);
+        let s = &b.stream;
+        let mut q: CudaSlice<f32> = s.alloc_zeros(nq * d).unwrap();
+        let rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
+        let scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
+        let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap();
+        let args = SearchArgs {
+            stream: s.cu_stream() as usize,
+            queries: q.device_ptr(s).0,
+            nq,
+            k,
+            scratch: scratch.device_ptr(s).0,
+            rows_out: rows.device_ptr(s).0,
+            scores_out: scores.device_ptr(s).0,
+        };
+        for round in 0..3 {
+            let queries = uniform(&mut rng, nq * d);
+            s.memcpy_htod(&queries, &mut q).unwrap();
+            dev.queue_search(s, &args).unwrap();
+            let direct = (s.clone_dtoh(&rows).unwrap(), s.clone_dtoh(&scores).unwrap());
+            let (r, sc) = (args.rows_out, args.scores_out);
+            dev.search(s, args.queries, nq, k, args.scratch, r, sc)
+                .unwrap();
+            let graphed = (s.clone_dtoh(&rows).unwrap(), s.clone_dtoh(&scores).unwrap());
+            assert_eq!(direct, graphed, "{precision:?} round {round}");
+            let hits = Hits {
+                k,
+                rows: graphed.0,
+                scores: graphed.1,
+            };
+            check("graph", &idx, &queries, &hits, tolerance(precision));
+            let g = dev.graphs.lock().unwrap();
+            assert!(g.enabled, "capture failed");
+            assert_eq!(g.len(), 1);
+        }
+    }
+}
+
+/// Scores in order along the rows (a rising and a falling sawtooth, and all equal): the
+/// orders that put a selection block's best values in one thread, or tie every key, for
+/// k around the selection's 256 threads. Small integers, exact in every precision.
+#[test]
+fn ordered_and_equal_scores_are_selected_exactly() {
+    let Some(b) = device() else { return };
+    let (n, d) = (3 * SEG + 5, 3);
+    let rows: Vec<f32> = (0..n).flat_map(|r| [(r % 2048) as f32, 0.0, 1.0]).collect();
+    // Rising, falling (a negative query) and flat (scores all equal) for the inner product.
+    let queries = [1.0f32, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let nq = 3;
+    for metric in [Metric::Ip, Metric::L2] {
+        for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
+            for small in [false, true] {
+                let idx = index(rows.clone(), n, d, metric, precision);
+                let mut dev = b.load(&idx);
+                if small {
+                    dev.set_tile_bytes(1);
+                }
+                for k in [1, 10, 255, 256, 257] {
+                    let hits = b.search(&dev, &queries, nq, k);
+                    for (qi, q) in queries.chunks(d).enumerate() {
+                        let s = scores64(&idx, q);
+                        let want = best(metric, &s, k);
+                        let want_rows: Vec<i64> = want.iter().map(|&r| r as i64).collect();
+                        let case = format!("{metric:?} {precision:?} small {small} k {k} q {qi}");
+                        assert_eq!(&hits.rows[qi * k..][..k], &want_rows[..], "{case}");
+                        let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
+                        assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..], "{case}");
+                    }
                 }
             }
         }
@@ -409,7 +517,7 @@ fn k_out_of_range_is_refused() {
 /// budget, default TILE_BYTES), KNN_BENCH_STREAMS (searches queued round-robin on this many
 /// streams at once, each with its own scratch: what several workers' batches do to the GPU
 /// under MPS; default 1), KNN_BENCH_SECS (per cell, default 0.5; 0: one warm-up search and
-/// one search, for a profiler).
+/// one search, for a profiler), KNN_BENCH_GRAPHS=0 (searches queued call by call).
 #[test]
 #[ignore]
 fn knn_kernel_benchmark() {
@@ -446,6 +554,7 @@ fn knn_kernel_benchmark() {
         let t = Instant::now();
         let mut dev = b.load(&idx);
         dev.set_tile_bytes(tile_mib << 20);
+        dev.graphs.get_mut().unwrap().enabled = env("KNN_BENCH_GRAPHS", "1") != "0";
         let load = t.elapsed().as_secs_f64();
         let mut line = format!("| {precision:?} | {load:.2} s |");
         for &nq in &batches {

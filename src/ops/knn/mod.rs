@@ -439,6 +439,11 @@ fn batch_rows(layout: &Layout) -> usize {
     layout.items.iter().map(|p| p.len as usize).sum()
 }
 
+/// The queries the batch is searched as: its rows, and on a device the padding after them.
+fn searched_rows(layout: &Layout, d: usize) -> usize {
+    layout.data_len / (d * 4)
+}
+
 impl OpOnDevice for OnDevice {
     fn layout(&self, items: &[Item]) -> Layout {
         let d = self.model.index.d;
@@ -455,10 +460,16 @@ impl OpOnDevice for OnDevice {
             row += req.rows;
         }
         let k = batch_k(&l);
-        l.data_len = row * d * 4;
-        l.out_len = row * k * 12;
+        // On a device the batch is searched as `graph_rows` queries (zeros past the real
+        // ones) so that its search replays a captured graph; the host searches the rows.
+        let rows = match &self.device {
+            Some(_) => gpu::graph_rows(row),
+            None => row,
+        };
+        l.data_len = rows * d * 4;
+        l.out_len = rows * k * 12;
         if let Some(dev) = &self.device {
-            l.scratch = vec![dev.scratch_bytes(row, k)];
+            l.scratch = vec![dev.scratch_bytes(rows, k)];
         }
         l
     }
@@ -480,11 +491,14 @@ impl OpOnDevice for OnDevice {
                 dst.copy_from_slice(&v.to_le_bytes());
             }
         }
+        // The padding queries (see `layout`): zeros, whatever the staging held before.
+        let used = batch_rows(layout) * self.model.index.d * 4;
+        data[used..layout.data_len].fill(0);
         Vec::new()
     }
 
     fn launch(&self, layout: &Layout, target: Target) -> Result<(), GpuError> {
-        let (nq, k) = (batch_rows(layout), batch_k(layout));
+        let (nq, k) = (searched_rows(layout, self.model.index.d), batch_k(layout));
         match target {
             Target::Device(l) => {
                 let dev = self.device.as_ref().expect("loaded on a device");
@@ -516,7 +530,7 @@ impl OpOnDevice for OnDevice {
         i: usize,
         out: &'o [u8],
     ) -> Result<Cow<'o, [u8]>, JobError> {
-        let (nq, k) = (batch_rows(layout), batch_k(layout));
+        let (nq, k) = (searched_rows(layout, self.model.index.d), batch_k(layout));
         cut_batch_hits(out, nq, k, &layout.items[i], self.model.index.n).map(Cow::Owned)
     }
 }

@@ -51,19 +51,19 @@ struct KnnShared {
 
 // Leaves in sh.sel[0..kk) the kk largest of the block's values (v[j] of thread t is value
 // j * KNN_THREADS + t, valid below len), in no particular order. kk <= len, kk <= MAX_K.
-// Fillers (0) do not count: where kk or fewer others remain, those are taken; where up to
-// KNN_RANKED remain, each is ranked by counting the better ones. Otherwise a radix select,
-// most significant digit first (11, 11, 10 bits of the key, then of the row only where
-// keys tie), counting only the values that still match the chosen prefix; it stops as soon
-// as the bucket holds exactly the values still needed.
-__device__ void knn_select(const u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &sh) {
-    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    // Values that are not fillers: where they are no more than kk (a short segment, or a
-    // tile whose values the running threshold turned into fillers), take them all.
-    if (t == 0) {
-        sh.live = 0;
-        sh.count = 0;
-    }
+// Fillers (0) do not count: where kk or fewer others remain, those are taken. Otherwise,
+// for kk <= KNN_THREADS, a prefilter first: the kk-th largest of the threads' own maxima
+// is a bound no value below which can be among the kk best (kk values, those maxima, are
+// at least as good), and below it values become fillers; on scores of any spread that
+// leaves about kk. Where up to KNN_RANKED remain, each is ranked by counting the better
+// ones. Otherwise a radix select, most significant digit first (11, 11, 10 bits of the
+// key, then of the row only where keys tie), counting only the values that still match
+// the chosen prefix; it stops as soon as the bucket holds exactly the values still needed.
+// Every value that is not a filler is unique (a row's candidate), which the prefilter and
+// the ranking rely on. v may be changed (values turned into fillers).
+__device__ u32 knn_live(const u64 (&v)[KNN_PER], u32 len, KnnShared &sh) {
+    const u32 t = threadIdx.x;
+    if (t == 0) sh.live = 0;
     __syncthreads();
     u32 mine = 0;
 #pragma unroll
@@ -71,6 +71,37 @@ __device__ void knn_select(const u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &
     if (mine) atomicAdd(&sh.live, mine);
     __syncthreads();
     const u32 live = sh.live;
+    __syncthreads();
+    return live;
+}
+
+__device__ void knn_select(u64 (&v)[KNN_PER], u32 len, u32 kk, KnnShared &sh) {
+    const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    if (t == 0) sh.count = 0;
+    u32 live = knn_live(v, len, sh);
+    if (live > kk && kk <= KNN_THREADS) {
+        u64 m = 0;
+#pragma unroll
+        for (int j = 0; j < KNN_PER; ++j)
+            if (j * KNN_THREADS + t < len && v[j] > m) m = v[j];
+        u64 *maxima = (u64 *)sh.hist;
+        maxima[t] = m;
+        if (t == 0) sh.least = 0;
+        __syncthreads();
+        // The maxima that are not fillers are unique: exactly one has rank kk - 1, unless
+        // fewer than kk threads hold any value (then the bound stays 0: no filtering).
+        u32 rank = 0;
+        for (u32 j = 0; j < KNN_THREADS; ++j) rank += maxima[j] > m;
+        if (m != 0 && rank == kk - 1) sh.least = m;
+        __syncthreads();
+        const u64 bound = sh.least;
+#pragma unroll
+        for (int j = 0; j < KNN_PER; ++j)
+            if (v[j] < bound) v[j] = 0;
+        if (bound != 0) live = knn_live(v, len, sh);
+    }
+    // Where they are no more than kk (a short segment, a tile whose values the running
+    // threshold turned into fillers, or what the prefilter left), take them all.
     if (live <= kk) {
 #pragma unroll
         for (int j = 0; j < KNN_PER; ++j) {
