@@ -127,17 +127,23 @@ impl Plan {
 /// `graph_rows` sizes: about 20 sizes up to a chunk, times the slots and k values in use).
 const GRAPHS: usize = 64;
 
-/// What one captured search was captured for: a graph replays these exactly.
+/// One search's arguments, device addresses: `nq` f32 queries (row-major nq*d at
+/// `queries`, not normalized), `k` neighbours each, the search's scratch
+/// (`DeviceIndex::scratch_bytes`), and where the row numbers (i64, nq*k) and scores (f32,
+/// nq*k) go, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct SearchArgs {
-    stream: usize,
-    queries: u64,
-    nq: usize,
-    k: usize,
-    scratch: u64,
-    rows_out: u64,
-    scores_out: u64,
+pub struct SearchArgs {
+    pub queries: u64,
+    pub nq: usize,
+    pub k: usize,
+    pub scratch: u64,
+    pub rows_out: u64,
+    pub scores_out: u64,
 }
+
+/// What a captured search was captured for (its stream and arguments): a graph replays
+/// these exactly.
+type GraphKey = (usize, SearchArgs);
 
 /// A captured search. CUDA graphs may be used from any one thread at a time; the index's
 /// mutex serializes them.
@@ -150,7 +156,7 @@ unsafe impl Send for Graph {}
 /// The captured searches, oldest first; `enabled` false once a capture failed.
 struct Graphs {
     enabled: bool,
-    kept: std::collections::VecDeque<(SearchArgs, Graph)>,
+    kept: std::collections::VecDeque<(GraphKey, Graph)>,
 }
 
 impl Default for Graphs {
@@ -163,17 +169,17 @@ impl Default for Graphs {
 }
 
 impl Graphs {
-    fn get(&self, args: &SearchArgs) -> Option<&cudarc::driver::CudaGraph> {
-        self.kept.iter().find(|(a, _)| a == args).map(|(_, g)| &g.0)
+    fn get(&self, key: &GraphKey) -> Option<&cudarc::driver::CudaGraph> {
+        self.kept.iter().find(|(a, _)| a == key).map(|(_, g)| &g.0)
     }
 
     /// Keeps a new graph, dropping the oldest past `GRAPHS` (a graph dropped while its
     /// launch runs is freed by the driver when that launch is done).
-    fn insert(&mut self, args: SearchArgs, graph: cudarc::driver::CudaGraph) {
+    fn insert(&mut self, key: GraphKey, graph: cudarc::driver::CudaGraph) {
         if self.kept.len() >= GRAPHS {
             self.kept.pop_front();
         }
-        self.kept.push_back((args, Graph(graph)));
+        self.kept.push_back((key, Graph(graph)));
     }
 
     #[cfg(test)]
@@ -509,49 +515,30 @@ impl DeviceIndex {
         self.plan(nq, k.clamp(1, MAX_K)).regions(self.d).1
     }
 
-    /// Queues the search of nq f32 queries (row-major nq*d at device address `queries`, not
-    /// normalized) on `stream`; writes row numbers (i64, nq*k) at `rows_out` and scores
-    /// (f32, nq*k) at `scores_out`, best first. Never synchronizes.
+    /// Queues the search `a` on `stream`. Never synchronizes.
     ///
     /// A search is some 3 launches per tile (tens of driver calls, ~10 us each under MPS),
-    /// so it is queued as a CUDA graph: captured the first time these arguments come
-    /// (stream, nq, k and the addresses: a pipeline slot's buffers are reused, and the knn
-    /// op rounds nq up with `graph_rows`), replayed after with one launch. Where capture
-    /// fails the search is queued call by call, and so are all of this index's after.
-    #[allow(clippy::too_many_arguments)]
-    pub fn search(
-        &self,
-        stream: &Arc<CudaStream>,
-        queries: u64,
-        nq: usize,
-        k: usize,
-        scratch: u64,
-        rows_out: u64,
-        scores_out: u64,
-    ) -> Result<(), GpuError> {
+    /// so it is queued as a CUDA graph: captured the first time these arguments come on
+    /// this stream (a pipeline slot's buffers are reused, and the knn op rounds nq up with
+    /// `graph_rows`), replayed after with one launch. Where capture fails the search is
+    /// queued call by call, and so are all of this index's after.
+    pub fn search(&self, stream: &Arc<CudaStream>, a: SearchArgs) -> Result<(), GpuError> {
+        let k = a.k;
         if k == 0 || k > MAX_K {
             return Err(GpuError::BadLaunch(format!(
                 "knn search for k = {k} (1 to {MAX_K})"
             )));
         }
-        if nq == 0 {
+        if a.nq == 0 {
             return Ok(());
         }
-        let args = SearchArgs {
-            stream: stream.cu_stream() as usize,
-            queries,
-            nq,
-            k,
-            scratch,
-            rows_out,
-            scores_out,
-        };
+        let key = (stream.cu_stream() as usize, a);
         let mut graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
         if !graphs.enabled {
             drop(graphs);
-            return self.queue_search(stream, &args);
+            return self.queue_search(stream, &a);
         }
-        if let Some(g) = graphs.get(&args) {
+        if let Some(g) = graphs.get(&key) {
             return g
                 .launch()
                 .map_err(|e| GpuError::from_driver(e, "launching a knn search graph"));
@@ -561,7 +548,7 @@ impl DeviceIndex {
             .map_err(|e| GpuError::from_driver(e, "binding the context"))?;
         let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         if stream.begin_capture(mode).is_ok() {
-            let queued = self.queue_search(stream, &args);
+            let queued = self.queue_search(stream, &a);
             let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
             // A launch that failed to queue under capture fails the same way uncaptured (a
             // bad k is checked above): it says so below, where the search goes call by call.
@@ -569,13 +556,13 @@ impl DeviceIndex {
                 graph
                     .launch()
                     .map_err(|e| GpuError::from_driver(e, "launching a knn search graph"))?;
-                graphs.insert(args, graph);
+                graphs.insert(key, graph);
                 return Ok(());
             }
         }
         graphs.enabled = false;
         drop(graphs);
-        self.queue_search(stream, &args)
+        self.queue_search(stream, &a)
     }
 
     /// Queues the search's launches, GEMMs and memsets on `stream` (see `search`).
@@ -587,7 +574,6 @@ impl DeviceIndex {
             scratch,
             rows_out,
             scores_out,
-            ..
         } = *a;
         let plan = self.plan(nq, k);
         let (offs, _) = plan.regions(self.d);

@@ -121,12 +121,14 @@ impl Bench {
         let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k).max(1)).unwrap();
         dev.search(
             s,
-            q.device_ptr(s).0,
-            nq,
-            k,
-            scratch.device_ptr(s).0,
-            rows.device_ptr(s).0,
-            scores.device_ptr(s).0,
+            SearchArgs {
+                queries: q.device_ptr(s).0,
+                nq,
+                k,
+                scratch: scratch.device_ptr(s).0,
+                rows_out: rows.device_ptr(s).0,
+                scores_out: scores.device_ptr(s).0,
+            },
         )
         .unwrap();
         s.synchronize().unwrap();
@@ -368,29 +370,33 @@ fn exact_ties_go_to_the_lower_row() {
         .collect();
     let queries: Vec<f32> = (0..nq * d).map(|_| rng.below(7) as f32 - 3.0).collect();
     // k = 10 and 256 take the selection's prefilter (k <= its 256 threads), 300 does not.
-    for (metric, k) in [
-        (Metric::Ip, 10),
-        (Metric::L2, 10),
-        (Metric::L2, 256),
-        (Metric::Ip, 300),
-        (Metric::L2, 300),
-    ] {
-        for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
-            for small in [false, true] {
-                let idx = index(rows.clone(), n, d, metric, precision);
-                let mut dev = b.load(&idx);
-                if small {
-                    dev.set_tile_bytes(1);
-                }
-                let hits = b.search(&dev, &queries, nq, k);
+    for metric in [Metric::Ip, Metric::L2] {
+        assert_exact(&b, &rows, d, &queries, metric, &[10, 256, 300]);
+    }
+}
+
+/// Searches `rows` (n x d) for `queries` in every precision, with whole and with one-segment
+/// tiles, for each k; every row and score must be the float64 reference's exactly (data
+/// whose products are exact in every precision).
+fn assert_exact(b: &Bench, rows: &[f32], d: usize, queries: &[f32], metric: Metric, ks: &[usize]) {
+    let (n, nq) = (rows.len() / d, queries.len() / d);
+    for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
+        for small in [false, true] {
+            let idx = index(rows.to_vec(), n, d, metric, precision);
+            let mut dev = b.load(&idx);
+            if small {
+                dev.set_tile_bytes(1);
+            }
+            for &k in ks {
+                let hits = b.search(&dev, queries, nq, k);
                 for (qi, q) in queries.chunks(d).enumerate() {
                     let s = scores64(&idx, q);
                     let want = best(metric, &s, k);
-                    let got = &hits.rows[qi * k..][..k];
                     let want_rows: Vec<i64> = want.iter().map(|&r| r as i64).collect();
-                    assert_eq!(got, &want_rows[..], "{metric:?} {precision:?} query {qi}");
+                    let case = format!("{metric:?} {precision:?} small {small} k {k} q {qi}");
+                    assert_eq!(&hits.rows[qi * k..][..k], &want_rows[..], "{case}");
                     let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
-                    assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..]);
+                    assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..], "{case}");
                 }
             }
         }
@@ -431,7 +437,6 @@ fn a_replayed_search_graph_reads_the_current_queries() {
         let scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
         let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap();
         let args = SearchArgs {
-            stream: s.cu_stream() as usize,
             queries: q.device_ptr(s).0,
             nq,
             k,
@@ -444,9 +449,7 @@ fn a_replayed_search_graph_reads_the_current_queries() {
             s.memcpy_htod(&queries, &mut q).unwrap();
             dev.queue_search(s, &args).unwrap();
             let direct = (s.clone_dtoh(&rows).unwrap(), s.clone_dtoh(&scores).unwrap());
-            let (r, sc) = (args.rows_out, args.scores_out);
-            dev.search(s, args.queries, nq, k, args.scratch, r, sc)
-                .unwrap();
+            dev.search(s, args).unwrap();
             let graphed = (s.clone_dtoh(&rows).unwrap(), s.clone_dtoh(&scores).unwrap());
             assert_eq!(direct, graphed, "{precision:?} round {round}");
             let hits = Hits {
@@ -472,29 +475,8 @@ fn ordered_and_equal_scores_are_selected_exactly() {
     let rows: Vec<f32> = (0..n).flat_map(|r| [(r % 2048) as f32, 0.0, 1.0]).collect();
     // Rising, falling (a negative query) and flat (scores all equal) for the inner product.
     let queries = [1.0f32, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-    let nq = 3;
     for metric in [Metric::Ip, Metric::L2] {
-        for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
-            for small in [false, true] {
-                let idx = index(rows.clone(), n, d, metric, precision);
-                let mut dev = b.load(&idx);
-                if small {
-                    dev.set_tile_bytes(1);
-                }
-                for k in [1, 10, 255, 256, 257] {
-                    let hits = b.search(&dev, &queries, nq, k);
-                    for (qi, q) in queries.chunks(d).enumerate() {
-                        let s = scores64(&idx, q);
-                        let want = best(metric, &s, k);
-                        let want_rows: Vec<i64> = want.iter().map(|&r| r as i64).collect();
-                        let case = format!("{metric:?} {precision:?} small {small} k {k} q {qi}");
-                        assert_eq!(&hits.rows[qi * k..][..k], &want_rows[..], "{case}");
-                        let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
-                        assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..], "{case}");
-                    }
-                }
-            }
-        }
+        assert_exact(&b, &rows, d, &queries, metric, &[1, 10, 255, 256, 257]);
     }
 }
 
@@ -504,7 +486,19 @@ fn k_out_of_range_is_refused() {
     let idx = index(vec![1.0; 8], 2, 4, Metric::Ip, Precision::Fp32);
     let dev = b.load(&idx);
     for k in [0, MAX_K + 1] {
-        let e = dev.search(&b.stream, 0, 1, k, 0, 0, 0).unwrap_err();
+        let e = dev
+            .search(
+                &b.stream,
+                SearchArgs {
+                    queries: 0,
+                    nq: 1,
+                    k,
+                    scratch: 0,
+                    rows_out: 0,
+                    scores_out: 0,
+                },
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("k = "), "{e}");
     }
 }
@@ -579,12 +573,14 @@ fn knn_kernel_benchmark() {
                     let (s, (r, sc, scratch)) = (&streams[j], &bufs[j]);
                     dev.search(
                         s,
-                        q.device_ptr(s).0,
-                        nq,
-                        k,
-                        scratch.device_ptr(s).0,
-                        r.device_ptr(s).0,
-                        sc.device_ptr(s).0,
+                        SearchArgs {
+                            queries: q.device_ptr(s).0,
+                            nq,
+                            k,
+                            scratch: scratch.device_ptr(s).0,
+                            rows_out: r.device_ptr(s).0,
+                            scores_out: sc.device_ptr(s).0,
+                        },
                     )
                     .unwrap();
                 }

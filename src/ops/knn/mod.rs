@@ -505,12 +505,14 @@ impl OpOnDevice for OnDevice {
                 let scratch = l.scratch.first().copied().unwrap_or(0);
                 dev.search(
                     l.stream,
-                    l.data,
-                    nq,
-                    k,
-                    scratch,
-                    l.out,
-                    l.out + (nq * k * 8) as u64,
+                    gpu::SearchArgs {
+                        queries: l.data,
+                        nq,
+                        k,
+                        scratch,
+                        rows_out: l.out,
+                        scores_out: l.out + (nq * k * 8) as u64,
+                    },
                 )
             }
             Target::Host { data, out, .. } => {

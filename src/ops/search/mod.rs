@@ -429,12 +429,14 @@ impl OpOnDevice for OnDevice {
                     .embed(l.stream, &plan, l.data, embed_scratch, embeddings)?;
                 dev.index.search(
                     l.stream,
-                    embeddings,
-                    n,
-                    k,
-                    search_scratch,
-                    l.out,
-                    l.out + (n * k * 8) as u64,
+                    knn::gpu::SearchArgs {
+                        queries: embeddings,
+                        nq: n,
+                        k,
+                        scratch: search_scratch,
+                        rows_out: l.out,
+                        scores_out: l.out + (n * k * 8) as u64,
+                    },
                 )
             }
             Target::Host { data, out, .. } => {
