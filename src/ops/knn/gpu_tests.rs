@@ -119,24 +119,33 @@ impl Bench {
         let rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
         let scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
         let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k).max(1)).unwrap();
-        dev.search(
-            s,
-            SearchArgs {
-                queries: q.device_ptr(s).0,
-                nq,
-                k,
-                scratch: scratch.device_ptr(s).0,
-                rows_out: rows.device_ptr(s).0,
-                scores_out: scores.device_ptr(s).0,
-            },
-        )
-        .unwrap();
+        dev.search(s, args(s, &q, nq, k, &scratch, (&rows, &scores)))
+            .unwrap();
         s.synchronize().unwrap();
         Hits {
             k,
             rows: s.clone_dtoh(&rows).unwrap(),
             scores: s.clone_dtoh(&scores).unwrap(),
         }
+    }
+}
+
+/// A search's arguments: the device addresses of its buffers on stream `s`.
+fn args(
+    s: &CudaStream,
+    q: &CudaSlice<f32>,
+    nq: usize,
+    k: usize,
+    scratch: &CudaSlice<u8>,
+    (rows, scores): (&CudaSlice<i64>, &CudaSlice<f32>),
+) -> SearchArgs {
+    SearchArgs {
+        queries: q.device_ptr(s).0,
+        nq,
+        k,
+        scratch: scratch.device_ptr(s).0,
+        rows_out: rows.device_ptr(s).0,
+        scores_out: scores.device_ptr(s).0,
     }
 }
 
@@ -436,14 +445,7 @@ fn a_replayed_search_graph_reads_the_current_queries() {
         let rows: CudaSlice<i64> = s.alloc_zeros(nq * k).unwrap();
         let scores: CudaSlice<f32> = s.alloc_zeros(nq * k).unwrap();
         let scratch: CudaSlice<u8> = s.alloc_zeros(dev.scratch_bytes(nq, k)).unwrap();
-        let args = SearchArgs {
-            queries: q.device_ptr(s).0,
-            nq,
-            k,
-            scratch: scratch.device_ptr(s).0,
-            rows_out: rows.device_ptr(s).0,
-            scores_out: scores.device_ptr(s).0,
-        };
+        let args = args(s, &q, nq, k, &scratch, (&rows, &scores));
         for round in 0..3 {
             let queries = uniform(&mut rng, nq * d);
             s.memcpy_htod(&queries, &mut q).unwrap();
@@ -571,18 +573,7 @@ fn knn_kernel_benchmark() {
                 for i in 0..times {
                     let j = i % streams.len();
                     let (s, (r, sc, scratch)) = (&streams[j], &bufs[j]);
-                    dev.search(
-                        s,
-                        SearchArgs {
-                            queries: q.device_ptr(s).0,
-                            nq,
-                            k,
-                            scratch: scratch.device_ptr(s).0,
-                            rows_out: r.device_ptr(s).0,
-                            scores_out: sc.device_ptr(s).0,
-                        },
-                    )
-                    .unwrap();
+                    dev.search(s, args(s, &q, nq, k, scratch, (r, sc))).unwrap();
                 }
                 for s in &streams {
                     s.synchronize().unwrap();
