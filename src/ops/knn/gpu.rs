@@ -519,9 +519,12 @@ impl DeviceIndex {
     ///
     /// A search is some 3 launches per tile (tens of driver calls, ~10 us each under MPS),
     /// so it is queued as a CUDA graph: captured the first time these arguments come on
-    /// this stream (a pipeline slot's buffers are reused, and the knn op rounds nq up with
-    /// `graph_rows`), replayed after with one launch. Where capture fails the search is
-    /// queued call by call, and so are all of this index's after.
+    /// this stream (a pipeline slot's buffers are reused), replayed after with one launch.
+    /// Only searches of a `graph_rows` size are captured (the knn op rounds its batches up
+    /// to one): others, such as the search op's batches of any number of texts, are queued
+    /// call by call, rather than each new size capturing a graph and evicting another.
+    /// Where capture fails the search is queued call by call, and so are all of this
+    /// index's after.
     pub fn search(&self, stream: &Arc<CudaStream>, a: SearchArgs) -> Result<(), GpuError> {
         let k = a.k;
         if k == 0 || k > MAX_K {
@@ -534,7 +537,7 @@ impl DeviceIndex {
         }
         let key = (stream.cu_stream() as usize, a);
         let mut graphs = self.graphs.lock().unwrap_or_else(|p| p.into_inner());
-        if !graphs.enabled {
+        if !graphs.enabled || graph_rows(a.nq) != a.nq {
             drop(graphs);
             return self.queue_search(stream, &a);
         }

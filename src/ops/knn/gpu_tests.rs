@@ -419,6 +419,8 @@ fn graph_rows_are_few_sizes_never_less_and_at_most_half_more() {
     for nq in 1..=3 * QUERY_CHUNK {
         let g = graph_rows(nq);
         assert!(g >= nq && g >= last, "{nq} -> {g}");
+        // A size is its own: a padded batch is searched as a graph (see `search`).
+        assert_eq!(graph_rows(g), g, "{nq} -> {g}");
         // At most half as many again (exact up to 4), so at most a third of a search pads.
         assert!(nq <= 4 && g == nq || 2 * g <= 3 * nq, "{nq} -> {g}");
         if nq <= QUERY_CHUNK {
@@ -435,7 +437,7 @@ fn graph_rows_are_few_sizes_never_less_and_at_most_half_more() {
 fn a_replayed_search_graph_reads_the_current_queries() {
     let Some(b) = device() else { return };
     let mut rng = Rng::fresh();
-    let (n, d, nq, k) = (2 * SEG + 333, 19, 7, 12);
+    let (n, d, nq, k) = (2 * SEG + 333, 19, 8, 12);
     for precision in [Precision::Fp32, Precision::Fp16] {
         let idx = index(uniform(&mut rng, n * d), n, d, Metric::L2, precision);
         let mut dev = b.load(&idx);
@@ -464,6 +466,11 @@ fn a_replayed_search_graph_reads_the_current_queries() {
             assert!(g.enabled, "capture failed");
             assert_eq!(g.len(), 1);
         }
+        // 7 queries is no `graph_rows` size: searched call by call, nothing captured.
+        let seven = uniform(&mut rng, 7 * d);
+        let hits = b.search(&dev, &seven, 7, k);
+        check("uncaptured", &idx, &seven, &hits, tolerance(precision));
+        assert_eq!(dev.graphs.lock().unwrap().len(), 1, "{precision:?}");
     }
 }
 
@@ -513,7 +520,8 @@ fn k_out_of_range_is_refused() {
 /// budget, default TILE_BYTES), KNN_BENCH_STREAMS (searches queued round-robin on this many
 /// streams at once, each with its own scratch: what several workers' batches do to the GPU
 /// under MPS; default 1), KNN_BENCH_SECS (per cell, default 0.5; 0: one warm-up search and
-/// one search, for a profiler), KNN_BENCH_GRAPHS=0 (searches queued call by call).
+/// one search, for a profiler), KNN_BENCH_GRAPHS=0 (searches queued call by call; batches
+/// that are no `graph_rows` size always are).
 #[test]
 #[ignore]
 fn knn_kernel_benchmark() {
