@@ -70,35 +70,97 @@ pub fn program() -> Arc<Program> {
     crate::ops::builtin_program(&P, "topk.cu", include_str!("topk.cu"))
 }
 
-/// How a search of a batch walks the index (a function of n, the batch and k alone).
+/// The NVRTC program of the fused float16 search (`fused.cu`): tensor-core instructions of
+/// compute capability 8.0, so compiled for it and loaded only where the device takes it.
+pub fn fused_program() -> Arc<Program> {
+    static P: OnceLock<Arc<Program>> = OnceLock::new();
+    P.get_or_init(|| {
+        Arc::new(Program::new(
+            "fused.cu",
+            include_str!("fused.cu"),
+            vec!["--gpu-architecture=compute_80".to_string()],
+            vec![crate::ops::COMMON_HEADER],
+        ))
+    })
+    .clone()
+}
+
+/// The largest k the fused search takes (fused.cu's KF_MAX_K).
+pub const FUSED_MAX_K: usize = 64;
+/// Queries per pass over the index on the fused path (its scratch stays that of the
+/// two-step path's 2048-query chunk).
+const FUSED_CHUNK: usize = 1024;
+/// The fused path's first tile (two-step, for the running thresholds): at most this many
+/// rows, and a product block of at most FIRST_BYTES.
+const FIRST_ROWS: usize = 4 * SEG;
+const FIRST_BYTES: usize = 16 << 20;
+/// The most bytes of one fused tile's candidates (k per segment and query).
+const FUSED_CANDS: usize = 16 << 20;
+/// The fused kernels' shapes: (name, queries per block, dynamic shared memory), as
+/// fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
+/// BQ = 64 + RS candidates a query; QB BQ 8 + QB 16 + (RS + QB) 72 2 bytes.
+const FUSED_SHAPES: [(&str, usize, usize); 2] = [
+    ("knn_fused_q16", 16, fused_smem(8, 1)),
+    ("knn_fused_q64", 64, fused_smem(2, 4)),
+];
+
+const fn fused_smem(wr: usize, wq: usize) -> usize {
+    let (rs, qb) = (32 * wr, 16 * wq);
+    qb * (FUSED_MAX_K + rs) * 8 + qb * 16 + (rs + qb) * 72 * 2
+}
+
+/// How a search of a batch walks the index (a function of n, the batch, k and the path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Plan {
     /// Queries per chunk.
     chunk: usize,
-    /// Index rows per tile (a multiple of SEG).
+    /// Index rows of the first tile, and of every tile after it (multiples of SEG).
+    first: usize,
     tile: usize,
+    /// Tiles after the first are searched by the fused kernel.
+    fused: bool,
     /// Candidates per query in buffer A (running list, then one k per tile segment) and B.
     a_stride: usize,
     b_stride: usize,
 }
 
 impl Plan {
-    fn new(n: usize, nq: usize, k: usize, tile_bytes: usize) -> Plan {
-        let chunk = nq.clamp(1, QUERY_CHUNK);
-        let fit = (tile_bytes / (4 * chunk) / SEG).max(1) * SEG;
-        let tile = fit.min(n.div_ceil(SEG).max(1) * SEG);
-        let a_stride = k * (1 + tile / SEG);
-        let b_stride = if a_stride > SEG {
-            k * a_stride.div_ceil(SEG)
-        } else {
-            0
+    /// The two-step plan (every tile: GEMM, then selection), or with `fused` (an index the
+    /// fused kernel can search, k up to FUSED_MAX_K, more rows than the first tile) the
+    /// fused one: a small two-step first tile gives each query a running threshold, then
+    /// tiles as large as the candidates' budget allows go through the fused kernel.
+    fn new(n: usize, nq: usize, k: usize, tile_bytes: usize, fused: bool) -> Plan {
+        let whole = n.div_ceil(SEG).max(1) * SEG;
+        let fit = |chunk: usize, bytes: usize| (bytes / (4 * chunk) / SEG).max(1) * SEG;
+        let with = |chunk: usize, first: usize, tile: usize, fused: bool| {
+            let a_stride = k * (1 + first.max(tile) / SEG);
+            let b_stride = if a_stride > SEG {
+                k * a_stride.div_ceil(SEG)
+            } else {
+                0
+            };
+            Plan {
+                chunk,
+                first,
+                tile,
+                fused,
+                a_stride,
+                b_stride,
+            }
         };
-        Plan {
-            chunk,
-            tile,
-            a_stride,
-            b_stride,
+        if fused && k <= FUSED_MAX_K {
+            let chunk = nq.clamp(1, FUSED_CHUNK);
+            let first = fit(chunk, tile_bytes.min(FIRST_BYTES)).min(FIRST_ROWS);
+            if first < n {
+                let budget = FUSED_CANDS.min(tile_bytes / 2) / (8 * chunk * k);
+                let segs = budget.saturating_sub(1).clamp(1, 65535);
+                let tile = (segs * SEG).min((n - first).div_ceil(SEG) * SEG);
+                return with(chunk, first, tile, true);
+            }
         }
+        let chunk = nq.clamp(1, QUERY_CHUNK);
+        let tile = fit(chunk, tile_bytes).min(whole);
+        with(chunk, tile, tile, false)
     }
 
     /// Byte offsets of the scratch regions: cuBLAS's workspace, queries, query norms,
@@ -108,7 +170,7 @@ impl Plan {
             WORKSPACE,
             self.chunk * d * 4,
             self.chunk * 4,
-            self.chunk * self.tile * 4,
+            self.chunk * self.first * 4,
             self.chunk * self.a_stride * 8,
             self.chunk * self.b_stride * 8,
             self.chunk * 8,
@@ -229,6 +291,10 @@ pub struct DeviceIndex {
     prep: CudaFunction,
     select_tile: CudaFunction,
     select_list: CudaFunction,
+    /// The fused kernels (FUSED_SHAPES' order), for a float16 index on a device that runs
+    /// them; `fused_on` false searches two-step anyway (tests and benchmarks).
+    fused: Option<[CudaFunction; 2]>,
+    fused_on: bool,
     tile_bytes: usize,
     /// Searches captured as CUDA graphs (see `search`).
     graphs: std::sync::Mutex<Graphs>,
@@ -391,6 +457,20 @@ fn fill_stored(
     Ok(())
 }
 
+/// The fused kernels, allowed their dynamic shared memory; an error where the device does
+/// not take compute capability 8.0 code (or fused.cu was not compiled for this op).
+fn load_fused(loader: &mut DeviceLoader) -> Result<[CudaFunction; 2], GpuError> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+    let program = fused_program();
+    let mut load = |(name, _, smem): (&str, usize, usize)| {
+        let f = loader.function(&program, name)?;
+        f.set_attribute(MAX_SHARED, smem as i32)
+            .map_err(|e| GpuError::from_driver(e, &format!("allowing {name} its shared memory")))?;
+        Ok::<_, GpuError>(f)
+    };
+    Ok([load(FUSED_SHAPES[0])?, load(FUSED_SHAPES[1])?])
+}
+
 impl DeviceIndex {
     /// Puts the index on the device (float16 rows converted there, row norms computed for
     /// L2) and opens cuBLAS. With `share` (the model's name and content digest, see
@@ -424,6 +504,18 @@ impl DeviceIndex {
         let prep = loader.function(&program, "knn_prep")?;
         let select_tile = loader.function(&program, "knn_select_tile")?;
         let select_list = loader.function(&program, "knn_select_list")?;
+        let fused = if index.precision == Precision::Fp16 {
+            load_fused(loader)
+                .map_err(|e| {
+                    loader.notes.push(format!(
+                        "gpu: knn: float16 index searched two-step, without the fused kernel \
+                         ({e})"
+                    ))
+                })
+                .ok()
+        } else {
+            None
+        };
         let ctx = loader.ctx.clone();
         let opening = |e| GpuError::opening(e, "loading a knn index");
         ctx.bind_to_thread().map_err(opening)?;
@@ -486,6 +578,8 @@ impl DeviceIndex {
             prep,
             select_tile,
             select_list,
+            fused,
+            fused_on: true,
             tile_bytes: TILE_BYTES,
             graphs: std::sync::Mutex::new(Graphs::default()),
             _own: own,
@@ -506,8 +600,22 @@ impl DeviceIndex {
         self.graphs.get_mut().unwrap().clear();
     }
 
+    /// The fused path on or off (tests: both paths on one index).
+    #[cfg(test)]
+    fn set_fused(&mut self, on: bool) {
+        self.fused_on = on;
+        self.graphs.get_mut().unwrap().clear();
+    }
+
+    /// Whether searches for k go through the fused kernel (for part of the index).
+    #[cfg(test)]
+    fn fuses(&self, nq: usize, k: usize) -> bool {
+        self.plan(nq, k).fused
+    }
+
     fn plan(&self, nq: usize, k: usize) -> Plan {
-        Plan::new(self.n, nq, k, self.tile_bytes)
+        let fused = self.fused_on && self.fused.is_some();
+        Plan::new(self.n, nq, k, self.tile_bytes, fused)
     }
 
     /// Device scratch a search of `nq` queries for `k` neighbours needs.
@@ -630,34 +738,48 @@ impl DeviceIndex {
                 unsafe { cudarc::driver::result::memset_d8_async(at, 0, len, stream.cu_stream()) }
                     .map_err(|e| GpuError::from_driver(e, "clearing knn candidates"))?;
             }
-            for t0 in (0..self.n).step_by(plan.tile) {
-                let tn = plan.tile.min(self.n - t0);
+            let mut t0 = 0;
+            while t0 < self.n {
+                let fused = plan.fused && t0 > 0;
+                let tn = if t0 == 0 { plan.first } else { plan.tile }.min(self.n - t0);
                 let last = t0 + tn == self.n;
-                // 2. The tile's products.
-                self.gemm(prod, t0, tn, qbuf, m)?;
-                // 3. Each segment's best k, after the running list.
                 let segs = tn.div_ceil(SEG);
-                {
-                    let (tn32, row0) = (tn as u32, t0 as u32);
-                    let (a_stride, off) = (plan.a_stride as u64, k32);
-                    let mut l = stream.launch_builder(&self.select_tile);
-                    l.arg(&prod)
-                        .arg(&tn32)
-                        .arg(&row0)
-                        .arg(&self.norms)
-                        .arg(&qnorm)
-                        .arg(&metric)
-                        .arg(&k32)
-                        .arg(&thresh)
-                        .arg(&buf_a)
-                        .arg(&a_stride)
-                        .arg(&off);
-                    // SAFETY: knn_select_tile(const float *prod, u32 t, u32 row0, const
-                    // float *xnorm, const float *qnorm, int metric, u32 k, const u64 *thresh,
-                    // u64 *out, u64 out_stride, u32 off): prod holds m rows of tn products;
-                    // A's rows hold k + segs * k candidates (a_stride); thresh m values;
-                    // norms are read for L2 only.
-                    unsafe { l.launch(cfg((segs as u32, m32), THREADS)) }?;
+                if fused {
+                    // 2-3. Products and each segment's best k in one kernel.
+                    self.fused_tile(
+                        stream,
+                        (t0, tn),
+                        (qbuf, qnorm, m),
+                        k,
+                        thresh,
+                        (buf_a, plan.a_stride),
+                    )?;
+                } else {
+                    // 2. The tile's products.
+                    self.gemm(prod, t0, tn, qbuf, m)?;
+                    // 3. Each segment's best k, after the running list.
+                    {
+                        let (tn32, row0) = (tn as u32, t0 as u32);
+                        let (a_stride, off) = (plan.a_stride as u64, k32);
+                        let mut l = stream.launch_builder(&self.select_tile);
+                        l.arg(&prod)
+                            .arg(&tn32)
+                            .arg(&row0)
+                            .arg(&self.norms)
+                            .arg(&qnorm)
+                            .arg(&metric)
+                            .arg(&k32)
+                            .arg(&thresh)
+                            .arg(&buf_a)
+                            .arg(&a_stride)
+                            .arg(&off);
+                        // SAFETY: knn_select_tile(const float *prod, u32 t, u32 row0, const
+                        // float *xnorm, const float *qnorm, int metric, u32 k, const u64 *thresh,
+                        // u64 *out, u64 out_stride, u32 off): prod holds m rows of tn products;
+                        // A's rows hold k + segs * k candidates (a_stride); thresh m values;
+                        // norms are read for L2 only.
+                        unsafe { l.launch(cfg((segs as u32, m32), THREADS)) }?;
+                    }
                 }
                 // 4. Reduce running list + candidates to k.
                 let mut len = k * (1 + segs);
@@ -705,8 +827,73 @@ impl DeviceIndex {
                 // *thresh): one block per query (in place on A is allowed then); rows and
                 // scores hold nq * k values from the chunk's first query on, thresh m.
                 unsafe { l.launch(cfg((1, m32), THREADS)) }?;
+                t0 += tn;
             }
         }
+        Ok(())
+    }
+
+    /// The fused kernel over rows [t0, t0 + tn) for the chunk's m queries (float16 at
+    /// qbuf, squared norms at qnorm for L2): each segment's best k better than the
+    /// query's running threshold, at A[q][k + segment * k].
+    fn fused_tile(
+        &self,
+        stream: &Arc<CudaStream>,
+        (t0, tn): (usize, usize),
+        (qbuf, qnorm, m): (u64, u64, usize),
+        k: usize,
+        thresh: u64,
+        (buf_a, a_stride): (u64, usize),
+    ) -> Result<(), GpuError> {
+        let Some(kernels) = &self.fused else {
+            return Err(GpuError::BadLaunch(
+                "the fused knn kernels are not loaded".into(),
+            ));
+        };
+        let shape = usize::from(m > 32);
+        let (_, per_block, smem) = FUSED_SHAPES[shape];
+        let (end, row0, d, m32, k32) = (
+            (t0 + tn) as u32,
+            t0 as u32,
+            self.d as u32,
+            m as u32,
+            k as u32,
+        );
+        let metric: i32 = match self.metric {
+            Metric::Ip => 0,
+            Metric::Cosine => 1,
+            Metric::L2 => 2,
+        };
+        let a_stride = a_stride as u64;
+        let mut l = stream.launch_builder(&kernels[shape]);
+        l.arg(&self.rows)
+            .arg(&end)
+            .arg(&row0)
+            .arg(&d)
+            .arg(&qbuf)
+            .arg(&m32)
+            .arg(&self.norms)
+            .arg(&qnorm)
+            .arg(&metric)
+            .arg(&k32)
+            .arg(&thresh)
+            .arg(&buf_a)
+            .arg(&a_stride)
+            .arg(&k32);
+        let grid = (m.div_ceil(per_block) as u32, tn.div_ceil(SEG) as u32);
+        let config = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: knn_fused_q16/q64(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q,
+        // u32 m, const float *xnorm, const float *qnorm, int metric, u32 k, const u64
+        // *thresh, u64 *out, u64 out_stride, u32 off): x holds the index's float16 rows
+        // (end <= n), q m float16 queries of d, qnorm m floats and xnorm n (L2 only);
+        // A's rows hold k + segs * k candidates (a_stride, Plan), thresh m values; the
+        // dynamic shared memory is what the kernel's shape needs (it traps with less) and
+        // was allowed at load (`load_fused`).
+        unsafe { l.launch(config) }?;
         Ok(())
     }
 

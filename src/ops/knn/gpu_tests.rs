@@ -33,21 +33,48 @@ fn the_search_kernels_compile_with_nvrtc() {
     for entry in ["knn_prep", "knn_select_tile", "knn_select_list"] {
         assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
     }
+    let ptx = compile(&fused_program()).unwrap();
+    for (entry, _, _) in FUSED_SHAPES {
+        assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
+    }
+    assert!(
+        ptx.contains("mma.sync.aligned.m16n8k16"),
+        "no tensor-core product"
+    );
 }
 
 #[test]
 fn tiles_are_whole_segments_and_scratch_is_bounded() {
-    for n in [1, 4095, 4096, 4097, 1 << 20, 3_000_001] {
-        for nq in [1, 7, 16, 128, 1000, 1024, 2048, 2049, 10_000] {
-            for k in [1, 10, 100, 2047, MAX_K] {
-                let p = Plan::new(n, nq, k, TILE_BYTES);
-                assert_eq!(p.tile % SEG, 0);
+    for (n, nq, k, fused) in (0..6 * 9 * 7 * 2).map(|i| {
+        let n = [1, 4095, 4096, 4097, 1 << 20, 3_000_001][i % 6];
+        let nq = [1, 7, 16, 128, 1000, 1024, 2048, 2049, 10_000][i / 6 % 9];
+        let k = [1, 10, 64, 65, 100, 2047, MAX_K][i / 54 % 7];
+        (n, nq, k, i / 378 == 1)
+    }) {
+        {
+            {
+                let p = Plan::new(n, nq, k, TILE_BYTES, fused);
+                assert_eq!((p.first % SEG, p.tile % SEG), (0, 0), "{p:?}");
                 assert!(p.tile >= SEG && p.tile < n + SEG, "{p:?}");
+                assert!(p.first >= SEG && p.first < n + SEG, "{p:?}");
                 assert!(p.chunk <= QUERY_CHUNK && p.chunk <= nq.max(1));
+                // Fused only where asked, k allows and rows are left after the first tile;
+                // always where more rows than FIRST_ROWS are.
+                let can = fused && k <= FUSED_MAX_K;
+                assert!(!p.fused || can && p.first < n, "{p:?}");
+                assert!(p.fused || !can || n <= FIRST_ROWS, "{p:?}");
+                if p.fused {
+                    assert!(p.chunk <= FUSED_CHUNK && p.first <= FIRST_ROWS, "{p:?}");
+                    assert!(p.chunk * p.first * 4 <= FIRST_BYTES.max(p.chunk * SEG * 4));
+                    // The fused kernel's grid has a segment per block row (at most 65535).
+                    assert!(p.tile / SEG <= 65535);
+                } else {
+                    assert_eq!(p.first, p.tile);
+                }
                 // The product block stays in the L2 budget unless one segment is already more.
-                assert!(p.chunk * p.tile * 4 <= TILE_BYTES.max(p.chunk * SEG * 4));
+                assert!(p.chunk * p.first * 4 <= TILE_BYTES.max(p.chunk * SEG * 4));
                 // The running list and every segment's candidates fit in A.
-                assert!(p.a_stride >= k * (1 + p.tile.div_ceil(SEG)));
+                assert!(p.a_stride >= k * (1 + p.tile.max(p.first).div_ceil(SEG)));
                 for d in [1, 128, 4096] {
                     let (offs, total) = p.regions(d);
                     assert!(offs.windows(2).all(|w| w[0] <= w[1] && w[1] % ALIGN == 0));
@@ -75,9 +102,11 @@ fn device() -> Option<Bench> {
         Err("libnvrtc not found".to_string())
     } else {
         let mut compiled = Compiled::default();
-        compile(&program())
-            .map(|ptx| compiled.insert(&program(), Arc::from(ptx)))
-            .unwrap_or_else(|e| panic!("topk.cu does not compile: {e}"));
+        for p in [program(), fused_program()] {
+            compile(&p)
+                .map(|ptx| compiled.insert(&p, Arc::from(ptx)))
+                .unwrap_or_else(|e| panic!("{} does not compile: {e}", p.name));
+        }
         Gpu::open(0, 1 << 26, None)
             .map_err(|e| e.to_string())
             .map(|gpu| (gpu, compiled))
@@ -385,14 +414,21 @@ fn exact_ties_go_to_the_lower_row() {
 }
 
 /// Searches `rows` (n x d) for `queries` in every precision, with whole and with one-segment
-/// tiles, for each k; every row and score must be the float64 reference's exactly (data
-/// whose products are exact in every precision).
+/// tiles, float16 also two-step, for each k; every row and score must be the float64
+/// reference's exactly (data whose products are exact in every precision).
 fn assert_exact(b: &Bench, rows: &[f32], d: usize, queries: &[f32], metric: Metric, ks: &[usize]) {
     let (n, nq) = (rows.len() / d, queries.len() / d);
-    for precision in [Precision::Fp32, Precision::Tf32, Precision::Fp16] {
+    let variants = [
+        (Precision::Fp32, true),
+        (Precision::Tf32, true),
+        (Precision::Fp16, true),
+        (Precision::Fp16, false),
+    ];
+    for (precision, fused) in variants {
         for small in [false, true] {
             let idx = index(rows.to_vec(), n, d, metric, precision);
             let mut dev = b.load(&idx);
+            dev.set_fused(fused);
             if small {
                 dev.set_tile_bytes(1);
             }
@@ -402,7 +438,9 @@ fn assert_exact(b: &Bench, rows: &[f32], d: usize, queries: &[f32], metric: Metr
                     let s = scores64(&idx, q);
                     let want = best(metric, &s, k);
                     let want_rows: Vec<i64> = want.iter().map(|&r| r as i64).collect();
-                    let case = format!("{metric:?} {precision:?} small {small} k {k} q {qi}");
+                    let path = dev.fuses(nq, k);
+                    let case =
+                        format!("{metric:?} {precision:?} small {small} k {k} q {qi} fused {path}");
                     assert_eq!(&hits.rows[qi * k..][..k], &want_rows[..], "{case}");
                     let want_scores: Vec<f32> = want.iter().map(|&r| s[r] as f32).collect();
                     assert_eq!(&hits.scores[qi * k..][..k], &want_scores[..], "{case}");
@@ -485,8 +523,78 @@ fn ordered_and_equal_scores_are_selected_exactly() {
     // Rising, falling (a negative query) and flat (scores all equal) for the inner product.
     let queries = [1.0f32, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
     for metric in [Metric::Ip, Metric::L2] {
-        assert_exact(&b, &rows, d, &queries, metric, &[1, 10, 255, 256, 257]);
+        assert_exact(&b, &rows, d, &queries, metric, &[1, 10, 64, 255, 256, 257]);
     }
+}
+
+/// The fused float16 search (fused.cu) against float64, and the same searches two-step, on
+/// fresh random data: both kernel shapes (up to 32 queries a block of 16, more in blocks of
+/// 64, partial blocks), d unaligned (element loads), one chunk of 64 halves and more, a
+/// fused tile of one row, one-segment tiles (thresholds carried from tile to tile), k from
+/// 1 to FUSED_MAX_K, more queries than a chunk, every metric.
+#[test]
+fn fused_search_matches_float64_and_the_two_step_search() {
+    let Some(b) = device() else { return };
+    let mut rng = Rng::fresh();
+    use Metric::*;
+    // (n, d, nq, k, metric, one segment per tile)
+    let cases = [
+        (FIRST_ROWS + 1, 128, 1, 10, Ip, false),
+        (FIRST_ROWS + 2 * SEG + 77, 17, 5, 1, L2, false),
+        (FIRST_ROWS + SEG, 3, 33, FUSED_MAX_K, Cosine, false),
+        (3 * SEG + 5, 130, 65, 10, L2, true),
+        (50_000, 64, 16, 20, Ip, false),
+        (50_000, 72, 130, FUSED_MAX_K, L2, false),
+        (FIRST_ROWS + 300, 1, 7, 3, Ip, true),
+        (20_000, 16, FUSED_CHUNK + 3, 5, Ip, false),
+        (2 * SEG + 1, 40, 32, 7, Cosine, true),
+    ];
+    for (n, d, nq, k, metric, small) in cases {
+        let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} small {small}");
+        let idx = index(uniform(&mut rng, n * d), n, d, metric, Precision::Fp16);
+        let mut dev = b.load(&idx);
+        if dev.fused.is_none() {
+            assert!(
+                !require_gpu(),
+                "NGX_GPU_REQUIRE=1 but the fused kernels did not load"
+            );
+            eprintln!("skipped: this device does not run the fused kernels");
+            return;
+        }
+        if small {
+            dev.set_tile_bytes(1);
+        }
+        assert!(dev.fuses(nq, k), "{case}: not fused");
+        let queries = uniform(&mut rng, nq * d);
+        let hits = b.search(&dev, &queries, nq, k);
+        let w = check(
+            &format!("{case} fused"),
+            &idx,
+            &queries,
+            &hits,
+            tolerance(Precision::Fp16),
+        );
+        dev.set_fused(false);
+        let two_step = b.search(&dev, &queries, nq, k);
+        check(
+            &format!("{case} two-step"),
+            &idx,
+            &queries,
+            &two_step,
+            tolerance(Precision::Fp16),
+        );
+        eprintln!("{case}: largest error {w:.2e}");
+    }
+    // Past FUSED_MAX_K the float16 search is two-step.
+    let idx = index(
+        uniform(&mut rng, 50_000 * 8),
+        50_000,
+        8,
+        Ip,
+        Precision::Fp16,
+    );
+    let dev = b.load(&idx);
+    assert!(dev.fuses(4, FUSED_MAX_K) && !dev.fuses(4, FUSED_MAX_K + 1));
 }
 
 #[test]
@@ -521,7 +629,8 @@ fn k_out_of_range_is_refused() {
 /// streams at once, each with its own scratch: what several workers' batches do to the GPU
 /// under MPS; default 1), KNN_BENCH_SECS (per cell, default 0.5; 0: one warm-up search and
 /// one search, for a profiler), KNN_BENCH_GRAPHS=0 (searches queued call by call; batches
-/// that are no `graph_rows` size always are).
+/// that are no `graph_rows` size always are), KNN_BENCH_FUSED=0 (float16 searched
+/// two-step).
 #[test]
 #[ignore]
 fn knn_kernel_benchmark() {
@@ -559,8 +668,10 @@ fn knn_kernel_benchmark() {
         let mut dev = b.load(&idx);
         dev.set_tile_bytes(tile_mib << 20);
         dev.graphs.get_mut().unwrap().enabled = env("KNN_BENCH_GRAPHS", "1") != "0";
+        dev.set_fused(env("KNN_BENCH_FUSED", "1") != "0");
         let load = t.elapsed().as_secs_f64();
-        let mut line = format!("| {precision:?} | {load:.2} s |");
+        let fused = dev.fuses(batches[0].max(1), k);
+        let mut line = format!("| {precision:?} (fused: {fused}) | {load:.2} s |");
         for &nq in &batches {
             let s0 = &b.stream;
             let q: CudaSlice<f32> = s0.clone_htod(&uniform(&mut rng, nq * d)).unwrap();
@@ -654,7 +765,7 @@ fn a_missing_libcublas_is_detected_without_a_panic() {
 }
 
 /// A few small searches that cover every path (several tiles, reduction rounds, k beyond
-/// the index, fp16): quick enough for compute-sanitizer's memcheck and racecheck.
+/// the index, fp16, both fused shapes): quick enough for compute-sanitizer's memcheck and racecheck.
 #[test]
 fn small_searches_cover_every_path() {
     let Some(b) = device() else { return };
@@ -665,6 +776,8 @@ fn small_searches_cover_every_path() {
         (SEG + 1, 7, 3, 10, L2, Fp32, true),
         (3 * SEG - 7, 5, 2, MAX_K, Ip, Fp32, false),
         (100, 3, 2, 150, Cosine, Fp16, false),
+        (FIRST_ROWS + SEG + 3, 9, 40, 10, L2, Fp16, false),
+        (2 * SEG + 3, 8, 3, 5, Ip, Fp16, true),
     ] {
         let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
         let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);

@@ -349,7 +349,7 @@ impl Op for Knn {
     }
 
     fn programs(&self) -> Vec<Arc<Program>> {
-        vec![gpu::program()]
+        vec![gpu::program(), gpu::fused_program()]
     }
 
     /// Query rows in the staged input, hits (12 bytes each) in the output.

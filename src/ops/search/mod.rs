@@ -223,7 +223,11 @@ impl Op for Search {
     }
 
     fn programs(&self) -> Vec<Arc<Program>> {
-        vec![embed::program(), knn::gpu::program()]
+        vec![
+            embed::program(),
+            knn::gpu::program(),
+            knn::gpu::fused_program(),
+        ]
     }
 
     /// Token ids, types and positions (12 bytes a token) and two u32 per text in the staged
