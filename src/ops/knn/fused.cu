@@ -8,8 +8,6 @@ typedef unsigned short u16;
 // A block covers one selection segment of rows (the unit knn_select_tile writes k
 // candidates for), in steps of RS rows, for QB queries.
 #define KF_SEG 4096
-#define KF_THREADS 256
-#define KF_WARPS 8
 // The largest k this path takes: a query's candidates kept in shared memory are k plus one
 // step's rows, so that a step always has room.
 #define KF_MAX_K 64
@@ -20,14 +18,16 @@ typedef unsigned short u16;
 
 // The block's shape: WR x WQ warps, each 32 rows x 16 queries.
 template <int WR, int WQ> struct KfShape {
+    static constexpr int NT = 32 * WR * WQ;
     static constexpr int RS = 32 * WR;
     static constexpr int QB = 16 * WQ;
     static constexpr int BQ = KF_MAX_K + RS;
+    // One stage of a chunk: RS rows then QB queries, KF_PITCH halves each; two stages.
+    static constexpr int STAGE = (RS + QB) * KF_PITCH;
     // Shared memory, in this order: candidates (u64 [QB][BQ]), thresholds (u64 [QB]),
-    // counts (u32 [QB]), query norms (float [QB]), rows (u16 [RS][PITCH]), queries (u16
-    // [QB][PITCH]). gpu.rs's FUSED_SHAPES states the same sizes.
-    static constexpr u32 BYTES =
-        QB * BQ * 8 + QB * 8 + QB * 4 + QB * 4 + RS * KF_PITCH * 2 + QB * KF_PITCH * 2;
+    // counts (u32 [QB]), query norms and score limits (float [QB] each), the two stages
+    // (u16). gpu.rs's FUSED_SHAPES states the same sizes.
+    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + 2 * STAGE * 2;
 };
 
 // Same as topk.cu's: the score as an order-preserving u32 ("better first"), above the row's
@@ -104,6 +104,22 @@ __device__ u64 kf_compact(u64 *b, u32 n, u32 k) {
     return t;
 }
 
+__device__ __forceinline__ float kf_unkey(u32 k, int l2) {
+    if (l2) k = ~k;
+    u32 b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    return __uint_as_float(b);
+}
+
+// The score a query's candidate must reach (at least, or at most for L2) to be better than
+// its threshold (a candidate, 0 for none yet, ~0 for no query): what lets the products be
+// filtered by one float comparison each, the exact comparison left to the few that pass.
+__device__ __forceinline__ float kf_limit(u64 thr, int l2) {
+    const float inf = __int_as_float(0x7f800000);
+    if (thr == 0) return l2 ? inf : -inf;
+    if (thr == ~0ull) return l2 ? -inf : inf;
+    return kf_unkey((u32)(thr >> 32), l2);
+}
+
 // Block (x, y) takes queries [x * QB, ...) of the m and the segment y of the tile's rows
 // [row0, end): rows row0 + y * KF_SEG on, at most KF_SEG. It computes their products with
 // the queries (float16 inputs, float32 sums) RS rows at a time, turns them into scores (as
@@ -111,12 +127,13 @@ __device__ u64 kf_compact(u64 *b, u32 n, u32 k) {
 // thresh[q] and than its k-th best in this block so far; at the end it writes the block's
 // best k (fillers past what it found) at out[q * out_stride + off + y * k], as
 // knn_select_tile does for a segment. x: float16 rows, d each; q: m float16 queries.
+// Scores that are NaN are never kept.
 template <int WR, int WQ>
 __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m,
                           const float *xnorm, const float *qnorm, int metric, u32 k,
                           const u64 *thresh, u64 *out, u64 out_stride, u32 off) {
     typedef KfShape<WR, WQ> S;
-    constexpr int RS = S::RS, QB = S::QB, BQ = S::BQ;
+    constexpr int NT = S::NT, RS = S::RS, QB = S::QB, BQ = S::BQ, NW = NT / 32;
     extern __shared__ __align__(16) unsigned char kf_smem[];
     u32 have;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
@@ -125,8 +142,8 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     u64 *thr = buf + QB * BQ;
     u32 *cnt = (u32 *)(thr + QB);
     float *qn = (float *)(cnt + QB);
-    u16 *srows = (u16 *)(qn + QB);
-    u16 *sq = srows + RS * KF_PITCH;
+    float *lim = qn + QB;
+    u16 *stages = (u16 *)(lim + QB);
 
     const u32 t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const u32 wr = warp % WR, wq = warp / WR;
@@ -136,9 +153,10 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     const u32 last = min(first + KF_SEG, end);
     const int l2 = metric == 2;
     const bool vec = (d & 7) == 0;
-    for (u32 i = t; i < QB; i += KF_THREADS) {
+    for (u32 i = t; i < QB; i += NT) {
         const bool ok = q0 + i < m;
         thr[i] = ok ? thresh[q0 + i] : ~0ull;
+        lim[i] = kf_limit(thr[i], l2);
         cnt[i] = 0;
         qn[i] = ok && l2 ? qnorm[q0 + i] : 0.f;
     }
@@ -146,21 +164,21 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     const u32 chunks = (d + KF_KC - 1) / KF_KC;
     const u32 total = steps * chunks;
     // What each thread fetches per chunk: RS rows x 8 groups of 8 halves, then QB queries.
-    constexpr int RV = RS * 8 / KF_THREADS;
-    constexpr int QV = (QB * 8 + KF_THREADS - 1) / KF_THREADS;
+    constexpr int RV = RS * 8 / NT;
+    constexpr int QV = (QB * 8 + NT - 1) / NT;
     uint4 rr[RV], qq[QV];
     auto fetch = [&](u32 it) {
         const u32 step = it / chunks, kc = (it % chunks) * KF_KC;
         const u32 r0 = first + step * RS;
 #pragma unroll
         for (int j = 0; j < RV; ++j) {
-            const u32 slot = j * KF_THREADS + t, r = slot >> 3, grp = slot & 7;
+            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
             const u32 row = r0 + r;
             rr[j] = kf_fetch(x + (u64)row * d, row < last, kc + grp * 8, d, vec);
         }
 #pragma unroll
         for (int j = 0; j < QV; ++j) {
-            const u32 slot = j * KF_THREADS + t, r = slot >> 3, grp = slot & 7;
+            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
             if (slot < QB * 8)
                 qq[j] = kf_fetch(q + (u64)(q0 + r) * d, q0 + r < m, kc + grp * 8, d, vec);
         }
@@ -173,15 +191,19 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
     if (total > 0) fetch(0);
+    // Two stages: a chunk is stored to one while the other may still be read by warps
+    // finishing the previous chunk; one barrier a chunk.
     for (u32 it = 0; it < total; ++it) {
+        u16 *srows = stages + (it & 1) * S::STAGE;
+        u16 *sq = srows + RS * KF_PITCH;
 #pragma unroll
         for (int j = 0; j < RV; ++j) {
-            const u32 slot = j * KF_THREADS + t;
+            const u32 slot = j * NT + t;
             *(uint4 *)(srows + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = rr[j];
         }
 #pragma unroll
         for (int j = 0; j < QV; ++j) {
-            const u32 slot = j * KF_THREADS + t;
+            const u32 slot = j * NT + t;
             if (slot < QB * 8) *(uint4 *)(sq + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = qq[j];
         }
         __syncthreads();
@@ -203,46 +225,62 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
                 kf_mma(acc[i][1], a[i], b[2], b[3]);
             }
         }
-        __syncthreads();
         if (it % chunks != chunks - 1) continue;
-        // The step's products: scores, and those that may enter the query's k best.
+        // The step's products: scores; those that reach the query's limit (few, once the
+        // thresholds are set) are compared exactly and kept.
         const u32 r0 = first + (it / chunks) * RS;
+        float lq[2][2], nq[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                lq[j][e] = lim[wq * 16 + j * 8 + 2 * c4 + e];
+                nq[j][e] = qn[wq * 16 + j * 8 + 2 * c4 + e];
+            }
+        bool kept = false;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const u32 row = r0 + wr * 32 + i * 16 + g + h * 8;
-                const float xn = l2 && row < last ? xnorm[row] : 0.f;
+                const bool real = row < last;
+                const float xn = l2 && real ? xnorm[row] : 0.f;
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const u32 ql = wq * 16 + j * 8 + 2 * c4 + e;
                         float s = acc[i][j][h * 2 + e];
                         acc[i][j][h * 2 + e] = 0.f;
-                        if (row >= last || q0 + ql >= m) continue;
-                        if (l2) s = fmaxf(fmaf(-2.f, s, qn[ql] + xn), 0.f);
+                        if (l2) s = fmaxf(fmaf(-2.f, s, nq[j][e] + xn), 0.f);
+                        if (!(l2 ? s <= lq[j][e] : s >= lq[j][e]) || !real) continue;
+                        const u32 ql = wq * 16 + j * 8 + 2 * c4 + e;
                         const u64 cand = kf_pack(s, row, l2);
-                        if (cand > thr[ql]) buf[ql * BQ + atomicAdd(&cnt[ql], 1u)] = cand;
+                        if (cand > thr[ql]) {
+                            buf[ql * BQ + atomicAdd(&cnt[ql], 1u)] = cand;
+                            kept = true;
+                        }
                     }
                 }
             }
         }
-        __syncthreads();
-        // Room for the next step: a query past BQ - RS keeps its best k.
-        for (u32 ql = warp; ql < QB; ql += KF_WARPS) {
-            const u32 n = cnt[ql];
-            if (n > BQ - RS) {
-                const u64 kth = kf_compact<BQ>(buf + ql * BQ, n, k);
-                if (lane == 0) {
-                    cnt[ql] = k;
-                    thr[ql] = kth;
+        // Room for the next step: a query past BQ - RS keeps its best k. (The next chunk's
+        // barrier orders this before the next step's reads of thr and lim.)
+        if (__syncthreads_or(kept)) {
+            for (u32 ql = warp; ql < QB; ql += NW) {
+                const u32 n = cnt[ql];
+                if (n > BQ - RS) {
+                    const u64 kth = kf_compact<BQ>(buf + ql * BQ, n, k);
+                    if (lane == 0) {
+                        cnt[ql] = k;
+                        thr[ql] = kth;
+                        lim[ql] = kf_limit(kth, l2);
+                    }
                 }
             }
         }
-        __syncthreads();
     }
-    for (u32 ql = warp; ql < QB; ql += KF_WARPS) {
+    // The warp that compacted a query's candidates above writes them: no barrier needed.
+    for (u32 ql = warp; ql < QB; ql += NW) {
         if (q0 + ql >= m) continue;
         u32 n = cnt[ql];
         if (n > k) {
@@ -254,19 +292,16 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     }
 }
 
-// The two shapes: 16 queries x 256 rows a step (batches of up to 32), 64 x 64 (larger).
-extern "C" __global__ void __launch_bounds__(KF_THREADS, 2)
-knn_fused_q16(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm,
-              const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,
-              u64 out_stride, u32 off) {
-    kf_search<8, 1>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out, out_stride,
-                    off);
-}
+#define KF_ENTRY(name, wr, wq, min_blocks)                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * wr * wq, min_blocks)                    \
+        name(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm, \
+             const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,              \
+             u64 out_stride, u32 off) {                                                        \
+        kf_search<wr, wq>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
+                          out_stride, off);                                                    \
+    }
 
-extern "C" __global__ void __launch_bounds__(KF_THREADS, 2)
-knn_fused_q64(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm,
-              const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,
-              u64 out_stride, u32 off) {
-    kf_search<2, 4>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out, out_stride,
-                    off);
-}
+// The shapes: 16 queries x 128 rows a step (4 warps), 32 x 128 and 64 x 64 (8 warps).
+KF_ENTRY(knn_fused_q16, 4, 1, 3)
+KF_ENTRY(knn_fused_q32, 4, 2, 2)
+KF_ENTRY(knn_fused_q64, 2, 4, 2)

@@ -96,17 +96,19 @@ const FIRST_ROWS: usize = 4 * SEG;
 const FIRST_BYTES: usize = 16 << 20;
 /// The most bytes of one fused tile's candidates (k per segment and query).
 const FUSED_CANDS: usize = 16 << 20;
-/// The fused kernels' shapes: (name, queries per block, dynamic shared memory), as
-/// fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
-/// BQ = 64 + RS candidates a query; QB BQ 8 + QB 16 + (RS + QB) 72 2 bytes.
-const FUSED_SHAPES: [(&str, usize, usize); 2] = [
-    ("knn_fused_q16", 16, fused_smem(8, 1)),
-    ("knn_fused_q64", 64, fused_smem(2, 4)),
+/// The fused kernels' shapes: (name, queries per block, threads, dynamic shared memory),
+/// as fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
+/// 32 WR WQ threads, BQ = 64 + RS candidates a query; QB BQ 8 + QB 20 + 2 (RS + QB) 72 2
+/// bytes. A batch takes the first whose blocks hold it, else the last (several blocks).
+const FUSED_SHAPES: [(&str, usize, u32, usize); 3] = [
+    ("knn_fused_q16", 16, 128, fused_smem(4, 1)),
+    ("knn_fused_q32", 32, 256, fused_smem(4, 2)),
+    ("knn_fused_q64", 64, 256, fused_smem(2, 4)),
 ];
 
 const fn fused_smem(wr: usize, wq: usize) -> usize {
     let (rs, qb) = (32 * wr, 16 * wq);
-    qb * (FUSED_MAX_K + rs) * 8 + qb * 16 + (rs + qb) * 72 * 2
+    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + 2 * (rs + qb) * 72 * 2
 }
 
 /// How a search of a batch walks the index (a function of n, the batch, k and the path).
@@ -293,7 +295,7 @@ pub struct DeviceIndex {
     select_list: CudaFunction,
     /// The fused kernels (FUSED_SHAPES' order), for a float16 index on a device that runs
     /// them; `fused_on` false searches two-step anyway (tests and benchmarks).
-    fused: Option<[CudaFunction; 2]>,
+    fused: Option<[CudaFunction; 3]>,
     fused_on: bool,
     tile_bytes: usize,
     /// Searches captured as CUDA graphs (see `search`).
@@ -459,16 +461,20 @@ fn fill_stored(
 
 /// The fused kernels, allowed their dynamic shared memory; an error where the device does
 /// not take compute capability 8.0 code (or fused.cu was not compiled for this op).
-fn load_fused(loader: &mut DeviceLoader) -> Result<[CudaFunction; 2], GpuError> {
+fn load_fused(loader: &mut DeviceLoader) -> Result<[CudaFunction; 3], GpuError> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
     let program = fused_program();
-    let mut load = |(name, _, smem): (&str, usize, usize)| {
+    let mut load = |(name, _, _, smem): (&str, usize, u32, usize)| {
         let f = loader.function(&program, name)?;
         f.set_attribute(MAX_SHARED, smem as i32)
             .map_err(|e| GpuError::from_driver(e, &format!("allowing {name} its shared memory")))?;
         Ok::<_, GpuError>(f)
     };
-    Ok([load(FUSED_SHAPES[0])?, load(FUSED_SHAPES[1])?])
+    Ok([
+        load(FUSED_SHAPES[0])?,
+        load(FUSED_SHAPES[1])?,
+        load(FUSED_SHAPES[2])?,
+    ])
 }
 
 impl DeviceIndex {
@@ -850,8 +856,11 @@ impl DeviceIndex {
                 "the fused knn kernels are not loaded".into(),
             ));
         };
-        let shape = usize::from(m > 32);
-        let (_, per_block, smem) = FUSED_SHAPES[shape];
+        let shape = FUSED_SHAPES
+            .iter()
+            .position(|s| m <= s.1)
+            .unwrap_or(FUSED_SHAPES.len() - 1);
+        let (_, per_block, threads, smem) = FUSED_SHAPES[shape];
         let (end, row0, d, m32, k32) = (
             (t0 + tn) as u32,
             t0 as u32,
@@ -883,10 +892,10 @@ impl DeviceIndex {
         let grid = (m.div_ceil(per_block) as u32, tn.div_ceil(SEG) as u32);
         let config = LaunchConfig {
             grid_dim: (grid.0, grid.1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // SAFETY: knn_fused_q16/q64(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q,
+        // SAFETY: knn_fused_q16/q32/q64(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q,
         // u32 m, const float *xnorm, const float *qnorm, int metric, u32 k, const u64
         // *thresh, u64 *out, u64 out_stride, u32 off): x holds the index's float16 rows
         // (end <= n), q m float16 queries of d, qnorm m floats and xnorm n (L2 only);

@@ -34,7 +34,7 @@ fn the_search_kernels_compile_with_nvrtc() {
         assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
     }
     let ptx = compile(&fused_program()).unwrap();
-    for (entry, _, _) in FUSED_SHAPES {
+    for (entry, _, _, _) in FUSED_SHAPES {
         assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
     }
     assert!(
@@ -777,7 +777,7 @@ fn small_searches_cover_every_path() {
         (3 * SEG - 7, 5, 2, MAX_K, Ip, Fp32, false),
         (100, 3, 2, 150, Cosine, Fp16, false),
         (FIRST_ROWS + SEG + 3, 9, 40, 10, L2, Fp16, false),
-        (2 * SEG + 3, 8, 3, 5, Ip, Fp16, true),
+        (2 * SEG + 3, 8, 20, 5, Ip, Fp16, true),
     ] {
         let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
         let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
