@@ -15,6 +15,8 @@ typedef unsigned short u16;
 // the 8 rows one ldmatrix reads fall on distinct banks).
 #define KF_KC 64
 #define KF_PITCH (KF_KC + 8)
+// Chunks in shared memory at once: two are being copied while one is multiplied.
+#define KF_STAGES 3
 
 // The block's shape: WR x WQ warps, each 32 rows x 16 queries.
 template <int WR, int WQ> struct KfShape {
@@ -22,12 +24,12 @@ template <int WR, int WQ> struct KfShape {
     static constexpr int RS = 32 * WR;
     static constexpr int QB = 16 * WQ;
     static constexpr int BQ = KF_MAX_K + RS;
-    // One stage of a chunk: RS rows then QB queries, KF_PITCH halves each; two stages.
+    // One stage of a chunk: RS rows then QB queries, KF_PITCH halves each.
     static constexpr int STAGE = (RS + QB) * KF_PITCH;
     // Shared memory, in this order: candidates (u64 [QB][BQ]), thresholds (u64 [QB]),
-    // counts (u32 [QB]), query norms and score limits (float [QB] each), the two stages
+    // counts (u32 [QB]), query norms and score limits (float [QB] each), the stages
     // (u16). gpu.rs's FUSED_SHAPES states the same sizes.
-    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + 2 * STAGE * 2;
+    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + KF_STAGES * STAGE * 2;
 };
 
 // Same as topk.cu's: the score as an order-preserving u32 ("better first"), above the row's
@@ -53,6 +55,15 @@ __device__ __forceinline__ uint4 kf_fetch(const u16 *row, bool ok, u32 k0, u32 d
     r.z = h[4] | ((u32)h[5] << 16);
     r.w = h[6] | ((u32)h[7] << 16);
     return r;
+}
+
+// Copies 16 bytes from global memory to shared memory without waiting (zeros where !ok:
+// nothing is read then).
+__device__ __forceinline__ void kf_cp16(u16 *dst, const u16 *src, bool ok) {
+    const u32 at = (u32)__cvta_generic_to_shared(dst);
+    const u32 n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at), "l"(src), "r"(n)
+                 : "memory");
 }
 
 __device__ __forceinline__ void kf_ldsm4(u32 (&r)[4], const u16 *p) {
@@ -163,24 +174,25 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     const u32 steps = (last - first + RS - 1) / RS;
     const u32 chunks = (d + KF_KC - 1) / KF_KC;
     const u32 total = steps * chunks;
-    // What each thread fetches per chunk: RS rows x 8 groups of 8 halves, then QB queries.
-    constexpr int RV = RS * 8 / NT;
-    constexpr int QV = (QB * 8 + NT - 1) / NT;
-    uint4 rr[RV], qq[QV];
-    auto fetch = [&](u32 it) {
+    // Chunk `it` into its stage: RS rows x 8 groups of 8 halves, then QB queries. Where
+    // rows are 16-byte aligned, cp.async (zero-filled past d, the segment and the queries);
+    // otherwise element by element, stored at once (d not a multiple of 8: correct, slow).
+    auto issue = [&](u32 it) {
         const u32 step = it / chunks, kc = (it % chunks) * KF_KC;
-        const u32 r0 = first + step * RS;
-#pragma unroll
-        for (int j = 0; j < RV; ++j) {
-            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
-            const u32 row = r0 + r;
-            rr[j] = kf_fetch(x + (u64)row * d, row < last, kc + grp * 8, d, vec);
-        }
-#pragma unroll
-        for (int j = 0; j < QV; ++j) {
-            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
-            if (slot < QB * 8)
-                qq[j] = kf_fetch(q + (u64)(q0 + r) * d, q0 + r < m, kc + grp * 8, d, vec);
+        u16 *srows = stages + (it % KF_STAGES) * S::STAGE;
+        u16 *sq = srows + RS * KF_PITCH;
+        for (u32 slot = t; slot < (RS + QB) * 8; slot += NT) {
+            const u32 r = slot >> 3, k0 = kc + (slot & 7) * 8;
+            const bool is_row = r < RS;
+            const u32 idx = is_row ? first + step * RS + r : q0 + r - RS;
+            const bool ok = (is_row ? idx < last : idx < m) && k0 < d;
+            const u16 *src = (is_row ? x : q) + (u64)idx * d + k0;
+            u16 *dst = (is_row ? srows + r * KF_PITCH : sq + (r - RS) * KF_PITCH) + (slot & 7) * 8;
+            if (vec) {
+                kf_cp16(dst, ok ? src : x, ok);
+            } else {
+                *(uint4 *)dst = kf_fetch(src - k0, ok, k0, d, false);
+            }
         }
     };
     float acc[2][2][4];
@@ -190,24 +202,20 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-    if (total > 0) fetch(0);
-    // Two stages: a chunk is stored to one while the other may still be read by warps
-    // finishing the previous chunk; one barrier a chunk.
+    // KF_STAGES - 1 chunks in flight ahead of the one multiplied; one barrier a chunk (it
+    // also tells that every warp is done with the stage the next copy overwrites).
+#pragma unroll
+    for (int i = 0; i < KF_STAGES - 1; ++i) {
+        if (i < total) issue(i);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
     for (u32 it = 0; it < total; ++it) {
-        u16 *srows = stages + (it & 1) * S::STAGE;
-        u16 *sq = srows + RS * KF_PITCH;
-#pragma unroll
-        for (int j = 0; j < RV; ++j) {
-            const u32 slot = j * NT + t;
-            *(uint4 *)(srows + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = rr[j];
-        }
-#pragma unroll
-        for (int j = 0; j < QV; ++j) {
-            const u32 slot = j * NT + t;
-            if (slot < QB * 8) *(uint4 *)(sq + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = qq[j];
-        }
+        asm volatile("cp.async.wait_group %0;" ::"n"(KF_STAGES - 2) : "memory");
         __syncthreads();
-        if (it + 1 < total) fetch(it + 1);
+        if (it + KF_STAGES - 1 < total) issue(it + KF_STAGES - 1);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const u16 *srows = stages + (it % KF_STAGES) * S::STAGE;
+        const u16 *sq = srows + RS * KF_PITCH;
         const u32 kc = (it % chunks) * KF_KC;
         const u32 ksteps = min((u32)KF_KC, d - kc + 15) / 16;
         for (u32 ks = 0; ks < ksteps; ++ks) {
@@ -301,7 +309,7 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
                           out_stride, off);                                                    \
     }
 
-// The shapes: 16 queries x 128 rows a step (4 warps), 32 x 128 and 64 x 64 (8 warps).
-KF_ENTRY(knn_fused_q16, 4, 1, 3)
-KF_ENTRY(knn_fused_q32, 4, 2, 2)
-KF_ENTRY(knn_fused_q64, 2, 4, 2)
+// The shapes, 8 warps each: 16 queries x 256 rows a step, 32 x 128 and 64 x 64.
+KF_ENTRY(knn_fused_q16, 8, 1, 1)
+KF_ENTRY(knn_fused_q32, 4, 2, 1)
+KF_ENTRY(knn_fused_q64, 2, 4, 1)

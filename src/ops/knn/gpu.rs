@@ -98,17 +98,18 @@ const FIRST_BYTES: usize = 16 << 20;
 const FUSED_CANDS: usize = 16 << 20;
 /// The fused kernels' shapes: (name, queries per block, threads, dynamic shared memory),
 /// as fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
-/// 32 WR WQ threads, BQ = 64 + RS candidates a query; QB BQ 8 + QB 20 + 2 (RS + QB) 72 2
-/// bytes. A batch takes the first whose blocks hold it, else the last (several blocks).
+/// 32 WR WQ threads, BQ = 64 + RS candidates a query; QB BQ 8 + QB 20 + 3 (RS + QB) 72 2
+/// bytes (three stages). A batch takes the first whose blocks hold it, else the last
+/// (several blocks).
 const FUSED_SHAPES: [(&str, usize, u32, usize); 3] = [
-    ("knn_fused_q16", 16, 128, fused_smem(4, 1)),
+    ("knn_fused_q16", 16, 256, fused_smem(8, 1)),
     ("knn_fused_q32", 32, 256, fused_smem(4, 2)),
     ("knn_fused_q64", 64, 256, fused_smem(2, 4)),
 ];
 
 const fn fused_smem(wr: usize, wq: usize) -> usize {
     let (rs, qb) = (32 * wr, 16 * wq);
-    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + 2 * (rs + qb) * 72 * 2
+    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + 3 * (rs + qb) * 72 * 2
 }
 
 /// How a search of a batch walks the index (a function of n, the batch, k and the path).
