@@ -15,11 +15,12 @@ typedef unsigned short u16;
 // the 8 rows one ldmatrix reads fall on distinct banks).
 #define KF_KC 64
 #define KF_PITCH (KF_KC + 8)
-// Chunks in shared memory at once: two are being copied while one is multiplied.
-#define KF_STAGES 3
 
-// The block's shape: WR x WQ warps, each 32 rows x 16 queries.
-template <int WR, int WQ> struct KfShape {
+// The block's shape: WR x WQ warps, each 32 rows x 16 queries; NS shared-memory stages
+// (2: a chunk is stored to one while warps may still multiply the other, one barrier a
+// chunk; 1: two barriers a chunk, for a shape whose two stages would not let two blocks
+// share an SM).
+template <int WR, int WQ, int NS> struct KfShape {
     static constexpr int NT = 32 * WR * WQ;
     static constexpr int RS = 32 * WR;
     static constexpr int QB = 16 * WQ;
@@ -29,7 +30,7 @@ template <int WR, int WQ> struct KfShape {
     // Shared memory, in this order: candidates (u64 [QB][BQ]), thresholds (u64 [QB]),
     // counts (u32 [QB]), query norms and score limits (float [QB] each), the stages
     // (u16). gpu.rs's FUSED_SHAPES states the same sizes.
-    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + KF_STAGES * STAGE * 2;
+    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + NS * STAGE * 2;
 };
 
 // Same as topk.cu's: the score as an order-preserving u32 ("better first"), above the row's
@@ -55,15 +56,6 @@ __device__ __forceinline__ uint4 kf_fetch(const u16 *row, bool ok, u32 k0, u32 d
     r.z = h[4] | ((u32)h[5] << 16);
     r.w = h[6] | ((u32)h[7] << 16);
     return r;
-}
-
-// Copies 16 bytes from global memory to shared memory without waiting (zeros where !ok:
-// nothing is read then).
-__device__ __forceinline__ void kf_cp16(u16 *dst, const u16 *src, bool ok) {
-    const u32 at = (u32)__cvta_generic_to_shared(dst);
-    const u32 n = ok ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at), "l"(src), "r"(n)
-                 : "memory");
 }
 
 __device__ __forceinline__ void kf_ldsm4(u32 (&r)[4], const u16 *p) {
@@ -139,11 +131,11 @@ __device__ __forceinline__ float kf_limit(u64 thr, int l2) {
 // best k (fillers past what it found) at out[q * out_stride + off + y * k], as
 // knn_select_tile does for a segment. x: float16 rows, d each; q: m float16 queries.
 // Scores that are NaN are never kept.
-template <int WR, int WQ>
+template <int WR, int WQ, int NS>
 __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m,
                           const float *xnorm, const float *qnorm, int metric, u32 k,
                           const u64 *thresh, u64 *out, u64 out_stride, u32 off) {
-    typedef KfShape<WR, WQ> S;
+    typedef KfShape<WR, WQ, NS> S;
     constexpr int NT = S::NT, RS = S::RS, QB = S::QB, BQ = S::BQ, NW = NT / 32;
     extern __shared__ __align__(16) unsigned char kf_smem[];
     u32 have;
@@ -174,25 +166,24 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     const u32 steps = (last - first + RS - 1) / RS;
     const u32 chunks = (d + KF_KC - 1) / KF_KC;
     const u32 total = steps * chunks;
-    // Chunk `it` into its stage: RS rows x 8 groups of 8 halves, then QB queries. Where
-    // rows are 16-byte aligned, cp.async (zero-filled past d, the segment and the queries);
-    // otherwise element by element, stored at once (d not a multiple of 8: correct, slow).
-    auto issue = [&](u32 it) {
+    // What each thread fetches per chunk: RS rows x 8 groups of 8 halves, then QB queries.
+    constexpr int RV = RS * 8 / NT;
+    constexpr int QV = (QB * 8 + NT - 1) / NT;
+    uint4 rr[RV], qq[QV];
+    auto fetch = [&](u32 it) {
         const u32 step = it / chunks, kc = (it % chunks) * KF_KC;
-        u16 *srows = stages + (it % KF_STAGES) * S::STAGE;
-        u16 *sq = srows + RS * KF_PITCH;
-        for (u32 slot = t; slot < (RS + QB) * 8; slot += NT) {
-            const u32 r = slot >> 3, k0 = kc + (slot & 7) * 8;
-            const bool is_row = r < RS;
-            const u32 idx = is_row ? first + step * RS + r : q0 + r - RS;
-            const bool ok = (is_row ? idx < last : idx < m) && k0 < d;
-            const u16 *src = (is_row ? x : q) + (u64)idx * d + k0;
-            u16 *dst = (is_row ? srows + r * KF_PITCH : sq + (r - RS) * KF_PITCH) + (slot & 7) * 8;
-            if (vec) {
-                kf_cp16(dst, ok ? src : x, ok);
-            } else {
-                *(uint4 *)dst = kf_fetch(src - k0, ok, k0, d, false);
-            }
+        const u32 r0 = first + step * RS;
+#pragma unroll
+        for (int j = 0; j < RV; ++j) {
+            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
+            const u32 row = r0 + r;
+            rr[j] = kf_fetch(x + (u64)row * d, row < last, kc + grp * 8, d, vec);
+        }
+#pragma unroll
+        for (int j = 0; j < QV; ++j) {
+            const u32 slot = j * NT + t, r = slot >> 3, grp = slot & 7;
+            if (slot < QB * 8)
+                qq[j] = kf_fetch(q + (u64)(q0 + r) * d, q0 + r < m, kc + grp * 8, d, vec);
         }
     };
     float acc[2][2][4];
@@ -202,20 +193,22 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-    // KF_STAGES - 1 chunks in flight ahead of the one multiplied; one barrier a chunk (it
-    // also tells that every warp is done with the stage the next copy overwrites).
-#pragma unroll
-    for (int i = 0; i < KF_STAGES - 1; ++i) {
-        if (i < total) issue(i);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    }
+    if (total > 0) fetch(0);
     for (u32 it = 0; it < total; ++it) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(KF_STAGES - 2) : "memory");
+        u16 *srows = stages + (it % NS) * S::STAGE;
+        u16 *sq = srows + RS * KF_PITCH;
+#pragma unroll
+        for (int j = 0; j < RV; ++j) {
+            const u32 slot = j * NT + t;
+            *(uint4 *)(srows + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = rr[j];
+        }
+#pragma unroll
+        for (int j = 0; j < QV; ++j) {
+            const u32 slot = j * NT + t;
+            if (slot < QB * 8) *(uint4 *)(sq + (slot >> 3) * KF_PITCH + (slot & 7) * 8) = qq[j];
+        }
         __syncthreads();
-        if (it + KF_STAGES - 1 < total) issue(it + KF_STAGES - 1);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        const u16 *srows = stages + (it % KF_STAGES) * S::STAGE;
-        const u16 *sq = srows + RS * KF_PITCH;
+        if (it + 1 < total) fetch(it + 1);
         const u32 kc = (it % chunks) * KF_KC;
         const u32 ksteps = min((u32)KF_KC, d - kc + 15) / 16;
         for (u32 ks = 0; ks < ksteps; ++ks) {
@@ -233,6 +226,7 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
                 kf_mma(acc[i][1], a[i], b[2], b[3]);
             }
         }
+        if (NS == 1) __syncthreads();
         if (it % chunks != chunks - 1) continue;
         // The step's products: scores; those that reach the query's limit (few, once the
         // thresholds are set) are compared exactly and kept.
@@ -300,16 +294,18 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     }
 }
 
-#define KF_ENTRY(name, wr, wq, min_blocks)                                                    \
+#define KF_ENTRY(name, wr, wq, ns, min_blocks)                                                \
     extern "C" __global__ void __launch_bounds__(32 * wr * wq, min_blocks)                    \
         name(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm, \
              const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,              \
              u64 out_stride, u32 off) {                                                        \
-        kf_search<wr, wq>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
+        kf_search<wr, wq, ns>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
                           out_stride, off);                                                    \
     }
 
-// The shapes, 8 warps each: 16 queries x 256 rows a step, 32 x 128 and 64 x 64.
-KF_ENTRY(knn_fused_q16, 8, 1, 1)
-KF_ENTRY(knn_fused_q32, 4, 2, 1)
-KF_ENTRY(knn_fused_q64, 2, 4, 1)
+// The shapes, 8 warps and two blocks an SM each (as measured on the H100, two blocks an SM
+// beat one block with deeper copies): 16 queries x 256 rows a step, one stage; 32 x 128
+// and 64 x 64, two stages.
+KF_ENTRY(knn_fused_q16, 8, 1, 1, 2)
+KF_ENTRY(knn_fused_q32, 4, 2, 2, 2)
+KF_ENTRY(knn_fused_q64, 2, 4, 2, 2)

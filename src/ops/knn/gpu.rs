@@ -28,6 +28,20 @@
 //!    After the last tile that block bitonic-sorts the k in shared memory and writes row
 //!    numbers and scores, best first.
 //!
+//! Float16 indexes, k up to `FUSED_MAX_K` (64), on devices of compute capability 8.0 and
+//! later, take the fused path (`fused.cu`), which never writes the products to memory:
+//! the first tile (at most 16,384 rows) goes as above and gives each query its running
+//! list and threshold; every later tile goes through one kernel, a block per (4096-row
+//! segment, 16/32/64 queries), that streams the segment's rows through shared memory
+//! (cp.async, three stages), multiplies them with the queries on the tensor cores
+//! (mma.sync m16n8k16, float32 sums), and keeps per query only the scores that reach the
+//! threshold's score (one float comparison a product) and are better than it and than the
+//! block's k-th best so far (candidates in shared memory, compacted to the k best by a
+//! warp's exact bitwise select when they fill); it writes the segment's k candidates where
+//! `knn_select_tile` would, and step 4 is unchanged. With a threshold from the first tile
+//! almost no product passes on data of any spread; on adversarial orders (every row better
+//! than the last) the block compacts every step: slower, never wrong.
+//!
 //! k is at most `MAX_K` (2048, FAISS's GPU cap; the selection keeps k candidates in shared
 //! memory). Where k exceeds the index's rows, the extra places hold row -1 and the worst
 //! score (-inf, +inf for L2). Scratch (`scratch_bytes`) does not grow with `nq` past
@@ -35,7 +49,8 @@
 //! queries (chunk x d x 4), the product block (at most 32 MiB, or chunk x 4096 x 4), and
 //! the candidate buffers (chunk x k x 8 x (1 + tile / 4096), at most k x 8 x 4096 = 64 MiB
 //! for k = 2048, and half that again): about 65 MiB for k = 10, under 165 MiB + 8 KiB x d
-//! for any batch and k.
+//! for any batch and k. The fused path's scratch is smaller: a first tile's products of
+//! at most 16 MiB and candidates of at most 16 MiB for 1024 queries a chunk.
 //! `search` only queues work on the caller's stream: kernels, GEMMs and memsets.
 
 use std::sync::{Arc, OnceLock};
@@ -97,19 +112,19 @@ const FIRST_BYTES: usize = 16 << 20;
 /// The most bytes of one fused tile's candidates (k per segment and query).
 const FUSED_CANDS: usize = 16 << 20;
 /// The fused kernels' shapes: (name, queries per block, threads, dynamic shared memory),
-/// as fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
-/// 32 WR WQ threads, BQ = 64 + RS candidates a query; QB BQ 8 + QB 20 + 3 (RS + QB) 72 2
-/// bytes (three stages). A batch takes the first whose blocks hold it, else the last
+/// as fused.cu's KfShape<WR, WQ, NS> states them: QB = 16 WQ queries, RS = 32 WR rows a
+/// step, 32 WR WQ threads, BQ = 64 + RS candidates a query, NS stages; QB BQ 8 + QB 20 +
+/// NS (RS + QB) 72 2 bytes. A batch takes the first whose blocks hold it, else the last
 /// (several blocks).
 const FUSED_SHAPES: [(&str, usize, u32, usize); 3] = [
-    ("knn_fused_q16", 16, 256, fused_smem(8, 1)),
-    ("knn_fused_q32", 32, 256, fused_smem(4, 2)),
-    ("knn_fused_q64", 64, 256, fused_smem(2, 4)),
+    ("knn_fused_q16", 16, 256, fused_smem(8, 1, 1)),
+    ("knn_fused_q32", 32, 256, fused_smem(4, 2, 2)),
+    ("knn_fused_q64", 64, 256, fused_smem(2, 4, 2)),
 ];
 
-const fn fused_smem(wr: usize, wq: usize) -> usize {
+const fn fused_smem(wr: usize, wq: usize, stages: usize) -> usize {
     let (rs, qb) = (32 * wr, 16 * wq);
-    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + 3 * (rs + qb) * 72 * 2
+    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + stages * (rs + qb) * 72 * 2
 }
 
 /// How a search of a batch walks the index (a function of n, the batch, k and the path).
