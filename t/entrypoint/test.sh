@@ -170,7 +170,7 @@ if start PATH="$FAKE:/usr/bin:/bin" NGX_GPU_MPS=on NGX_GPU_MPS_DEVICE=/dev/null 
     [ $ok = 1 ] && pass "nginx started with both CUDA_MPS_* variables, kept for the workers by env; workers as $user" \
         || bad "workers' user ($pids), nginx's environment or the config's env lines"
     kill -HUP "$runner"
-    for _ in $(seq 50); do
+    for _ in $(seq 300); do
         now=$(workers)
         [ -n "$now" ] && [ -z "$(comm -12 <(echo "$pids") <(echo "$now"))" ] && break
         sleep 0.1
