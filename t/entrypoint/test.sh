@@ -77,10 +77,13 @@ MPSDIR=$W/mps
 ENTRY=("$ROOT/docker/entrypoint.sh")
 
 # Runs the entrypoint with nginx serving, in the background (stderr in $W/err); waits for
-# the workers. Extra environment as arguments (VAR=value ...).
+# the workers. Extra environment as arguments (VAR=value ...). Every signal starts at its
+# default, as for a container's PID 1: a shell cannot trap a signal it was started
+# ignoring, and this test may itself run under nohup (SIGHUP ignored) or without job
+# control (background jobs get SIGINT and SIGQUIT ignored).
 start() {
     rm -f "$P/nginx.pid"
-    env -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY NGX_GPU_MPS_DIR="$MPSDIR" \
+    env --default-signal -u CUDA_MPS_PIPE_DIRECTORY -u CUDA_MPS_LOG_DIRECTORY NGX_GPU_MPS_DIR="$MPSDIR" \
         NGX_GPU_MPS_USER="$user" "$@" \
         sh "${ENTRY[@]}" "$W/bin/nginx" -p "$P/" -c conf/nginx.conf >/dev/null 2>"$W/err" &
     runner=$!
@@ -170,7 +173,7 @@ if start PATH="$FAKE:/usr/bin:/bin" NGX_GPU_MPS=on NGX_GPU_MPS_DEVICE=/dev/null 
     [ $ok = 1 ] && pass "nginx started with both CUDA_MPS_* variables, kept for the workers by env; workers as $user" \
         || bad "workers' user ($pids), nginx's environment or the config's env lines"
     kill -HUP "$runner"
-    for _ in $(seq 300); do
+    for _ in $(seq 50); do
         now=$(workers)
         [ -n "$now" ] && [ -z "$(comm -12 <(echo "$pids") <(echo "$now"))" ] && break
         sleep 0.1
