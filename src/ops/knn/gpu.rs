@@ -615,6 +615,15 @@ impl DeviceIndex {
         (self.n, self.d)
     }
 
+    /// The metric as the kernels take it (topk.cu's and fused.cu's `metric`).
+    fn metric_code(&self) -> i32 {
+        match self.metric {
+            Metric::Ip => 0,
+            Metric::Cosine => 1,
+            Metric::L2 => 2,
+        }
+    }
+
     /// Smaller tiles (tests: several tiles on small indexes).
     #[cfg(test)]
     fn set_tile_bytes(&mut self, bytes: usize) {
@@ -727,11 +736,7 @@ impl DeviceIndex {
             .result()
             .map_err(|e| cublas_error(e, "giving cuBLAS its workspace"))?;
         let l2 = self.metric == Metric::L2;
-        let metric: i32 = match self.metric {
-            Metric::Ip => 0,
-            Metric::Cosine => 1,
-            Metric::L2 => 2,
-        };
+        let metric = self.metric_code();
         let (d, k32) = (self.d as u32, k as u32);
         let zero = 0u64;
         for c0 in (0..nq).step_by(plan.chunk) {
@@ -884,11 +889,7 @@ impl DeviceIndex {
             m as u32,
             k as u32,
         );
-        let metric: i32 = match self.metric {
-            Metric::Ip => 0,
-            Metric::Cosine => 1,
-            Metric::L2 => 2,
-        };
+        let metric = self.metric_code();
         let a_stride = a_stride as u64;
         let mut l = stream.launch_builder(&kernels[shape]);
         l.arg(&self.rows)

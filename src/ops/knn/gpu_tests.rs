@@ -45,13 +45,11 @@ fn the_search_kernels_compile_with_nvrtc() {
 
 #[test]
 fn tiles_are_whole_segments_and_scratch_is_bounded() {
-    for (n, nq, k, fused) in (0..6 * 9 * 7 * 2).map(|i| {
-        let n = [1, 4095, 4096, 4097, 1 << 20, 3_000_001][i % 6];
-        let nq = [1, 7, 16, 128, 1000, 1024, 2048, 2049, 10_000][i / 6 % 9];
-        let k = [1, 10, 64, 65, 100, 2047, MAX_K][i / 54 % 7];
-        (n, nq, k, i / 378 == 1)
-    }) {
-        {
+    for n in [1, 4095, 4096, 4097, 1 << 20, 3_000_001] {
+        for nq in [1, 7, 16, 128, 1000, 1024, 2048, 2049, 10_000] {
+            for (k, fused) in [1, 10, 64, 65, 100, 2047, MAX_K]
+                .into_iter()
+                .flat_map(|k| [(k, false), (k, true)])
             {
                 let p = Plan::new(n, nq, k, TILE_BYTES, fused);
                 assert_eq!((p.first % SEG, p.tile % SEG), (0, 0), "{p:?}");
