@@ -166,10 +166,14 @@ impl Queue {
 
     /// The op whose batch should go next at `now`, if one is due: a batch is due when its
     /// oldest request's `gpu_batch_delay` has run out, or it is already full (by count or
-    /// bytes). Among due ops the one with the oldest request goes first.
-    pub fn due(&self, now: Instant) -> Option<OpKey> {
+    /// bytes). Among due ops the one with the oldest request goes first; ops for which
+    /// `held(op)` holds (at their in-flight limit) are passed over.
+    pub fn due(&self, now: Instant, held: impl Fn(OpKey) -> bool) -> Option<OpKey> {
         let mut best: Option<(Instant, OpKey)> = None;
         for (&op, fifo) in &self.fifos {
+            if held(op) {
+                continue;
+            }
             let Some(head) = fifo.front() else { continue };
             if best.is_some_and(|(t, _)| t <= head.queued_at) {
                 continue;
@@ -186,11 +190,12 @@ impl Queue {
     }
 
     /// When a batch falls due if nothing else arrives: the earliest time an op's oldest
-    /// request has waited its `gpu_batch_delay`.
-    pub fn next_due(&self) -> Option<Instant> {
+    /// request has waited its `gpu_batch_delay`, among the ops that `held` does not hold.
+    pub fn next_due(&self, held: impl Fn(OpKey) -> bool) -> Option<Instant> {
         self.fifos
-            .values()
-            .filter_map(|f| f.front())
+            .iter()
+            .filter(|(&op, _)| !held(op))
+            .filter_map(|(_, f)| f.front())
             .map(|h| h.queued_at + h.batching.delay)
             .min()
     }
@@ -322,11 +327,11 @@ mod tests {
             t + Duration::from_micros(2),
         );
         let now = t + Duration::from_millis(1);
-        assert_eq!(q.due(now), Some(BLAKE3));
+        assert_eq!(q.due(now, |_| false), Some(BLAKE3));
         let (b, _) = q.take(BLAKE3, |_| false);
         assert_eq!(b.op, BLAKE3);
         assert_eq!(b.pieces.iter().map(|p| p.id).collect::<Vec<_>>(), [1, 3]);
-        assert_eq!(q.due(now), Some(ECHO));
+        assert_eq!(q.due(now, |_| false), Some(ECHO));
     }
 
     #[test]
@@ -335,13 +340,13 @@ mod tests {
         let t = Instant::now();
         q.push(1, ECHO, true, 10, batching(4, 5), t);
         q.push(2, ECHO, true, 10, batching(4, 5), t);
-        assert_eq!(q.due(t + Duration::from_millis(1)), None);
-        assert_eq!(q.next_due(), Some(t + Duration::from_millis(5)));
-        assert_eq!(q.due(t + Duration::from_millis(5)), Some(ECHO));
+        assert_eq!(q.due(t + Duration::from_millis(1), |_| false), None);
+        assert_eq!(q.next_due(|_| false), Some(t + Duration::from_millis(5)));
+        assert_eq!(q.due(t + Duration::from_millis(5), |_| false), Some(ECHO));
         // A full batch is due at once.
         q.push(3, ECHO, true, 10, batching(4, 5), t);
         q.push(4, ECHO, true, 10, batching(4, 5), t);
-        assert_eq!(q.due(t), Some(ECHO));
+        assert_eq!(q.due(t, |_| false), Some(ECHO));
     }
 
     #[test]
@@ -422,13 +427,13 @@ mod tests {
             q.push_rows(id, ECHO, rows, 8, batching(100, 5), t);
         }
         // 3 + 4 rows fill most of 8; 2 more would not fit. The 9-row request goes alone.
-        assert_eq!(q.due(t), Some(ECHO));
+        assert_eq!(q.due(t, |_| false), Some(ECHO));
         let ids = |b: Batch| b.pieces.iter().map(|p| p.id).collect::<Vec<_>>();
         assert_eq!(ids(q.take(ECHO, |_| false).0), [1, 2]);
         assert_eq!(ids(q.take(ECHO, |_| false).0), [3]);
         assert_eq!(ids(q.take(ECHO, |_| false).0), [4]);
         // One row waits for the delay: far from the row limit.
-        assert_eq!(q.due(t), None);
+        assert_eq!(q.due(t, |_| false), None);
         assert_eq!(ids(q.take(ECHO, |_| false).0), [5]);
         assert_eq!(q.waiting(), 0);
     }

@@ -344,6 +344,14 @@ impl Open {
         self.ops.as_ref().is_some_and(|o| o.contains_key(&op))
     }
 
+    /// The most batches of `op` this device may have in flight (`OpOnDevice::max_in_flight`).
+    fn max_in_flight(&self, op: OpKey) -> usize {
+        self.ops
+            .as_ref()
+            .and_then(|o| o.get(&op))
+            .map_or(usize::MAX, |o| o.max_in_flight())
+    }
+
     /// Leaves the device without waiting for it (see `Device::abandon`).
     fn abandon(mut self) {
         std::mem::forget(self.ops.take());
@@ -747,7 +755,7 @@ impl State {
             consider(fl.deadline.min(now + STALL_CHECK));
         }
         if self.in_flight.iter().any(Option::is_none) {
-            if let Some(due) = self.queue.next_due() {
+            if let Some(due) = self.queue.next_due(|op| self.held(op)) {
                 consider(due);
             }
         }
@@ -920,10 +928,27 @@ impl State {
         );
     }
 
+    /// Whether `op` has as many batches in flight as its device allows: its requests wait
+    /// (and join one larger batch) until one is done.
+    fn held(&self, op: OpKey) -> bool {
+        let Some(open) = self.device.as_ref() else {
+            return false;
+        };
+        let limit = open.max_in_flight(op);
+        limit < self.in_flight.len()
+            && self
+                .in_flight
+                .iter()
+                .flatten()
+                .filter(|fl| fl.batch.op == op)
+                .count()
+                >= limit
+    }
+
     /// Launches due batches while a slot is free; without a GPU, runs them right away.
     fn dispatch(&mut self) {
         loop {
-            let Some(op) = self.queue.due(Instant::now()) else {
+            let Some(op) = self.queue.due(Instant::now(), |op| self.held(op)) else {
                 return;
             };
             let Some(slot) = self.in_flight.iter().position(Option::is_none) else {

@@ -359,6 +359,14 @@ pub trait OpOnDevice: Send {
         i: usize,
         out: &'o [u8],
     ) -> Result<Cow<'o, [u8]>, JobError>;
+
+    /// The most batches of this op the device may have in flight at once (at most the
+    /// device's slots). An op whose every batch streams the same large data (a knn index)
+    /// may ask for fewer, so that requests join one larger batch instead of a second
+    /// small one.
+    fn max_in_flight(&self) -> usize {
+        usize::MAX
+    }
 }
 
 #[cfg(test)]

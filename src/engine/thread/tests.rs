@@ -819,3 +819,98 @@ fn a_worker_given_a_missing_device_says_so_once_and_falls_back() {
     let done = one_by_one(&t, echo_jobs(1, Fallback::Off));
     assert_eq!(done[0].device, Ran::Gpu(1));
 }
+
+/// An op on the test device that allows `limit` batches in flight.
+struct Limited(Box<dyn OpOnDevice>, usize);
+
+impl OpOnDevice for Limited {
+    fn layout(&self, items: &[Item]) -> Layout {
+        self.0.layout(items)
+    }
+    fn pack(
+        &self,
+        items: &[Item],
+        layout: &Layout,
+        desc: &mut [u8],
+        data: &mut [u8],
+    ) -> Vec<(usize, JobError)> {
+        self.0.pack(items, layout, desc, data)
+    }
+    fn launch(&self, layout: &Layout, target: crate::ops::Target) -> Result<(), GpuError> {
+        self.0.launch(layout, target)
+    }
+    fn result<'o>(
+        &self,
+        layout: &Layout,
+        i: usize,
+        out: &'o [u8],
+    ) -> Result<std::borrow::Cow<'o, [u8]>, JobError> {
+        self.0.result(layout, i, out)
+    }
+    fn max_in_flight(&self) -> usize {
+        self.1
+    }
+}
+
+/// An op at its in-flight limit keeps its requests queued, to go together in its next
+/// batch once one is done; another op still gets the free slot.
+#[test]
+fn an_op_at_its_in_flight_limit_waits_and_its_requests_join_one_batch() {
+    let (mut st, rx) = manual_state(config(1 << 20), Kernels::Fake);
+    let open = st.device.as_mut().unwrap();
+    assert!(open.device().slots() >= 2);
+    let ops = open.ops.as_mut().unwrap();
+    let echo = ops.remove(&Op::Echo.key()).unwrap();
+    ops.insert(Op::Echo.key(), Box::new(Limited(echo, 1)));
+    let b = batching(64, 0);
+    st.arrive(job(1, Op::Echo, b"one", b));
+    st.dispatch();
+    let first: Vec<usize> = (0..st.in_flight.len())
+        .filter(|&s| st.in_flight[s].is_some())
+        .collect();
+    assert_eq!(first.len(), 1, "the first batch in flight");
+    for id in 2..=5u64 {
+        st.arrive(job(id, Op::Echo, &[id as u8; 7], b));
+    }
+    st.dispatch();
+    assert_eq!(
+        st.in_flight.iter().flatten().count(),
+        1,
+        "echo's second batch waits for its first"
+    );
+    // Nothing is due for echo, so the thread would not wake for it before a batch is done.
+    assert_eq!(st.queue.next_due(|op| st.held(op)), None);
+    // Blake3 has no limit: it takes the free slot meanwhile.
+    st.arrive(job(6, Op::Blake3, b"six", b));
+    st.dispatch();
+    assert_eq!(st.in_flight.iter().flatten().count(), 2);
+    st.retire(first[0]);
+    st.dispatch();
+    let echo_batches: Vec<usize> = st
+        .in_flight
+        .iter()
+        .flatten()
+        .filter(|fl| fl.batch.op == Op::Echo.key())
+        .map(|fl| fl.batch.pieces.len())
+        .collect();
+    assert_eq!(
+        echo_batches,
+        vec![4],
+        "the four waiting requests in one batch"
+    );
+    for s in 0..st.in_flight.len() {
+        st.retire(s);
+    }
+    let mut done = done_of(&rx);
+    done.sort_by_key(|c| c.id);
+    assert_eq!(done.len(), 6);
+    for c in &done {
+        let want = match c.id {
+            1 => reference(Op::Echo, b"one"),
+            6 => reference(Op::Blake3, b"six"),
+            id => reference(Op::Echo, &[id as u8; 7]),
+        };
+        assert_eq!(c.result.as_ref().unwrap().body, want, "job {}", c.id);
+        assert_eq!(c.device, Ran::Gpu(0));
+    }
+}
