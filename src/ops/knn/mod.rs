@@ -31,6 +31,8 @@ pub const DEFAULT_K: usize = 10;
 pub const DEFAULT_BATCH_ROWS: usize = 256;
 /// The most `batch_rows=` may be.
 pub const MAX_BATCH_ROWS: usize = 65536;
+/// The default `in_flight=`: searches of one model a worker's device runs at once.
+pub const DEFAULT_IN_FLIGHT: usize = 2;
 /// Output names, in the order they are sent when none are requested.
 const OUTPUTS: [&str; 2] = ["IDS", "SCORES"];
 
@@ -42,14 +44,21 @@ pub struct KnnModel {
     pub default_k: usize,
     /// `batch_rows=`: the most query rows in one batch (and in one request).
     pub batch_rows: usize,
+    /// `in_flight=`: the most searches of this model in flight on a worker's device (each
+    /// streams the whole index; requests that come meanwhile join the next one).
+    pub in_flight: usize,
     /// The digest of the index's rows, taken once at configuration time (in the master):
     /// workers share one device copy per content (`gpu::shared`).
     pub digest: [u8; 32],
 }
 
-/// `gpu_model <name> knn <index.npy> [metric=] [precision=] [ids=] [k=] [batch_rows=]`.
+/// `gpu_model <name> knn <index.npy> [metric=] [precision=] [ids=] [k=] [batch_rows=]
+/// [in_flight=]`.
 pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, String> {
-    let kv = key_values(params, &["metric", "precision", "ids", "k", "batch_rows"])?;
+    let kv = key_values(
+        params,
+        &["metric", "precision", "ids", "k", "batch_rows", "in_flight"],
+    )?;
     let get = |key: &str| kv.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
     let metric = match get("metric") {
         None => Metric::Ip,
@@ -75,6 +84,7 @@ pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, S
     };
     let default_k = number("k", DEFAULT_K, gpu::MAX_K)?;
     let batch_rows = number("batch_rows", DEFAULT_BATCH_ROWS, MAX_BATCH_ROWS)?;
+    let in_flight = number("in_flight", DEFAULT_IN_FLIGHT, crate::gpu::SLOTS)?;
     // The ids path is taken as given, or relative to the index's directory.
     let ids = get("ids").map(|p| {
         if p.starts_with('/') {
@@ -93,6 +103,7 @@ pub fn load(name: &str, path: &str, params: &[&str]) -> Result<Arc<dyn Model>, S
         index,
         default_k,
         batch_rows,
+        in_flight,
         digest,
     }))
 }
@@ -107,6 +118,7 @@ impl KnnModel {
             index,
             default_k,
             batch_rows,
+            in_flight: DEFAULT_IN_FLIGHT,
             digest,
         }
     }
@@ -445,6 +457,10 @@ fn searched_rows(layout: &Layout, d: usize) -> usize {
 }
 
 impl OpOnDevice for OnDevice {
+    fn max_in_flight(&self) -> usize {
+        self.model.in_flight
+    }
+
     fn layout(&self, items: &[Item]) -> Layout {
         let d = self.model.index.d;
         let mut l = Layout::default();

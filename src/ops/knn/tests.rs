@@ -379,12 +379,18 @@ fn model_parameters_are_checked() {
     write_npy(&good, "<f4", false, &[3, 2], &f32_bytes(&[1.0; 6]));
     let p = good.to_str().unwrap();
     assert!(load("m", p, &["metric=cosine", "k=3", "precision=tf32"]).is_ok());
+    assert!(load("m", p, &["in_flight=1"]).is_ok());
     for (params, want) in [
         (&["metric=dot"][..], "metric \"dot\""),
         (&["precision=int8"][..], "precision \"int8\""),
         (&["k=0"][..], "k=\"0\" is not a number from 1 to 2048"),
         (&["k=2049"][..], "k=\"2049\""),
         (&["batch_rows=0"][..], "batch_rows=\"0\""),
+        (
+            &["in_flight=0"][..],
+            "in_flight=\"0\" is not a number from 1 to 2",
+        ),
+        (&["in_flight=3"][..], "in_flight=\"3\""),
         (&["nprobe=3"][..], "unknown parameter \"nprobe\""),
     ] {
         let e = load("m", p, params).err().unwrap();
