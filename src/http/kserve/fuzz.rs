@@ -37,10 +37,17 @@ fn model(n: usize, d: usize) -> KnnModel {
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);
+/// Inputs the fast decoder took (each checked against the general one).
+static FAST: AtomicU64 = AtomicU64::new(0);
 
 /// Decodes `body`; whatever comes back must be consistent (a panic fails the property).
 fn decodes_sanely(m: &KnnModel, body: &[u8], header_len: Option<u64>) -> Result<(), TestCaseError> {
     RUN.fetch_add(1, Ordering::Relaxed);
+    // What the fast decoder takes, the general one decodes to the same request.
+    if let Some(fast) = decode::decode_fast(body, header_len) {
+        FAST.fetch_add(1, Ordering::Relaxed);
+        prop_assert_eq!(Ok(fast), decode::decode_general(body, header_len));
+    }
     if let Ok(r) = decode_request(m, body, header_len) {
         prop_assert!(r.rows >= 1 && r.rows <= 16);
         prop_assert_eq!(r.queries.len(), r.rows * m.index.d);
@@ -112,8 +119,9 @@ fn mutated_bytes_requests_never_panic() {
         })
         .unwrap();
     eprintln!(
-        "fuzz: {} inputs decoded so far",
-        RUN.load(Ordering::Relaxed)
+        "fuzz: {} inputs decoded so far ({} also by the fast decoder)",
+        RUN.load(Ordering::Relaxed),
+        FAST.load(Ordering::Relaxed)
     );
 }
 
@@ -206,8 +214,9 @@ fn random_bytes_never_panic() {
         .run(&strategy, |(body, hl)| decodes_sanely(&m, &body, hl))
         .unwrap();
     eprintln!(
-        "fuzz: {} inputs decoded so far",
-        RUN.load(Ordering::Relaxed)
+        "fuzz: {} inputs decoded so far ({} also by the fast decoder)",
+        RUN.load(Ordering::Relaxed),
+        FAST.load(Ordering::Relaxed)
     );
 }
 
@@ -234,6 +243,10 @@ fn mutated_valid_requests_never_panic() {
                 // Unmutated and matching the model: it must decode.
                 prop_assert!(decode_request(&m, &body, hl).is_ok());
             }
+            if muts.is_empty() && binary {
+                // A plain binary request is the fast decoder's.
+                prop_assert!(decode::decode_fast(&body, hl).is_some());
+            }
             for mu in &muts {
                 apply(&mut body, &mut hl, mu);
             }
@@ -241,8 +254,9 @@ fn mutated_valid_requests_never_panic() {
         })
         .unwrap();
     eprintln!(
-        "fuzz: {} inputs decoded so far",
-        RUN.load(Ordering::Relaxed)
+        "fuzz: {} inputs decoded so far ({} also by the fast decoder)",
+        RUN.load(Ordering::Relaxed),
+        FAST.load(Ordering::Relaxed)
     );
 }
 
@@ -310,7 +324,68 @@ fn random_json_documents_never_panic() {
         })
         .unwrap();
     eprintln!(
-        "fuzz: {} inputs decoded so far",
-        RUN.load(Ordering::Relaxed)
+        "fuzz: {} inputs decoded so far ({} also by the fast decoder)",
+        RUN.load(Ordering::Relaxed),
+        FAST.load(Ordering::Relaxed)
     );
+}
+
+/// Requests one step from the usual shape, where serde's typed decoding is laxer than the
+/// general decoder (arrays for objects, null for absent, unknown keys skipped unread):
+/// the fast decoder leaves each to the general one, which refuses or takes it itself.
+#[test]
+fn the_fast_decoder_leaves_odd_requests_to_the_general_one() {
+    let data = [0u8; 12];
+    let input =
+        r#"{"name":"QUERY","datatype":"FP32","shape":[1,3],"parameters":{"binary_data_size":12}}"#;
+    let with = |json: &str| {
+        let mut b = json.as_bytes().to_vec();
+        let n = b.len() as u64;
+        b.extend_from_slice(&data);
+        (b, Some(n))
+    };
+    let usual = format!(
+        r#"{{"id":"a","inputs":[{input}],"outputs":[{{"name":"IDS","parameters":{{"binary_data":true}}}}],"parameters":{{"k":3}}}}"#
+    );
+    let (b, hl) = with(&usual);
+    assert!(decode::decode_fast(&b, hl).is_some(), "the usual request");
+    let odd = [
+        // Refused by the general decoder.
+        format!(r#"[{input}]"#),
+        r#"{"inputs":[["QUERY","FP32",[1,3],{"binary_data_size":12}]]}"#.to_string(),
+        format!(r#"{{"id":null,"inputs":[{input}]}}"#),
+        format!(r#"{{"parameters":null,"inputs":[{input}]}}"#),
+        format!(r#"{{"parameters":[],"inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":null,"inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":[["IDS"]],"inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":[{{"name":"IDS","parameters":null}}],"inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":[{{"name":"IDS","parameters":{{"binary_data":null}}}}],"inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":[{{"name":"IDS","parameters":{{"classification":1}}}}],"inputs":[{input}]}}"#),
+        format!(r#"{{"parameters":{{"binary_data_output":1}},"inputs":[{input}]}}"#),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,3],"parameters":null}]}"#.to_string(),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,3],"parameters":{"binary_data_size":12},"data":[1,2,3]}]}"#.to_string(),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,-3],"parameters":{"binary_data_size":12}}]}"#.to_string(),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,3.0],"parameters":{"binary_data_size":12}}]}"#.to_string(),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,4],"parameters":{"binary_data_size":12}}]}"#.to_string(),
+        format!(r#"{{"inputs":[{input},{input}]}}"#),
+        // Taken by the general decoder (unknown keys ignored, duplicates: the last wins).
+        format!(r#"{{"extra":1,"inputs":[{input}]}}"#),
+        format!(r#"{{"id":"a","id":"b","inputs":[{input}]}}"#),
+        format!(r#"{{"outputs":[{{"name":"IDS","x":1}}],"inputs":[{input}]}}"#),
+        r#"{"inputs":[{"name":"QUERY","datatype":"FP32","shape":[1,3],"parameters":{"binary_data_size":12,"x":1}}]}"#.to_string(),
+    ];
+    for (i, json) in odd.iter().enumerate() {
+        let (b, hl) = with(json);
+        assert!(decode::decode_fast(&b, hl).is_none(), "case {i}: {json}");
+        assert_eq!(
+            decode::decode(&b, hl),
+            decode::decode_general(&b, hl),
+            "case {i}"
+        );
+        assert_eq!(
+            decode::decode_general(&b, hl).is_ok(),
+            i >= 17,
+            "case {i}: {json}"
+        );
+    }
 }
