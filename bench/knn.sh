@@ -16,8 +16,9 @@
 # every wrk output under $OUT.
 #
 # Knobs: KNN_N (default 1000000), KNN_D (128), KNN_K (10), BENCH_SECS (4), BENCH_WORKERS (4),
-# KNN_CONNS ("1 64 256"), MPS_RUNS ("off on"), KNN_SWEEP (below), BENCH_DRY=1 (no GPU, no torch: a small index,
-# the CPU path only, to try the script).
+# KNN_CONNS ("1 64 256"), MPS_RUNS ("off on"), KNN_IN_FLIGHT (the models' in_flight=, 2),
+# KNN_SWEEP (below), BENCH_DRY=1 (no GPU, no torch: a small index, the CPU path only, to
+# try the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -117,9 +118,10 @@ http {
 }
 EOF
 }
-MODELS="gpu_model f32 knn $W/index.npy precision=fp32 k=$K batch_rows=1024;
-    gpu_model t32 knn $W/index.npy precision=tf32 k=$K batch_rows=1024;
-    gpu_model f16 knn $W/index16.npy precision=fp16 k=$K batch_rows=1024;"
+FLIGHT=${KNN_IN_FLIGHT:-2}
+MODELS="gpu_model f32 knn $W/index.npy precision=fp32 k=$K batch_rows=1024 in_flight=$FLIGHT;
+    gpu_model t32 knn $W/index.npy precision=tf32 k=$K batch_rows=1024 in_flight=$FLIGHT;
+    gpu_model f16 knn $W/index16.npy precision=fp16 k=$K batch_rows=1024 in_flight=$FLIGHT;"
 
 # wrk URL CONNS [PACE_MS] -> "rps p50_ms p99_ms errors"
 run_wrk() {
@@ -169,6 +171,36 @@ sys.exit(0 if got == want or recall >= 0.8 else 1)
 EOF
 }
 
+# busy STAT0 STAT1 CPUS... -> for each cpu list ("0-11", "12,14"), how many of its cpus were
+# busy between the two /proc/stat snapshots (e.g. "11.8/12": where the host runs out). The
+# GPU threads spin while a batch is in flight (gpu_poll), so busy server cpus are not all
+# request work.
+busy() {
+    python3 - "$@" <<'EOF'
+import sys
+def read(path):
+    out = {}
+    for line in open(path):
+        f = line.split()
+        v = list(map(int, f[1:]))
+        out[int(f[0][3:])] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+def cpus(spec):
+    got = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        got += range(int(a), int(b or a) + 1)
+    return got
+a, b = read(sys.argv[1]), read(sys.argv[2])
+res = []
+for spec in sys.argv[3:]:
+    cs = [c for c in cpus(spec) if c in a and c in b]
+    used = sum((b[c][0] - a[c][0]) / max(1, b[c][1] - a[c][1]) for c in cs)
+    res.append(f"{used:.1f}/{len(cs)}")
+print(" ".join(res))
+EOF
+}
+
 # KNN_SWEEP="WORKERS:SERVER_CPUS:CLIENT_CPUS:POLL ...": instead of the whole benchmark, the
 # module alone (MPS on where it starts) with single-query requests to the fp32 and fp16 models
 # at KNN_CONNS for each setup (e.g. "4:0-7:8-15:default 8:0-11:12-15:default"; POLL is a
@@ -188,8 +220,8 @@ if [ -n "${KNN_SWEEP:-}" ]; then
     {
         echo "# knn sweep: N=$N D=$D k=$K, single-query KServe binary requests, wrk ${SECS}s a row, MPS $mps"
         echo
-        echo "| workers | nginx cpus | wrk cpus | gpu_poll | model | conns | req/s | p50 ms | p99 ms | errors |"
-        echo "|---|---|---|---|---|---|---|---|---|---|"
+        echo "| workers | nginx cpus | wrk cpus | gpu_poll | model | conns | req/s | p50 ms | p99 ms | errors | nginx cpus busy | wrk cpus busy |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
     } >"$SW"
     sweep_n=0
     for setup in $KNN_SWEEP; do
@@ -214,9 +246,12 @@ if [ -n "${KNN_SWEEP:-}" ]; then
         sleep 1 # every worker's device open, not only the one that answered
         for m in ${KNN_SWEEP_MODELS:-f32 f16}; do
             for c in $CONNS; do
+                grep '^cpu[0-9]' /proc/stat >"$W/stat0"
                 read -r rps p50 p99 bad <<<"$(WRK="taskset -c $ccpus $WRK" run_wrk "http://127.0.0.1:8091/v2/models/$m/infer" "$c")"
-                printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s |\n' "$WORKERS" "$scpus" "$ccpus" "$poll" \
-                    "$m" "$c" "$rps" "$p50" "$p99" "$bad" | tee -a "$SW"
+                grep '^cpu[0-9]' /proc/stat >"$W/stat1"
+                read -r sbusy cbusy <<<"$(busy "$W/stat0" "$W/stat1" "$scpus" "$ccpus")"
+                printf '| %s | %s | %s | %s | %s | %s | %.0f | %s | %s | %s | %s | %s |\n' "$WORKERS" "$scpus" "$ccpus" "$poll" \
+                    "$m" "$c" "$rps" "$p50" "$p99" "$bad" "$sbusy" "$cbusy" | tee -a "$SW"
             done
         done
         "$NGINX" -p "$d" -s quit
