@@ -934,15 +934,12 @@ impl State {
         let Some(open) = self.device.as_ref() else {
             return false;
         };
-        let limit = open.max_in_flight(op);
-        limit < self.in_flight.len()
-            && self
-                .in_flight
-                .iter()
-                .flatten()
-                .filter(|fl| fl.batch.op == op)
-                .count()
-                >= limit
+        let running = self
+            .in_flight
+            .iter()
+            .flatten()
+            .filter(|fl| fl.batch.op == op);
+        running.count() >= open.max_in_flight(op)
     }
 
     /// Launches due batches while a slot is free; without a GPU, runs them right away.
