@@ -70,6 +70,13 @@ build_image() {
         # shellcheck disable=SC2086 # two words each
         if ! "${B[@]}" bud "${args[@]}" $stage . >>"$WORK/build.log" 2>&1; then
             tail -n 60 "$WORK/build.log"
+            if grep -qi 'no space left on device' "$WORK/build.log"; then
+                # vfs copies every layer in full; stale stores and old builds add up.
+                echo "out of disk: $(df -h --output=avail "$NGX_IMAGE_CACHE" | tail -n 1 | tr -d ' ') free" \
+                    "where buildah's store is ($NGX_IMAGE_CACHE/storage, now" \
+                    "$($SUDO du -sh "$NGX_IMAGE_CACHE/storage" 2>/dev/null | cut -f1));" \
+                    "'${B[*]} rmi --prune' drops unused layers, deleting $NGX_IMAGE_CACHE starts over"
+            fi
             echo "IMAGE TEST FAILED: the image did not build (log: $WORK/build.log)"
             exit 1
         fi
