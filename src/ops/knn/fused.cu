@@ -16,18 +16,21 @@ typedef unsigned short u16;
 #define KF_KC 64
 #define KF_PITCH (KF_KC + 8)
 
-// The block's shape: WR x WQ warps, each 32 rows x 16 queries.
-template <int WR, int WQ> struct KfShape {
+// The block's shape: WR x WQ warps, each 32 rows x 16 queries; NS shared-memory stages
+// (2: a chunk is stored to one while warps may still multiply the other, one barrier a
+// chunk; 1: two barriers a chunk, for a shape whose two stages would not let two blocks
+// share an SM).
+template <int WR, int WQ, int NS> struct KfShape {
     static constexpr int NT = 32 * WR * WQ;
     static constexpr int RS = 32 * WR;
     static constexpr int QB = 16 * WQ;
     static constexpr int BQ = KF_MAX_K + RS;
-    // One stage of a chunk: RS rows then QB queries, KF_PITCH halves each; two stages.
+    // One stage of a chunk: RS rows then QB queries, KF_PITCH halves each.
     static constexpr int STAGE = (RS + QB) * KF_PITCH;
     // Shared memory, in this order: candidates (u64 [QB][BQ]), thresholds (u64 [QB]),
-    // counts (u32 [QB]), query norms and score limits (float [QB] each), the two stages
+    // counts (u32 [QB]), query norms and score limits (float [QB] each), the stages
     // (u16). gpu.rs's FUSED_SHAPES states the same sizes.
-    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + 2 * STAGE * 2;
+    static constexpr u32 BYTES = QB * BQ * 8 + QB * 20 + NS * STAGE * 2;
 };
 
 // Same as topk.cu's: the score as an order-preserving u32 ("better first"), above the row's
@@ -128,11 +131,11 @@ __device__ __forceinline__ float kf_limit(u64 thr, int l2) {
 // best k (fillers past what it found) at out[q * out_stride + off + y * k], as
 // knn_select_tile does for a segment. x: float16 rows, d each; q: m float16 queries.
 // Scores that are NaN are never kept.
-template <int WR, int WQ>
+template <int WR, int WQ, int NS>
 __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m,
                           const float *xnorm, const float *qnorm, int metric, u32 k,
                           const u64 *thresh, u64 *out, u64 out_stride, u32 off) {
-    typedef KfShape<WR, WQ> S;
+    typedef KfShape<WR, WQ, NS> S;
     constexpr int NT = S::NT, RS = S::RS, QB = S::QB, BQ = S::BQ, NW = NT / 32;
     extern __shared__ __align__(16) unsigned char kf_smem[];
     u32 have;
@@ -191,10 +194,8 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
     if (total > 0) fetch(0);
-    // Two stages: a chunk is stored to one while the other may still be read by warps
-    // finishing the previous chunk; one barrier a chunk.
     for (u32 it = 0; it < total; ++it) {
-        u16 *srows = stages + (it & 1) * S::STAGE;
+        u16 *srows = stages + (it % NS) * S::STAGE;
         u16 *sq = srows + RS * KF_PITCH;
 #pragma unroll
         for (int j = 0; j < RV; ++j) {
@@ -225,6 +226,7 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
                 kf_mma(acc[i][1], a[i], b[2], b[3]);
             }
         }
+        if (NS == 1) __syncthreads();
         if (it % chunks != chunks - 1) continue;
         // The step's products: scores; those that reach the query's limit (few, once the
         // thresholds are set) are compared exactly and kept.
@@ -292,16 +294,18 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
     }
 }
 
-#define KF_ENTRY(name, wr, wq, min_blocks)                                                    \
+#define KF_ENTRY(name, wr, wq, ns, min_blocks)                                                \
     extern "C" __global__ void __launch_bounds__(32 * wr * wq, min_blocks)                    \
         name(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm, \
              const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,              \
              u64 out_stride, u32 off) {                                                        \
-        kf_search<wr, wq>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
+        kf_search<wr, wq, ns>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
                           out_stride, off);                                                    \
     }
 
-// The shapes: 16 queries x 128 rows a step (4 warps), 32 x 128 and 64 x 64 (8 warps).
-KF_ENTRY(knn_fused_q16, 4, 1, 3)
-KF_ENTRY(knn_fused_q32, 4, 2, 2)
-KF_ENTRY(knn_fused_q64, 2, 4, 2)
+// The shapes, 8 warps and two blocks an SM each (as measured on the H100, two blocks an SM
+// beat one block with deeper copies): 16 queries x 256 rows a step, one stage; 32 x 128
+// and 64 x 64, two stages.
+KF_ENTRY(knn_fused_q16, 8, 1, 1, 2)
+KF_ENTRY(knn_fused_q32, 4, 2, 2, 2)
+KF_ENTRY(knn_fused_q64, 2, 4, 2, 2)

@@ -33,8 +33,8 @@
 //! the first tile (at most 16,384 rows) goes as above and gives each query its running
 //! list and threshold; every later tile goes through one kernel, a block per (4096-row
 //! segment, 16/32/64 queries), that streams the segment's rows through shared memory
-//! (two stages, the next chunk loaded into registers meanwhile), multiplies them with the
-//! queries on the tensor cores
+//! (the next chunk loaded into registers meanwhile), multiplies them with the queries on
+//! the tensor cores
 //! (mma.sync m16n8k16, float32 sums), and keeps per query only the scores that reach the
 //! threshold's score (one float comparison a product) and are better than it and than the
 //! block's k-th best so far (candidates in shared memory, compacted to the k best by a
@@ -113,18 +113,19 @@ const FIRST_BYTES: usize = 16 << 20;
 /// The most bytes of one fused tile's candidates (k per segment and query).
 const FUSED_CANDS: usize = 16 << 20;
 /// The fused kernels' shapes: (name, queries per block, threads, dynamic shared memory),
-/// as fused.cu's KfShape<WR, WQ> states them: QB = 16 WQ queries, RS = 32 WR rows a step,
-/// 32 WR WQ threads, BQ = 64 + RS candidates a query; QB BQ 8 + QB 20 + 2 (RS + QB) 72 2
-/// bytes. A batch takes the first whose blocks hold it, else the last (several blocks).
+/// as fused.cu's KfShape<WR, WQ, NS> states them: QB = 16 WQ queries, RS = 32 WR rows a
+/// step, 32 WR WQ threads, BQ = 64 + RS candidates a query, NS stages; QB BQ 8 + QB 20 +
+/// NS (RS + QB) 72 2 bytes. A batch takes the first whose blocks hold it, else the last
+/// (several blocks).
 const FUSED_SHAPES: [(&str, usize, u32, usize); 3] = [
-    ("knn_fused_q16", 16, 128, fused_smem(4, 1)),
-    ("knn_fused_q32", 32, 256, fused_smem(4, 2)),
-    ("knn_fused_q64", 64, 256, fused_smem(2, 4)),
+    ("knn_fused_q16", 16, 256, fused_smem(8, 1, 1)),
+    ("knn_fused_q32", 32, 256, fused_smem(4, 2, 2)),
+    ("knn_fused_q64", 64, 256, fused_smem(2, 4, 2)),
 ];
 
-const fn fused_smem(wr: usize, wq: usize) -> usize {
+const fn fused_smem(wr: usize, wq: usize, stages: usize) -> usize {
     let (rs, qb) = (32 * wr, 16 * wq);
-    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + 2 * (rs + qb) * 72 * 2
+    qb * (FUSED_MAX_K + rs) * 8 + qb * 20 + stages * (rs + qb) * 72 * 2
 }
 
 /// How a search of a batch walks the index (a function of n, the batch, k and the path).
