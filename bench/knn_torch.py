@@ -2,11 +2,13 @@
 """PyTorch's in-process exact knn, the reference for the module's knn search benchmark.
 
 `topk(q @ X.T, k)` on the GPU, N x d rows on the device, for fp32 (no TF32), TF32 and
-fp16 (rows and queries float16), at batch sizes 1, 16, 128, 1024: prints queries/s as the
+fp16 (rows and queries float16), at batch sizes 1, 16, 128, 1024 (or --batches, for
+--precisions): prints queries/s as the
 same table the kernel benchmark prints
 (`cargo test --release --lib knn_kernel_benchmark -- --ignored --nocapture`).
 
 Usage: knn_torch.py [--n 1000000] [--d 128] [--k 10] [--seconds 0.5]
+                   [--batches "1 16 128 1024"] [--precisions "Fp32 Tf32 Fp16"]
 """
 
 import argparse
@@ -36,13 +38,15 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=0.5)
+    ap.add_argument("--batches", default="1 16 128 1024")
+    ap.add_argument("--precisions", default="Fp32 Tf32 Fp16")
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     x32 = torch.rand(a.n, a.d, device=dev) * 2 - 1
-    batches = [1, 16, 128, 1024]
+    batches = [int(b) for b in a.batches.split()]
     rows = []
-    for name in ("Fp32", "Tf32", "Fp16"):
+    for name in a.precisions.split():
         torch.backends.cuda.matmul.allow_tf32 = name == "Tf32"
         dtype = torch.float16 if name == "Fp16" else torch.float32
         x = x32.to(dtype)
@@ -59,8 +63,8 @@ def main():
         f"\nPyTorch {torch.__version__} in-process topk(q @ X.T), N = {a.n}, d = {a.d}, "
         f"k = {a.k} ({torch.cuda.get_device_name()})"
     )
-    print("| precision | batch 1 | batch 16 | batch 128 | batch 1024 |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| precision |" + "".join(f" batch {b} |" for b in batches))
+    print("| --- |" + " --- |" * len(batches))
     for line in rows:
         print(line)
 

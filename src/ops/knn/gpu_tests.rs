@@ -56,9 +56,9 @@ fn tiles_are_whole_segments_and_scratch_is_bounded() {
                 assert!(p.tile >= SEG && p.tile < n + SEG, "{p:?}");
                 assert!(p.first >= SEG && p.first < n + SEG, "{p:?}");
                 assert!(p.chunk <= QUERY_CHUNK && p.chunk <= nq.max(1));
-                // Fused only where asked, k allows and rows are left after the first tile;
-                // always where more rows than FIRST_ROWS are.
-                let can = fused && k <= FUSED_MAX_K;
+                // Fused only where asked, for more than one query, k allows and rows are
+                // left after the first tile; always where more rows than FIRST_ROWS are.
+                let can = fused && k <= FUSED_MAX_K && nq > 1;
                 assert!(!p.fused || can && p.first < n, "{p:?}");
                 assert!(p.fused || !can || n <= FIRST_ROWS, "{p:?}");
                 if p.fused {
@@ -763,7 +763,7 @@ fn a_missing_libcublas_is_detected_without_a_panic() {
 }
 
 /// A few small searches that cover every path (several tiles, reduction rounds, k beyond
-/// the index, fp16, both fused shapes): quick enough for compute-sanitizer's memcheck and racecheck.
+/// the index, fp16, every fused shape): quick enough for compute-sanitizer's memcheck and racecheck.
 #[test]
 fn small_searches_cover_every_path() {
     let Some(b) = device() else { return };
@@ -776,6 +776,7 @@ fn small_searches_cover_every_path() {
         (100, 3, 2, 150, Cosine, Fp16, false),
         (FIRST_ROWS + SEG + 3, 9, 40, 10, L2, Fp16, false),
         (2 * SEG + 3, 8, 20, 5, Ip, Fp16, true),
+        (FIRST_ROWS + SEG + 3, 9, 12, 10, L2, Fp16, false),
     ] {
         let case = format!("n {n} d {d} nq {nq} k {k} {metric:?} {precision:?} small {small}");
         let idx = index(uniform(&mut rng, n * d), n, d, metric, precision);
