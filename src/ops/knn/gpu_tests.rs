@@ -526,8 +526,8 @@ fn ordered_and_equal_scores_are_selected_exactly() {
 }
 
 /// The fused float16 search (fused.cu) against float64, and the same searches two-step, on
-/// fresh random data: both kernel shapes (up to 32 queries a block of 16, more in blocks of
-/// 64, partial blocks), d unaligned (element loads), one chunk of 64 halves and more, a
+/// fresh random data: every kernel shape (16, 32 and 64 queries a block, partial blocks,
+/// several blocks), d unaligned (element loads), one chunk of 64 halves and more, a
 /// fused tile of one row, one-segment tiles (thresholds carried from tile to tile), k from
 /// 1 to FUSED_MAX_K, more queries than a chunk, every metric.
 #[test]
@@ -537,7 +537,7 @@ fn fused_search_matches_float64_and_the_two_step_search() {
     use Metric::*;
     // (n, d, nq, k, metric, one segment per tile)
     let cases = [
-        (FIRST_ROWS + 1, 128, 1, 10, Ip, false),
+        (FIRST_ROWS + 1, 128, 2, 10, Ip, false),
         (FIRST_ROWS + 2 * SEG + 77, 17, 5, 1, L2, false),
         (FIRST_ROWS + SEG, 3, 33, FUSED_MAX_K, Cosine, false),
         (3 * SEG + 5, 130, 65, 10, L2, true),
@@ -593,6 +593,8 @@ fn fused_search_matches_float64_and_the_two_step_search() {
     );
     let dev = b.load(&idx);
     assert!(dev.fuses(4, FUSED_MAX_K) && !dev.fuses(4, FUSED_MAX_K + 1));
+    // A lone query goes two-step.
+    assert!(!dev.fuses(1, 10));
 }
 
 #[test]
