@@ -31,7 +31,7 @@ fn ops_server(workers: usize, extra: &str) -> Nginx {
 /// goes back to the system. With glibc's default the threshold rises to the largest buffer
 /// freed (the 2 MiB echo answers here) and later ones come from the heap, where they stay
 /// in the RSS once freed: the HTTP/2 check saw 8 -> 14 MiB in 1 run of 13 (and in a CI
-/// run), a plateau set by how many were alive at once, not a leak (flat at 8 MiB in 10
+/// run), a plateau set by how many were alive at once, not a leak (flat at 8 MiB in 18
 /// runs with the threshold fixed).
 fn leak_server(extra: &str) -> Nginx {
     ops_server_with_env(1, extra, &[("MALLOC_MMAP_THRESHOLD_", "1048576")])

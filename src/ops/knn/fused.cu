@@ -299,8 +299,8 @@ __device__ void kf_search(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, 
         name(const u16 *x, u32 end, u32 row0, u32 d, const u16 *q, u32 m, const float *xnorm, \
              const float *qnorm, int metric, u32 k, const u64 *thresh, u64 *out,              \
              u64 out_stride, u32 off) {                                                        \
-        kf_search<wr, wq, ns>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,         \
-                          out_stride, off);                                                    \
+        kf_search<wr, wq, ns>(x, end, row0, d, q, m, xnorm, qnorm, metric, k, thresh, out,     \
+                              out_stride, off);                                                \
     }
 
 // The shapes, 8 warps and two blocks an SM each (as measured on the H100, two blocks an SM

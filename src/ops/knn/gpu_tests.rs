@@ -670,8 +670,13 @@ fn knn_kernel_benchmark() {
         dev.graphs.get_mut().unwrap().enabled = env("KNN_BENCH_GRAPHS", "1") != "0";
         dev.set_fused(env("KNN_BENCH_FUSED", "1") != "0");
         let load = t.elapsed().as_secs_f64();
-        let fused = dev.fuses(batches[0].max(1), k);
-        let mut line = format!("| {precision:?} (fused: {fused}) | {load:.2} s |");
+        // Which batches take the fused path (a lone float16 query does not).
+        let fused: Vec<usize> = batches
+            .iter()
+            .copied()
+            .filter(|&nq| dev.fuses(nq.max(1), k))
+            .collect();
+        let mut line = format!("| {precision:?} (fused at {fused:?}) | {load:.2} s |");
         for &nq in &batches {
             let s0 = &b.stream;
             let q: CudaSlice<f32> = s0.clone_htod(&uniform(&mut rng, nq * d)).unwrap();
